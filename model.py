@@ -1,0 +1,604 @@
+"""
+The decoder-only transformer behind Qwen2 / Qwen2.5, Llama 3 / 3.1 / 3.2 and InternLM2 / 2.5, and the code
+that loads their Hugging Face checkpoints (safetensors, straight from disk or the hub) and tokenizers.
+
+All these families share one architecture (pre-norm, RMSNorm, rotary positions, grouped-query attention,
+SwiGLU feed-forward):
+
+    h = x + Attn(RMSNorm(x))                                   attention sub-block
+    y = h + FFN(RMSNorm(h)),  FFN(u) = W_down (silu(W_gate u) * W_up u)   feed-forward sub-block
+
+    RMSNorm(x)  = w * x / sqrt(mean(x^2) + eps)                computed in float32
+    Attn(u)     = W_o softmax(RoPE(W_q u) RoPE(W_k u)^T / sqrt(d) + causal) (W_v u)
+    RoPE(q)_pos = q * cos(pos * f) + rotate_half(q) * sin(pos * f),  f_j = theta^(-2j/d)
+
+They differ only in configuration: Qwen2 puts a bias on q/k/v, Llama 3.1/3.2 rescale the RoPE frequencies
+("llama3" scaling), InternLM2 packs q/k/v into one `wqkv` matrix and uses dynamic-NTK RoPE, some models tie
+the output matrix to the embedding. Module names are Hugging Face's (`model.layers.0.self_attn.q_proj`, ...), so a
+Qwen2/Llama checkpoint loads with no renaming and PEFT adapter keys are ours after a fixed prefix.
+
+This file knows nothing of PEFT or Trans-PEFT: those are post-load steps (lora.py, adapter.py, transpeft.py).
+
+Shape legend: B batch, T new tokens in this call, S keys attended to (cached + new), C hidden size,
+H query heads, K key/value heads, D head_dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------------------------------------
+# Configuration
+
+ALIASES = {
+    "qwen2": "Qwen/Qwen2-7B",
+    "qwen2.5": "Qwen/Qwen2.5-7B",
+    "qwen2-0.5b": "Qwen/Qwen2-0.5B",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "llama3": "meta-llama/Meta-Llama-3-8B",
+    "llama3.1": "meta-llama/Llama-3.1-8B",
+    "llama3.2-1b": "meta-llama/Llama-3.2-1B",
+    "internlm2": "internlm/internlm2-7b",
+    "internlm2.5": "internlm/internlm2_5-7b",
+}
+# The toy world's two base models are built locally by toy.py and cached on disk; they are aliases too.
+TOY_MODELS = ("toy-v1", "toy-v2")
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "internlm2")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture hyper-parameters, named as in Hugging Face's config.json."""
+
+    model_type: str = "llama"  # "qwen2" | "llama" | "internlm2": decides biases and key names, nothing else
+    vocab_size: int = 32000  # rows of the embedding (often padded past the tokenizer's vocabulary)
+    hidden_size: int = 4096  # C, the width of the residual stream
+    intermediate_size: int = 11008  # width of the SwiGLU product, the FFN's "knowledge" channels
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32  # H
+    num_key_value_heads: int = 32  # K; H % K == 0, query head h reads key/value head h // (H/K)
+    head_dim: int = 128  # D; explicit in Llama 3.2's config, else hidden_size / heads
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096  # only the dynamic-NTK RoPE reads it
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None = plain RoPE; else {"rope_type": "llama3" | "dynamic" | "linear", ...}
+    tie_word_embeddings: bool = False  # True: lm_head shares model.embed_tokens.weight
+    qkv_bias: bool = False  # Qwen2: always True (hard-coded in HF); Llama: attention_bias; InternLM2: bias
+    o_bias: bool = False  # Llama: attention_bias; InternLM2: bias; Qwen2: never
+    mlp_bias: bool = False  # Llama: mlp_bias
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    torch_dtype: str = "float32"  # the dtype the checkpoint's tensors are stored in
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        """Build from a checkpoint's own config.json, in the hub's (transformers 4) or transformers 5 spelling."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"Unsupported model_type {model_type!r}: transpeft supports {', '.join(SUPPORTED_MODEL_TYPES)} "
+                "(Qwen2/2.5, Llama 3/3.1/3.2, InternLM2/2.5)."
+            )
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"Unsupported hidden_act {hf['hidden_act']!r}: these families use 'silu' (SwiGLU).")
+        if hf.get("use_sliding_window", False):
+            raise ValueError("use_sliding_window=true is not supported: every Qwen2/2.5 base model has it false.")
+
+        # RoPE: transformers 5 writes rope_parameters = {rope_theta, rope_type, <scaling keys>}; the hub (v4)
+        # writes rope_theta at top level plus rope_scaling = {rope_type or (older) type, <scaling keys>}.
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+        scaling = None if rope_type == "default" else {"rope_type": rope_type, **rope}
+        if scaling is not None and rope_type not in ("llama3", "dynamic", "linear"):
+            raise ValueError(f"Unsupported RoPE scaling {rope_type!r}: supported are default, llama3, dynamic, linear.")
+
+        heads = hf["num_attention_heads"]
+        if model_type == "qwen2":
+            qkv_bias, o_bias, mlp_bias = True, False, False
+        elif model_type == "llama":
+            qkv_bias = o_bias = bool(hf.get("attention_bias", False))
+            mlp_bias = bool(hf.get("mlp_bias", False))
+        else:  # internlm2: `bias` applies to wqkv and wo; the FFN never has one
+            qkv_bias = o_bias = bool(hf.get("bias", False))
+            mlp_bias = False
+        return cls(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=mlp_bias,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
+        )
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Rotary position embedding
+
+
+def rope_inv_freq(cfg: ModelConfig, seq_len: int = 0) -> torch.Tensor:
+    """The D/2 rotation frequencies f_j = theta^(-2j/D), float32, after the config's scaling.
+
+    llama3 (Llama 3.1/3.2) is static: it rescales the frequencies for every sequence length. dynamic NTK
+    (InternLM2) changes nothing until the sequence outgrows max_position_embeddings, then raises theta.
+    """
+    d, theta, s = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling or {}
+    kind = s.get("rope_type", "default")
+    if kind == "dynamic":
+        L, Lmax, factor = max(seq_len, cfg.max_position_embeddings), cfg.max_position_embeddings, s["factor"]
+        theta = theta * ((factor * L / Lmax) - (factor - 1)) ** (d / (d - 2))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if kind == "linear":
+        inv_freq = inv_freq / s["factor"]  # same as dividing the positions by the factor
+    elif kind == "llama3":
+        # Long wavelengths (low frequencies) are divided by `factor`, short ones kept, the band between
+        # interpolated smoothly; the band edges are wavelengths measured against the original context.
+        factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        in_band = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv_freq = torch.where(in_band, smoothed, scaled)
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    # Split-halves convention (HF, GPT-NeoX): dimension j is paired with j + D/2. The other convention
+    # (interleaved pairs 2j, 2j+1, as in Meta's original Llama code) would need permuted q/k weights; HF
+    # checkpoints are already permuted for this one, so using the interleaved form here gives fluent garbage.
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D); cos, sin (B, 1, T, D) already in x's dtype."""
+    return x * cos + rotate_half(x) * sin
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The modules
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In float32 whatever the activation dtype: mean(x^2) of bf16 values loses too much precision.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, for incremental decoding.
+
+    `k[i]`, `v[i]` are (B, K, max_len, D); `length` counts the positions already written. Each forward
+    writes its T new positions at [length, length + T) and the model advances `length` once per call.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device):
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, K, T, D) at the current position; return all keys/values so far (B, K, S, D)."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        C, HD, KD = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        self.q_proj = nn.Linear(C, HD, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(C, KD, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(C, KD, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(HD, C, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
+        # mask None: plain causal attention over this call's tokens (no cache, or a cache still empty);
+        # else a boolean (B, 1, T, S) mask, True = may attend. enable_gqa lets query head h read kv head
+        # h // (H/K) without materialising repeated keys (HF's repeat_kv gives the same pairing).
+        causal = mask is None and k.shape[2] == T
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). The product is what Trans-PEFT masks (see transpeft.py)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C, I = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(C, I, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(C, I, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(I, C, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
+
+
+class Transformer(nn.Module):
+    """The causal language model: token ids (B, T) -> next-token logits (B, T, V)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.ModuleDict(
+            dict(
+                embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+                layers=nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)),
+                norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_len, p.dtype, p.device)
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, 1, T, D) for integer positions (B, T); angles in float32, then cast (as HF does)."""
+        inv_freq = self.inv_freq
+        rs = self.config.rope_scaling
+        if rs and rs["rope_type"] == "dynamic":  # frequencies depend on the longest position in use
+            seq_len = int(position_ids.max()) + 1
+            if seq_len > self.config.max_position_embeddings:
+                inv_freq = rope_inv_freq(self.config, seq_len).to(inv_freq.device)
+        angles = position_ids[:, :, None].float() * inv_freq  # (B, T, D/2)
+        emb = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, D)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) for input_ids (B, T).
+
+        attention_mask: (B, S) with 1 for real tokens and 0 for (left) padding, covering the cached
+            positions too when a cache is used; S = cache.length + T.
+        position_ids: (B, T); by default counted over the real tokens of attention_mask (so a left-padded
+            row gets the same positions as the row alone), or cache.length + arange(T) without a mask.
+        cache: a KVCache from new_cache(); this call appends its T positions to it.
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        S = past + T
+        if cache is not None and S > cache.max_len:
+            raise ValueError(f"The KV cache holds {cache.max_len} positions; this call needs {S}.")
+        if attention_mask is not None and attention_mask.shape != (B, S):
+            raise ValueError(f"attention_mask must be (batch, cached + new) = {(B, S)}, got {tuple(attention_mask.shape)}.")
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+            else:
+                position_ids = torch.arange(past, S, device=input_ids.device).expand(B, T)
+
+        # One boolean mask (B, 1, T, S) for all layers, built only when plain causal attention won't do.
+        mask = None
+        if attention_mask is not None or (past > 0 and T > 1):
+            q_pos = torch.arange(past, S, device=input_ids.device)[:, None]  # (T, 1) slots of the queries
+            mask = torch.arange(S, device=input_ids.device)[None, :] <= q_pos  # (T, S) causal
+            mask = mask.expand(B, 1, T, S)
+            if attention_mask is not None:
+                # A query may see its own slot even when it is padding: a row with no allowed key would make
+                # softmax 0/0 = NaN. Padding queries produce ignored outputs either way.
+                own = torch.arange(S, device=input_ids.device)[None, :] == q_pos  # (T, S)
+                mask = (mask & attention_mask.bool()[:, None, None, :]) | own
+        # (No mask for one new token without padding: it may see every cached key.)
+
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = self.rope(position_ids, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache)
+        x = self.model.norm(x)
+        if cache is not None:
+            cache.length = S
+        return self.lm_head(x)  # (B, T, V)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Finding a checkpoint: alias, local directory or hub repo id
+
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def cache_dir() -> Path:
+    """Where transpeft keeps what it builds (the toy world's checkpoints): $TRANSPEFT_CACHE or ~/.cache/transpeft."""
+    return Path(os.environ.get("TRANSPEFT_CACHE") or Path.home() / ".cache" / "transpeft")
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
+    """A local directory holding the checkpoint, downloading config, weights and tokenizer from the hub if needed."""
+    name = str(name_or_path)
+    if name in TOY_MODELS:
+        path = cache_dir() / name
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"The toy model {name} has not been built yet (looked in {path}): run `python train.py` or `python toy.py` first.")
+        return path
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} has no config.json: pass the directory of a Hugging Face checkpoint.")
+        return path
+    repo_id = ALIASES.get(name.lower(), name)
+    if repo_id.count("/") != 1 or path.exists():
+        known = ", ".join(list(ALIASES) + list(TOY_MODELS))
+        raise ValueError(f"Unknown model {name!r}: not a directory, not a hub repo id (org/name), and not an alias ({known}).")
+    return _download(repo_id)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    def fetch(patterns):
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+
+    try:
+        path = fetch(HUB_FILES + ["*.safetensors", "model.safetensors.index.json"])
+        if not any(path.glob("*.safetensors")):  # some families (internlm2-7b) publish only .bin shards
+            path = fetch(HUB_FILES + ["pytorch_model*.bin", "pytorch_model.bin.index.json"])
+    except Exception as e:  # offline, no network, gated or missing repo: huggingface_hub raises many types
+        raise OSError(
+            f"Could not get {repo_id} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            "Pass a local checkpoint directory instead, or set HF_HUB_OFFLINE=1 to use a copy already in the hub cache "
+            "(gated models such as Llama also need `huggingface-cli login`)."
+        ) from None
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{repo_id} has no config.json on the hub: is it a model repository?")
+    return path
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Loading weights
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory: model.safetensors, its sharded index, or (if nothing else) .bin."""
+    from safetensors.torch import load_file
+
+    def shards(index_name):
+        weight_map = json.loads((path / index_name).read_text())["weight_map"]
+        return sorted(set(weight_map.values()))
+
+    if (path / "model.safetensors").exists():
+        return load_file(path / "model.safetensors")
+    if (path / "model.safetensors.index.json").exists():
+        return {k: v for f in shards("model.safetensors.index.json") for k, v in load_file(path / f).items()}
+    bins = shards("pytorch_model.bin.index.json") if (path / "pytorch_model.bin.index.json").exists() else ["pytorch_model.bin"]
+    if not (path / bins[0]).exists():
+        raise FileNotFoundError(f"{path} holds no weights: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin.")
+    # weights_only: a .bin file is a pickle, and unpickling arbitrary objects can run code.
+    return {k: v for f in bins for k, v in torch.load(path / f, map_location="cpu", weights_only=True, mmap=True).items()}
+
+
+def convert_internlm2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename InternLM2 tensors to HF Llama names and split the packed `wqkv` into q_proj / k_proj / v_proj.
+
+    wqkv's rows are grouped by key/value head: for each of the K kv heads, its G = H/K query heads, then its
+    key head, then its value head, D rows each (InternLM's own code views the output as (K, G + 2, D)).
+    Query head number kv * G + j is therefore the j-th slot of group kv, the same pairing as repeat_kv.
+    """
+    K, G, D = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim
+    renames = {
+        "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attention.wo": "self_attn.o_proj",
+        "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj", "feed_forward.w2": "mlp.down_proj",
+    }
+    out = {}
+    for key, t in sd.items():
+        if key == "model.tok_embeddings.weight":
+            out["model.embed_tokens.weight"] = t
+        elif key == "output.weight":
+            out["lm_head.weight"] = t
+        elif ".attention.wqkv." in key:
+            prefix, kind = key.split(".attention.wqkv.")  # kind: "weight" or "bias"
+            packed = t.view(K, G + 2, D, -1)  # (K, G+2, D, C) for the weight, (K, G+2, D, 1) for the bias
+            parts = {"q_proj": packed[:, :G], "k_proj": packed[:, G], "v_proj": packed[:, G + 1]}
+            for proj, p in parts.items():
+                p = p.reshape(-1, t.shape[-1]) if kind == "weight" else p.reshape(-1)
+                out[f"{prefix}.self_attn.{proj}.{kind}"] = p
+        else:
+            for old, new in renames.items():
+                key = key.replace(f".{old}.", f".{new}.")
+            out[key] = t
+    return out
+
+
+def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
+    """Load a checkpoint (alias, local directory or hub repo id) strictly: every tensor must be used, and fit.
+
+    dtype None keeps the dtype the checkpoint stores (bf16 for the real models). The model is built on the
+    `meta` device (no memory, no random init) and the loaded tensors are assigned in place of its parameters.
+    """
+    path = resolve_checkpoint(name_or_path)
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON ({e}).") from None
+    cfg = ModelConfig.from_hf(hf)
+    if dtype is None:
+        dtype = getattr(torch, cfg.torch_dtype.replace("torch.", ""), torch.float32)
+
+    sd = read_state_dict(path)
+    if cfg.model_type == "internlm2":
+        sd = convert_internlm2(sd, cfg)
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)  # tied: the output matrix is the embedding; ignore a stored copy
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise ValueError(f"{path} is missing tensor {missing[0]} (shape {tuple(expected[missing[0]])}) and {len(missing) - 1} more: it does not match its config.json.")
+    unexpected = [k for k in sd if k not in expected]
+    if unexpected:
+        raise ValueError(f"{path} has tensor {unexpected[0]} that a {cfg.model_type} model with this config.json does not use ({len(unexpected)} such tensors).")
+    for k, shape in expected.items():
+        if sd[k].shape != shape:
+            raise ValueError(f"Tensor {k} in {path} has shape {tuple(sd[k].shape)}, but config.json implies {tuple(shape)}.")
+
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    if cfg.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    model.load_state_dict(sd, strict=True, assign=True)
+    # Non-persistent buffers are not in the checkpoint: recompute RoPE on the real device (in float32),
+    # and re-tie, since assign=True replaced the embedding Parameter that lm_head was sharing.
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.name_or_path = str(name_or_path)
+    return model.eval()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+# The families' conventions for base models: (bos, eos, whether a BOS starts every sequence).
+FAMILY_TOKENS = {
+    "qwen2": (None, "<|endoftext|>", False),
+    "llama": ("<|begin_of_text|>", "<|end_of_text|>", True),
+    "internlm2": ("<s>", "</s>", True),
+}
+
+
+class Tokenizer:
+    """A checkpoint's tokenizer.json (through the `tokenizers` library) with its family's BOS/EOS rules.
+
+    encode() never lets tokenizer.json's post-processor add special tokens (Llama 3's adds a BOS) and
+    prepends the BOS itself where the family uses one, so a BOS appears exactly once. EOS is never added
+    here: training code appends eos_token_id to supervised answers.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        if not (path / "tokenizer.json").exists():
+            extra = " It has only a SentencePiece tokenizer.model; save a tokenizer.json with transformers' AutoTokenizer first." if (path / "tokenizer.model").exists() else ""
+            raise FileNotFoundError(f"{path} has no tokenizer.json.{extra}")
+        self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        hf = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+        tc = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").exists() else {}
+        bos, eos, add_bos = FAMILY_TOKENS.get(hf.get("model_type"), (None, None, False))
+        self.add_bos = bool(tc.get("add_bos_token", add_bos))
+        # Precedence: tokenizer_config.json's token strings, then the family's, then config.json's ids.
+        self.bos_token_id = self._token_id(tc.get("bos_token", bos), hf.get("bos_token_id"))
+        self.eos_token_id = self._token_id(tc.get("eos_token", eos), hf.get("eos_token_id"))
+        pad = self._token_id(tc.get("pad_token"), hf.get("pad_token_id"))
+        self.pad_token_id = pad if pad is not None else self.eos_token_id
+        if self.add_bos and self.bos_token_id is None:
+            raise ValueError(f"{path}: this family starts sequences with a BOS token, but none is in tokenizer.json.")
+
+    def _token_id(self, token, fallback_id) -> int | None:
+        if isinstance(token, dict):  # tokenizer_config may store {"content": "<s>", ...}
+            token = token.get("content")
+        tid = self.tok.token_to_id(token) if token else None
+        if tid is None and fallback_id is not None:
+            tid = fallback_id[0] if isinstance(fallback_id, list) else fallback_id
+        return tid
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, bos: bool | None = None) -> list[int]:
+        """Token ids of text; a BOS first where the family uses one (bos=False/True overrides)."""
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if bos is None else bos) and self.bos_token_id is not None:
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a checkpoint given as alias, local directory or hub repo id."""
+    return Tokenizer(resolve_checkpoint(name_or_path))
+
+
+if __name__ == "__main__":
+    # A quick check that a checkpoint loads: `python model.py qwen2.5-0.5b --prompt "The capital of France is"`.
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="Load a checkpoint, print its shape and (with --prompt) its next-token guesses.")
+    parser.add_argument("model", help="an alias, a local checkpoint directory or a hub repo id")
+    parser.add_argument("--prompt", help="print the 5 most likely next tokens after this text")
+    args = parser.parse_args()
+    try:
+        model = load_model(args.model)
+        tokenizer = load_tokenizer(args.model) if args.prompt else None
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    c = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.model}: {c.model_type}, {n_params / 1e6:.1f}M parameters, {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+          f"{c.num_attention_heads} heads / {c.num_key_value_heads} kv heads, dtype {model.lm_head.weight.dtype}")
+    if tokenizer is not None:
+        ids = torch.tensor([tokenizer.encode(args.prompt)])
+        with torch.no_grad():
+            probs = model(ids)[0, -1].float().softmax(-1)
+        for p, i in zip(*probs.topk(5)):
+            print(f"{p.item():6.3f}  {tokenizer.decode([i.item()], skip_special_tokens=False)!r}")

@@ -432,6 +432,35 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for f in bins for k, v in torch.load(path / f, map_location="cpu", weights_only=True, mmap=True).items()}
 
 
+def check_tensors(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], where: str, hint: str) -> None:
+    """Strict loading: the names must be exactly `expected` and every shape must fit; else one sentence naming the first mismatch."""
+    missing = [k for k in expected if k not in found]
+    if missing:
+        k = missing[0]
+        raise ValueError(f"{where} is missing tensor {k} (shape {tuple(expected[k])}) and {len(missing) - 1} more: {hint}.")
+    unexpected = [k for k in found if k not in expected]
+    if unexpected:
+        raise ValueError(f"{where} has tensor {unexpected[0]}, which the model does not have ({len(unexpected)} such tensors): {hint}.")
+    for k, shape in expected.items():
+        if found[k].shape != shape:
+            raise ValueError(f"Tensor {k} in {where} has shape {tuple(found[k].shape)}, but the model expects {tuple(shape)}: {hint}.")
+
+
+@torch.no_grad()
+def load_selected(model: nn.Module, tensors: dict[str, torch.Tensor], select, where: str, hint: str) -> None:
+    """Copy `tensors` into the parameters whose names `select(name)` accepts, strictly (names and shapes checked)."""
+    params = {n: p for n, p in model.named_parameters() if select(n)}
+    check_tensors({n: p.shape for n, p in params.items()}, tensors, where, hint)
+    for n, p in params.items():
+        p.copy_(tensors[n])
+
+
+def print_trainable(model: nn.Module) -> None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"trainable parameters: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")
+
+
 def convert_internlm2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Rename InternLM2 tensors to HF Llama names and split the packed `wqkv` into q_proj / k_proj / v_proj.
 
@@ -488,15 +517,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-    missing = [k for k in expected if k not in sd]
-    if missing:
-        raise ValueError(f"{path} is missing tensor {missing[0]} (shape {tuple(expected[missing[0]])}) and {len(missing) - 1} more: it does not match its config.json.")
-    unexpected = [k for k in sd if k not in expected]
-    if unexpected:
-        raise ValueError(f"{path} has tensor {unexpected[0]} that a {cfg.model_type} model with this config.json does not use ({len(unexpected)} such tensors).")
-    for k, shape in expected.items():
-        if sd[k].shape != shape:
-            raise ValueError(f"Tensor {k} in {path} has shape {tuple(sd[k].shape)}, but config.json implies {tuple(shape)}.")
+    check_tensors(expected, sd, str(path), hint="it does not match its config.json")
 
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     if cfg.tie_word_embeddings:

@@ -1,7 +1,10 @@
 """Tiny random checkpoints written by transformers itself, the reference every model test compares against."""
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import save_file
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,3 +60,46 @@ def hf_checkpoint(tmp_path):
 
     return make
 
+
+def pack_internlm2(sd, cfg):
+    """A Llama state dict in InternLM2's format: rows of wqkv grouped per kv head as [q_0 .. q_{G-1}, k, v] (REFERENCE.md 2)."""
+    K, H, D, C = cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
+    G = H // K
+    names = {"model.embed_tokens.weight": "model.tok_embeddings.weight", "lm_head.weight": "output.weight"}
+    out = {}
+    for key, t in sd.items():
+        if ".self_attn.q_proj." in key or ".self_attn.k_proj." in key or ".self_attn.v_proj." in key:
+            continue
+        new = names.get(key, key)
+        for a, b in [("input_layernorm", "attention_norm"), ("post_attention_layernorm", "ffn_norm"), ("self_attn.o_proj", "attention.wo"),
+                     ("mlp.gate_proj", "feed_forward.w1"), ("mlp.up_proj", "feed_forward.w3"), ("mlp.down_proj", "feed_forward.w2")]:
+            new = new.replace(a, b)
+        out[new] = t.clone()
+    for i in range(cfg.num_hidden_layers):
+        for kind in ("weight", "bias"):
+            p = f"model.layers.{i}.self_attn."
+            if p + "q_proj." + kind not in sd:
+                continue
+            q, k, v = (sd[p + n + "_proj." + kind].reshape(K, -1, D, 1 if kind == "bias" else C) for n in "qkv")
+            assert q.shape[1] == G
+            out[f"model.layers.{i}.attention.wqkv.{kind}"] = torch.cat([q, k, v], 1).reshape(-1, C) if kind == "weight" else torch.cat([q, k, v], 1).reshape(-1)
+    return out
+
+
+def write_internlm2_checkpoint(path, hf_llama, fmt="safetensors", packed=None):
+    """Save a transformers Llama model (dynamic-NTK RoPE) as an InternLM2 checkpoint: config.json in InternLM2's
+    spelling and the packed tensors (`packed`, else packed from the model), as safetensors or (like internlm2-7b on the hub) pytorch_model.bin."""
+    c = hf_llama.config
+    sd = packed if packed is not None else pack_internlm2(hf_llama.state_dict(), c)
+    config = dict(model_type="internlm2", architectures=["InternLM2ForCausalLM"], vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                  intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                  num_key_value_heads=c.num_key_value_heads, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_parameters["rope_theta"],
+                  rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=c.max_position_embeddings,
+                  bias=c.attention_bias, hidden_act="silu", tie_word_embeddings=False, torch_dtype="float32",
+                  bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    if fmt == "bin":
+        torch.save(sd, path / "pytorch_model.bin")
+    else:
+        save_file(sd, path / "model.safetensors")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import build_hf_model
+from conftest import build_hf_model, write_internlm2_checkpoint
 from model import ModelConfig, load_model, rope_inv_freq
 
 transformers = pytest.importorskip("transformers")
@@ -136,46 +136,10 @@ def test_rope_frequencies_match_transformers_on_real_configs(name):
         assert (kept, divided, 64 - kept - divided) == (29, 29, 6)
 
 
-def pack_internlm2(sd, cfg):
-    """A Llama state dict in InternLM2's format: rows of wqkv grouped per kv head as [q_0 .. q_{G-1}, k, v] (REFERENCE.md 2)."""
-    K, H, D, C = cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
-    G = H // K
-    names = {"model.embed_tokens.weight": "model.tok_embeddings.weight", "lm_head.weight": "output.weight"}
-    out = {}
-    for key, t in sd.items():
-        if ".self_attn.q_proj." in key or ".self_attn.k_proj." in key or ".self_attn.v_proj." in key:
-            continue
-        new = names.get(key, key)
-        for a, b in [("input_layernorm", "attention_norm"), ("post_attention_layernorm", "ffn_norm"), ("self_attn.o_proj", "attention.wo"),
-                     ("mlp.gate_proj", "feed_forward.w1"), ("mlp.up_proj", "feed_forward.w3"), ("mlp.down_proj", "feed_forward.w2")]:
-            new = new.replace(a, b)
-        out[new] = t.clone()
-    for i in range(cfg.num_hidden_layers):
-        for kind in ("weight", "bias"):
-            p = f"model.layers.{i}.self_attn."
-            if p + "q_proj." + kind not in sd:
-                continue
-            q, k, v = (sd[p + n + "_proj." + kind].reshape(K, -1, D, 1 if kind == "bias" else C) for n in "qkv")
-            assert q.shape[1] == G
-            out[f"model.layers.{i}.attention.wqkv.{kind}"] = torch.cat([q, k, v], 1).reshape(-1, C) if kind == "weight" else torch.cat([q, k, v], 1).reshape(-1)
-    return out
-
-
 @pytest.mark.parametrize("bias,fmt", [(False, "safetensors"), (True, "bin")])
 def test_internlm2_checkpoint_matches_llama(tmp_path, bias, fmt):
     hf = build_hf_model("llama-dynamic", attention_bias=bias)
-    c = hf.config
-    sd = pack_internlm2(hf.state_dict(), c)
-    config = dict(model_type="internlm2", architectures=["InternLM2ForCausalLM"], vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-                  intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                  num_key_value_heads=c.num_key_value_heads, rms_norm_eps=c.rms_norm_eps, rope_theta=1e6,
-                  rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=32, bias=bias, hidden_act="silu",
-                  tie_word_embeddings=False, torch_dtype="float32", bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    if fmt == "bin":  # internlm2-7b publishes only pytorch_model*.bin
-        torch.save(sd, tmp_path / "pytorch_model.bin")
-    else:
-        save_file(sd, tmp_path / "model.safetensors")
+    write_internlm2_checkpoint(tmp_path, hf, fmt)
     ids = torch.randint(0, 96, (2, 48))  # past the 32-token window, so dynamic NTK is active
     assert max_diff(our_logits(load_model(tmp_path), ids), hf_logits(hf, ids)) <= FP32_TOL
 
@@ -244,7 +208,7 @@ def test_misshaped_missing_and_extra_tensors(hf_checkpoint):
     name = "model.layers.1.self_attn.k_proj.weight"
 
     save_file({**original, name: torch.zeros(16, 64)}, path / "model.safetensors")
-    with pytest.raises(ValueError, match=rf"{name} .*shape \(16, 64\).*implies \(32, 64\)"):
+    with pytest.raises(ValueError, match=rf"{name} .*shape \(16, 64\), but the model expects \(32, 64\)"):
         load_model(path)
     save_file({k: v for k, v in original.items() if k != name}, path / "model.safetensors")
     with pytest.raises(ValueError, match=rf"missing tensor {name} \(shape \(32, 64\)\)"):

@@ -1,0 +1,244 @@
+"""
+LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022, arXiv 2106.09685), written to be
+read, and saved in the PEFT format so that an adapter trained here loads in peft, transformers and vLLM, and one
+trained there loads here.
+
+A frozen linear map W0 (out x in) gets a trainable low-rank update:
+
+    h = W0 x + b + (alpha / r) * B A dropout(x)        A: (r x in), B: (out x r), r << min(in, out)
+
+              x ──────────────► W0 (frozen) ─────────┐
+              │                                      + ──► h
+              └─► dropout ─► A ─► B ─► * alpha/r ────┘
+
+A starts Kaiming-uniform (a = sqrt(5), nn.Linear's own init) and B at zero, so BA = 0 and the model is unchanged
+at step 0; only A and B train. After training, BA can be folded into W0 (merge_lora) for inference at no extra cost.
+
+PEFT format (peft's save_pretrained): `adapter_config.json` (peft_type "LORA", r, lora_alpha, target_modules, ...)
+and `adapter_model.safetensors` with keys `base_model.model.<module path>.lora_A.weight` ([r, in]) and
+`.lora_B.weight` ([out, r]). Our module paths are Hugging Face's, so the keys are ours after that fixed prefix.
+
+InternLM2: model.py splits the packed `wqkv` into q_proj / k_proj / v_proj, so LoRA here sits on the split
+projections and is saved under Llama names (what InternLM's convert2llama.py produces, which peft and vLLM load on
+the converted model). A peft adapter trained on InternLM2's native names (`attention.wqkv`, `attention.wo`,
+`feed_forward.w1/w2/w3`) loads exactly: a LoRA on wqkv is three LoRAs that share A, with B's rows split like wqkv's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from model import convert_internlm2, load_selected, print_trainable
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PEFT_PREFIX = "base_model.model."  # what peft puts before a module path in saved keys
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / r) * B(A(dropout(x))), with `base` frozen. Submodule names follow peft
+    (`base_layer`, `lora_A`, `lora_B`), so state-dict keys are peft's without the adapter name."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base_layer = base
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # float32 whatever the base's dtype: the optimizer's updates of A and B are too small for bf16.
+        kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_A = nn.Linear(base.in_features, r, **kw)
+        self.lora_B = nn.Linear(r, base.out_features, **kw)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged:  # BA already lives in base_layer.weight
+            if self.training and self.lora_A.weight.requires_grad:
+                raise RuntimeError("This LoRA is merged into its base weight; call unmerge_lora(model) before training it.")
+            return y
+        # Under autocast both branches run in the autocast dtype; without it, x is cast to A's float32 and back.
+        delta = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        return y + (delta * self.scaling).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """(alpha / r) * B A in float32, shape (out, in): what merging adds to W0."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+
+def is_lora_parameter(name: str) -> bool:
+    """The one predicate for LoRA: these parameters train, go to the optimizer and are saved; nothing else."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+             targets=("q_proj", "k_proj", "v_proj", "o_proj"), verbose: bool = True) -> nn.Module:
+    """Wrap the target Linears of a loaded model in LoRALinear and freeze everything else (in place; returns model).
+
+    targets: names among PROJECTIONS or longer module-path suffixes ("layers.3.self_attn.q_proj"), or a regex
+    string matching whole module names, as in peft's target_modules.
+    """
+    if not isinstance(r, int) or r <= 0:
+        raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}.")
+    if not alpha > 0:
+        raise ValueError(f"LoRA alpha must be positive, got {alpha!r}.")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}.")
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("This model already has LoRA layers: add or load LoRA on a freshly loaded model.")
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in PROJECTIONS]
+    if isinstance(targets, str) and targets not in PROJECTIONS:  # a regex over whole module names, as in peft
+        chosen = [(n, m) for n, m in linears if re.fullmatch(targets, n)]
+        if not chosen:
+            raise ValueError(f"LoRA target pattern {targets!r} matches no projection of this model (e.g. {linears[0][0]}).")
+    else:  # names: a module matches an entry it equals or ends with ("." + entry), as in peft
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        if not targets:
+            raise ValueError(f"No LoRA targets given: choose from {', '.join(PROJECTIONS)}.")
+        chosen = []
+        for t in targets:
+            if t.split(".")[-1] not in PROJECTIONS:
+                raise ValueError(f"Unknown LoRA target {t!r}: choose from {', '.join(PROJECTIONS)} (or a module path ending in one).")
+            found = [(n, m) for n, m in linears if n == t or n.endswith("." + t)]
+            if not found:
+                raise ValueError(f"LoRA target {t!r} matches no projection of this model (e.g. {linears[0][0]}).")
+            chosen += [nm for nm in found if nm not in chosen]
+
+    for name, linear in chosen:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, LoRALinear(linear, r, alpha, dropout))
+    for name, p in model.named_parameters():
+        p.requires_grad = is_lora_parameter(name)
+    if verbose:
+        print_trainable(model)
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _target_modules(model: nn.Module, layers: dict[str, LoRALinear]) -> list[str]:
+    # Short names ("q_proj") where every projection of that kind is wrapped; else the exact module paths.
+    all_proj = [n for n, m in model.named_modules() if n.split(".")[-1] in PROJECTIONS and isinstance(m, (nn.Linear, LoRALinear))]
+    out = []
+    for kind in sorted({n.split(".")[-1] for n in layers}):
+        wrapped = [n for n in layers if n.endswith("." + kind)]
+        out += [kind] if len(wrapped) == sum(n.endswith("." + kind) for n in all_proj) else wrapped
+    return out
+
+
+def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
+    """Write the PEFT format: adapter_config.json + adapter_model.safetensors (LoRA weights only, float32)."""
+    from safetensors.torch import save_file
+
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("This model has no LoRA layers to save: call add_lora or load_lora first.")
+    first = next(iter(layers.values()))
+    if any((m.r, m.alpha) != (first.r, first.alpha) for m in layers.values()):
+        raise ValueError("save_lora writes one r and lora_alpha for all layers; this model mixes several.")
+    dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None),
+        "revision": None, "inference_mode": True,
+        "r": first.r, "lora_alpha": first.alpha, "lora_dropout": dropout,
+        "target_modules": _target_modules(model, layers),
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    tensors = {PEFT_PREFIX + n: p.detach().float().contiguous() for n, p in model.named_parameters() if is_lora_parameter(n)}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+
+
+# peft options that change the math; a LoRA using them would load here as a silently different function.
+UNSUPPORTED = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "bias": "none", "modules_to_save": None,
+               "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False}
+INTERNLM2_NAMES = {"wqkv": ["q_proj", "k_proj", "v_proj"], "wo": ["o_proj"], "w1": ["gate_proj"], "w3": ["up_proj"], "w2": ["down_proj"]}
+
+
+def load_lora(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
+    """Add the LoRA layers an adapter's config names (PEFT format, from here or from peft) and load its weights."""
+    from safetensors.torch import load_file
+
+    path = Path(adapter_dir)
+    if not (path / CONFIG_NAME).exists():
+        raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: pass the directory of a PEFT LoRA adapter.")
+    cfg = json.loads((path / CONFIG_NAME).read_text())
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{path} holds a {cfg.get('peft_type')} adapter, not LoRA.")
+    for key, plain in UNSUPPORTED.items():
+        if cfg.get(key, plain) not in (plain, None, {}, False):
+            raise ValueError(f"{path} uses peft's {key}={cfg[key]!r}, which transpeft's LoRA does not implement.")
+    if (path / WEIGHTS_NAME).exists():
+        sd = load_file(path / WEIGHTS_NAME)
+    elif (path / "adapter_model.bin").exists():
+        sd = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME} (or adapter_model.bin).")
+    sd = {k.removeprefix(PEFT_PREFIX): v for k, v in sd.items()}
+
+    targets = cfg["target_modules"]
+    if model.config.model_type == "internlm2" and any(".attention.wqkv." in k or ".feed_forward." in k or ".attention.wo." in k for k in sd):
+        sd, targets = _from_internlm2_names(sd, model.config, targets)
+    add_lora(model, r=cfg.get("r", 8), alpha=cfg.get("lora_alpha", 8), dropout=cfg.get("lora_dropout", 0.0), targets=targets, verbose=False)
+    load_selected(model, sd, is_lora_parameter, str(path / WEIGHTS_NAME),
+                  hint="the adapter was made for a base of another architecture or size")
+    return model
+
+
+def _from_internlm2_names(sd: dict, model_config, targets):
+    """Rewrite a LoRA on InternLM2's native modules for the split q/k/v model: W_qkv + B A has the rows of
+    [q; k; v] (packed per kv head), so the q/k/v LoRAs share A and take B's rows split as wqkv's are."""
+    out = {}
+    for key, t in sd.items():
+        if ".attention.wqkv.lora_A." in key:
+            for proj in INTERNLM2_NAMES["wqkv"]:
+                out[key.replace("attention.wqkv", f"self_attn.{proj}")] = t
+        elif ".attention.wqkv.lora_B." in key:  # reuse the weight splitter: B's rows are packed like wqkv.weight's
+            split = convert_internlm2({key.replace(".lora_B.weight", ".weight"): t}, model_config)
+            out.update({k.replace(".weight", ".lora_B.weight"): v for k, v in split.items()})
+        else:
+            out.update(convert_internlm2({key: t}, model_config))
+    if not isinstance(targets, str):
+        targets = [new for t in targets for new in INTERNLM2_NAMES.get(t.split(".")[-1], [t])]
+    return out, targets
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA into its base weight, W0 <- W0 + (alpha/r) B A, computed in float32 (then cast to W0's dtype).
+
+    Explicit and idempotent: a merged layer is skipped, and forward stops adding BA. Nothing merges as a side effect
+    of train() or eval(). In bf16, W0 + BA is rounded: unmerge_lora subtracts BA again, which restores W0 exactly
+    only for float32 bases; for a bf16 base, reload the base rather than unmerge if exact weights matter.
+    """
+    for m in lora_layers(model).values():
+        if not m.merged:
+            w = m.base_layer.weight
+            w.copy_((w.float() + m.delta_weight()).to(w.dtype))
+            m.merged = True
+    return model
+
+
+@torch.no_grad()
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """The inverse of merge_lora: W0 <- W0 - (alpha/r) B A for every merged layer (float32 arithmetic)."""
+    for m in lora_layers(model).values():
+        if m.merged:
+            w = m.base_layer.weight
+            w.copy_((w.float() - m.delta_weight()).to(w.dtype))
+            m.merged = False
+    return model

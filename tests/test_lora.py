@@ -1,0 +1,179 @@
+"""lora.py against peft: adapters cross-load both ways with equal logits, the saved keys are peft's, LoRA starts as
+the identity and trains only itself, merge is exact and idempotent, and bad configurations are refused."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import build_hf_model, pack_internlm2, write_internlm2_checkpoint
+from lora import LoRALinear, add_lora, is_lora_parameter, load_lora, merge_lora, save_lora, unmerge_lora
+from model import load_model
+
+peft = pytest.importorskip("peft")
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        out = model(ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def randomize_lora(model, seed=0):
+    """Stand-in for training: non-zero B (and a new A), so the LoRA changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_our_adapter_loads_in_peft(hf_checkpoint, tmp_path):
+    path, hf = hf_checkpoint("qwen2")  # q/k/v carry a bias: LoRA must add to base(x) including it
+    ours = add_lora(load_model(path), r=4, alpha=8, dropout=0.05, targets=ALL)
+    randomize_lora(ours)
+    save_lora(ours, tmp_path / "ad", base_model_name_or_path=str(path))
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "ad")
+    ids = torch.randint(0, 96, (2, 30))
+    assert (logits(ours, ids) - logits(theirs, ids)).abs().max() <= 1e-4
+    # and the saved tensors are exactly the ones peft's model now holds
+    sd = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    for k, v in peft.get_peft_model_state_dict(theirs).items():
+        assert torch.equal(sd[k], v)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj", "down_proj"], r".*\.(k_proj|up_proj)"])
+def test_peft_adapter_loads_here(hf_checkpoint, tmp_path, targets):
+    path, hf = hf_checkpoint("llama3.2")
+    config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(hf, config)
+    theirs.save_pretrained(tmp_path / "ad")
+    ours = load_lora(load_model(path), tmp_path / "ad")
+    ids = torch.randint(0, 96, (2, 30))
+    assert (logits(ours, ids) - logits(theirs, ids)).abs().max() <= 1e-4
+
+
+def test_saved_keys_and_config_are_peft_format(hf_checkpoint, tmp_path):
+    path, hf = hf_checkpoint("llama3")
+    peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL, task_type="CAUSAL_LM")).save_pretrained(tmp_path / "peft")
+    ours = add_lora(load_model(path), r=4, alpha=8, targets=ALL)
+    save_lora(ours, tmp_path / "ours")
+    ref, got = load_file(tmp_path / "peft" / "adapter_model.safetensors"), load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert set(got) == set(ref)
+    assert all(got[k].shape == ref[k].shape and got[k].dtype == ref[k].dtype for k in ref)
+    cfg = peft.LoraConfig.from_pretrained(tmp_path / "ours")
+    assert (cfg.r, cfg.lora_alpha, set(cfg.target_modules), cfg.task_type) == (4, 8, set(ALL), "CAUSAL_LM")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(path)
+
+
+def test_subset_of_layers_saves_module_paths(hf_checkpoint, tmp_path):
+    path, hf = hf_checkpoint("llama3")
+    ours = add_lora(load_model(path), r=2, alpha=4, targets=["layers.1.self_attn.q_proj", "v_proj"])
+    randomize_lora(ours)
+    save_lora(ours, tmp_path / "ad")
+    assert sorted(json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["target_modules"]) == ["model.layers.1.self_attn.q_proj", "v_proj"]
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "ad")
+    ids = torch.randint(0, 96, (1, 20))
+    assert (logits(ours, ids) - logits(theirs, ids)).abs().max() <= 1e-4
+
+
+def test_identity_at_init_trains_only_lora_and_merges_exactly(hf_checkpoint):
+    path, _ = hf_checkpoint("qwen2")
+    model = load_model(path)
+    ids = torch.randint(0, 96, (4, 24))
+    before = logits(model, ids)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    add_lora(model, r=4, alpha=8, dropout=0.1, targets=ALL)
+    assert torch.equal(logits(model, ids), before)  # B = 0: exactly the base model
+
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(is_lora_parameter(n) for n in trainable)
+    for n, p in model.named_parameters():
+        if is_lora_parameter(n):
+            continue
+        assert torch.equal(p, base[n.replace(".base_layer", "")]), n  # every base weight bit-identical
+    assert any(m.lora_B.weight.abs().sum() > 0 for m in model.modules() if isinstance(m, LoRALinear))
+
+    unmerged = logits(model, ids)
+    assert (unmerged - before).abs().max() > 1e-3  # training changed the function
+    merge_lora(model)
+    merged_weights = {n: p.clone() for n, p in model.named_parameters()}
+    merge_lora(model)  # idempotent: a second merge changes nothing
+    assert all(torch.equal(p, merged_weights[n]) for n, p in model.named_parameters())
+    assert (logits(model, ids) - unmerged).abs().max() <= 1e-5
+    model.train()
+    with pytest.raises(RuntimeError, match="unmerge_lora"):
+        model(ids)
+    unmerge_lora(model)
+    for n, p in model.named_parameters():
+        if not is_lora_parameter(n):
+            assert torch.allclose(p, base[n.replace(".base_layer", "")], atol=1e-6)
+    assert (logits(model, ids) - unmerged).abs().max() <= 1e-5
+
+
+def test_internlm2_native_lora_names(tmp_path):
+    """A peft LoRA on InternLM2's packed wqkv (and w2) loads onto the split model: the reference merges
+    W_qkv + (alpha/r) B A in the packed layout, as peft would on InternLM2's own modules."""
+    hf = build_hf_model("llama-dynamic")
+    c = hf.config
+    packed = pack_internlm2(hf.state_dict(), c)
+    write_internlm2_checkpoint(tmp_path / "base", hf, packed=packed)
+    r, alpha, g = 4, 8, torch.Generator().manual_seed(0)
+    lora, merged = {}, dict(packed)
+    for i in range(c.num_hidden_layers):
+        for mod in ("attention.wqkv", "feed_forward.w2"):
+            W = packed[f"model.layers.{i}.{mod}.weight"]
+            A, B = torch.randn(r, W.shape[1], generator=g) * 0.1, torch.randn(W.shape[0], r, generator=g) * 0.1
+            lora[f"base_model.model.model.layers.{i}.{mod}.lora_A.weight"] = A
+            lora[f"base_model.model.model.layers.{i}.{mod}.lora_B.weight"] = B
+            merged[f"model.layers.{i}.{mod}.weight"] = W + (alpha / r) * B @ A
+    (tmp_path / "ad").mkdir()
+    save_file(lora, tmp_path / "ad" / "adapter_model.safetensors")
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "target_modules": ["wqkv", "w2"], "bias": "none"}))
+    write_internlm2_checkpoint(tmp_path / "merged", hf, packed=merged)
+    ids = torch.randint(0, 96, (2, 20))
+    ours = load_lora(load_model(tmp_path / "base"), tmp_path / "ad")
+    assert (logits(ours, ids) - logits(load_model(tmp_path / "merged"), ids)).abs().max() <= 1e-4
+
+
+def test_bad_configuration_is_refused(hf_checkpoint):
+    path, _ = hf_checkpoint("qwen2")
+    model = load_model(path)
+    with pytest.raises(ValueError, match="rank r must be a positive integer"):
+        add_lora(model, r=0)
+    with pytest.raises(ValueError, match="dropout must be in \\[0, 1\\)"):
+        add_lora(model, r=4, dropout=1.0)
+    with pytest.raises(ValueError, match="Unknown LoRA target 'qproj'"):
+        add_lora(model, r=4, targets=["qproj"])
+    with pytest.raises(ValueError, match="'layers.7.self_attn.q_proj' matches no projection"):
+        add_lora(model, r=4, targets=["layers.7.self_attn.q_proj"])
+    with pytest.raises(ValueError, match="no LoRA layers to save"):
+        save_lora(model, "unused")
+
+
+def test_loading_onto_another_shape_or_with_missing_keys_names_the_first_mismatch(hf_checkpoint, tmp_path):
+    small, _ = hf_checkpoint("qwen2")
+    other, _ = hf_checkpoint("qwen2", intermediate_size=96)
+    save_lora(add_lora(load_model(small), r=4, alpha=8, targets=ALL), tmp_path / "ad")
+    with pytest.raises(ValueError, match=r"Tensor model.layers.0.mlp.gate_proj.lora_B.weight .* shape \(128, 4\), but the model expects \(96, 4\)"):
+        load_lora(load_model(other), tmp_path / "ad")
+    sd = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    del sd["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
+    save_file(sd, tmp_path / "ad" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"missing tensor model.layers.1.self_attn.v_proj.lora_B.weight \(shape \(32, 4\)\)"):
+        load_lora(load_model(small), tmp_path / "ad")
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(ValueError, match="use_dora"):
+        load_lora(load_model(small), tmp_path / "ad")

@@ -1,0 +1,234 @@
+"""transpeft.py against the paper's equations: zero rates change nothing, eval is never masked, the mask is a
+per-element Bernoulli(1 - p) on the SwiGLU product of the LoRA-adjusted projections, a dropped layer passes its
+post-attention state through exactly and gives its FFN LoRA no gradient, and the drift analysis sees what changed."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from lora import add_lora
+from model import load_model
+from test_tokenizer import write_checkpoint_tokenizer
+from transpeft import analyze_drift, apply_transpeft, remove_transpeft
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def lora_model(path, seed=0):
+    model = add_lora(load_model(path), r=4, alpha=8, targets=ALL, verbose=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # non-zero B, so that every LoRA parameter gets a gradient
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    logits = model(ids)
+    F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_zero_rates_are_exactly_the_plain_model(hf_checkpoint):
+    path, _ = hf_checkpoint("qwen2")
+    model = lora_model(path).train()
+    ids = torch.randint(0, 96, (2, 24))
+    plain_logits, plain_grads = loss_and_grads(model, ids)
+    apply_transpeft(model, p_intra=0.0, p_cross=0.0)
+    logits, grads = loss_and_grads(model, ids)
+    assert torch.equal(logits, plain_logits)
+    assert grads.keys() == plain_grads.keys() and all(torch.equal(grads[n], plain_grads[n]) for n in grads)
+
+
+def test_eval_is_deterministic_and_unmasked(hf_checkpoint):
+    path, _ = hf_checkpoint("qwen2")
+    model = lora_model(path).eval()
+    ids = torch.randint(0, 96, (2, 24))
+    with torch.no_grad():
+        plain = model(ids)
+        apply_transpeft(model, p_intra=0.5, p_cross=0.5)
+        assert torch.equal(model(ids), plain) and torch.equal(model(ids), plain)
+        model.train()
+        assert not torch.equal(model(ids), plain)  # and in training it does act
+        remove_transpeft(model)
+        assert torch.equal(model(ids), plain)  # switched off: plain again, in train mode too (no dropout here)
+
+
+def capture_products(model):
+    """The input of every down_proj (the masked SwiGLU product), per forward."""
+    seen = []
+    for layer in model.model.layers:
+        layer.mlp.down_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    return seen
+
+
+def test_masking_is_per_element_bernoulli(hf_checkpoint):
+    path, _ = hf_checkpoint("llama3", intermediate_size=256)
+    model = apply_transpeft(load_model(path), p_intra=0.3, p_cross=0.0).train()
+    seen = capture_products(model)
+    ids = torch.randint(0, 96, (8, 64))
+    with torch.no_grad():
+        model(ids)
+        first = [(h == 0) for h in seen]
+        model(ids)
+        second = [(h == 0) for h in seen[len(first):]]
+    for zero, again in zip(first, second):
+        n = zero.numel()  # 8 * 64 * 256 = 131072 elements per layer
+        # Binomial: std of the zero fraction sqrt(p(1-p)/n) = 0.0013; allow 5 standard deviations.
+        assert abs(zero.float().mean().item() - 0.3) <= 5 * math.sqrt(0.3 * 0.7 / n)
+        # Per element, not per token or channel: no token (row) or channel (column) is masked whole, and two
+        # channels of one token are both masked with probability p^2 = 0.09 (per-token masks would give p = 0.3).
+        flat = zero.flatten(0, 1)  # (tokens, channels)
+        assert not flat.all(dim=1).any() and not flat.all(dim=0).any()
+        both = (flat[:, 0::2] & flat[:, 1::2]).float().mean().item()
+        assert abs(both - 0.09) <= 5 * math.sqrt(0.09 * 0.91 / (n / 2))
+        assert not torch.equal(zero, again)  # a fresh mask on the next forward
+
+
+def test_mask_acts_on_the_lora_adjusted_product(hf_checkpoint):
+    """σ(X(W1+ΔW1)) ⊙ m · (W2+ΔW2): the paper's equation, with the same draw of m."""
+    path, _ = hf_checkpoint("qwen2")
+    model = apply_transpeft(lora_model(path), p_intra=0.4, p_cross=0.0).train()
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 5, 64)
+
+    def lora(m, v):
+        return F.linear(v, m.base_layer.weight, m.base_layer.bias) + m.scaling * F.linear(F.linear(v, m.lora_A.weight), m.lora_B.weight)
+
+    with torch.no_grad():
+        torch.manual_seed(7)
+        got = mlp(x)
+        h = F.silu(lora(mlp.gate_proj, x)) * lora(mlp.up_proj, x)
+        torch.manual_seed(7)
+        m = (torch.rand_like(h) > 0.4).float()  # Bernoulli(1 - p), the official code's `rand > p`
+        assert torch.allclose(got, lora(mlp.down_proj, h * m), atol=1e-6)
+
+
+def test_dropping_skips_the_whole_ffn_and_its_lora_gets_no_gradient(hf_checkpoint):
+    path, _ = hf_checkpoint("qwen2", num_hidden_layers=4)
+    model = apply_transpeft(lora_model(path), p_intra=0.0, p_cross=0.5, seed=0).train()
+    n_layers, steps = 4, 300
+    calls, states = [], {}
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_hook(lambda m, a, out, i=i: states.__setitem__(("out", i), out.detach()))
+        layer.register_forward_pre_hook(lambda m, a, i=i: states.__setitem__(("in", i), a[0].detach()))
+        layer.self_attn.register_forward_hook(lambda m, a, out, i=i: states.__setitem__(("attn", i), out.detach()))
+        layer.mlp.register_forward_hook(lambda m, a, out, i=i: calls.append(i))
+    ids = torch.randint(0, 96, (2, 16))
+    dropped_count = [0] * n_layers
+    for step in range(steps):
+        calls.clear()
+        need_grads = step < 20
+        _, grads = loss_and_grads(model, ids) if need_grads else (model(ids), None)
+        for i in range(n_layers):
+            if i in calls:
+                continue
+            dropped_count[i] += 1
+            post_attention = states[("in", i)] + states[("attn", i)]
+            assert torch.equal(states[("out", i)], post_attention)  # passes through exactly, whole batch
+        if need_grads:
+            for i in range(n_layers):
+                prefix = f"model.layers.{i}."
+                ffn = [n for n in grads if n.startswith(prefix + "mlp.")]
+                attn_b = [n for n in grads if n.startswith(prefix + "self_attn.") and "lora_B" in n]
+                assert len(attn_b) == 4 and all(grads[n].abs().sum() > 0 for n in attn_b)  # attention always learns
+                if i in calls:
+                    assert len(ffn) == 6
+                else:
+                    assert ffn == []  # a dropped layer's FFN LoRA got no gradient at all
+    # Each layer dropped about half the time: binomial std sqrt(0.25 / 300) = 0.029; allow 4 of them.
+    for count in dropped_count:
+        assert abs(count / steps - 0.5) <= 4 * math.sqrt(0.25 / steps)
+
+
+def test_drops_are_reproducible_and_shared_across_ranks(hf_checkpoint):
+    """Two 'ranks' seeded alike drop the same layers even when they draw different amounts of other randomness."""
+    path, _ = hf_checkpoint("qwen2", num_hidden_layers=4)
+    ids = torch.randint(0, 96, (1, 8))
+
+    def drops(extra_draws):
+        torch.manual_seed(42)
+        model = apply_transpeft(load_model(path), p_intra=0.2, p_cross=0.5).train()
+        calls = []
+        for i, layer in enumerate(model.model.layers):
+            layer.mlp.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+        pattern = []
+        for _ in range(20):
+            torch.rand(extra_draws)  # e.g. another data shard, other dropout shapes
+            calls.clear()
+            with torch.no_grad():
+                model(ids)
+            pattern.append(tuple(calls))
+        return pattern
+
+    assert drops(0) == drops(1000)
+    assert len(set(drops(0))) > 1  # and the pattern does vary from step to step
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(p_cross=1.0), r"p_cross must be in \[0, 1\), got 1.0"),
+    (dict(p_intra=-0.1), r"p_intra must be in \[0, 1\), got -0.1"),
+    (dict(p_intra=float("nan")), r"p_intra must be in \[0, 1\), got nan"),
+    (dict(p_cross=[0.1, 0.2, 0.3]), r"p_cross has 3 values but the model has 2 layers"),
+    (dict(p_cross=[0.1, 1.5]), r"got 1.5 \(layer 1\)"),
+])
+def test_rates_outside_unit_interval_are_refused(hf_checkpoint, kw, msg):
+    path, _ = hf_checkpoint("qwen2")
+    with pytest.raises(ValueError, match=msg):
+        apply_transpeft(load_model(path), **kw)
+
+
+def test_per_layer_rates(hf_checkpoint):
+    path, _ = hf_checkpoint("qwen2")
+    model = apply_transpeft(load_model(path), p_intra=[0.0, 0.5], p_cross=[0.0, 0.0]).train()
+    seen = capture_products(model)
+    with torch.no_grad():
+        model(torch.randint(0, 96, (4, 32)))
+    assert (seen[0] == 0).float().mean() == 0 and abs((seen[1] == 0).float().mean().item() - 0.5) < 0.05
+
+
+def test_analysis_sees_only_the_ffn_change(hf_checkpoint, tmp_path):
+    path, _ = hf_checkpoint("qwen2")
+    sd = load_file(path / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    changed = {k: v + 0.05 * torch.randn(v.shape, generator=g) if ".mlp." in k else v for k, v in sd.items()}
+    new_dir = tmp_path / "new"
+    new_dir.mkdir()
+    (new_dir / "config.json").write_text((path / "config.json").read_text())
+    save_file(changed, new_dir / "model.safetensors")
+    rows = analyze_drift(load_model(path), load_model(new_dir), torch.randint(0, 96, (2, 32)))
+    for r in rows:
+        assert r["attn_weight"] == 0 and r["attn_cos"] <= 1e-6 and r["attn_norm"] <= 1e-6
+        assert r["ffn_weight"] > 0.1 and r["ffn_cos"] > 1e-3 and r["ffn_norm"] > 1e-3
+        ffn = [sd[f"model.layers.{r['layer']}.mlp.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj")]
+        diff = [changed[f"model.layers.{r['layer']}.mlp.{p}.weight"] - w for p, w in zip(("gate_proj", "up_proj", "down_proj"), ffn)]
+        expected = math.sqrt(sum(d.pow(2).sum() for d in diff) / sum(w.pow(2).sum() for w in ffn))
+        assert abs(r["ffn_weight"] - expected) <= 1e-5
+
+
+def test_analyze_command(hf_checkpoint, tmp_path):
+    old, _ = hf_checkpoint("qwen2", vocab_size=512)
+    new, _ = hf_checkpoint("qwen2", vocab_size=512, seed=1)
+    for path in (old, new):
+        config = json.loads((path / "config.json").read_text())
+        write_checkpoint_tokenizer(path, "qwen2")
+        (path / "config.json").write_text(json.dumps(config))  # keep the model's config, add the tokenizer
+    r = subprocess.run([sys.executable, "transpeft.py", "analyze", "--old", str(old), "--new", str(new), "--out", str(tmp_path / "a")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "attn ΔW/W" in r.stdout and " mean |" in r.stdout
+    result = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    assert len(result["layers"]) == 2 and all(row["attn_weight"] > 0 for row in result["layers"])
+    bad = subprocess.run([sys.executable, "transpeft.py", "analyze", "--old", "qwen9", "--new", str(new)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "Unknown model 'qwen9'" in bad.stderr

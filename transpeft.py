@@ -1,0 +1,279 @@
+"""
+Trans-PEFT (Gu et al., "Adapt Once, Thrive with Updates: Transferable Parameter-Efficient Fine-Tuning on Evolving
+Base Models", ACL 2025, arXiv 2506.06844): train a PEFT module on an OLD base model so that it keeps working when
+plugged, unchanged, into the base model's update (Qwen2 -> Qwen2.5).
+
+Why it works (the paper's account): a model update rewrites the *knowledge* stored in the FFN layers much more than
+the *task patterns* carried by attention. A PEFT module trained normally leans on the old FFN knowledge and breaks
+when it changes. Trans-PEFT takes FFN knowledge away at random during training, so the module learns to do its job
+without relying on any particular piece of it. Two interventions, both active in training only:
+
+1. Intra-layer knowledge masking, rate p_intra. In every FFN the SwiGLU product (the input of down_proj) is
+   multiplied by a fresh 0/1 mask, drawn independently for every element (sample, token, channel):
+
+       FFN(x) = W_down ( silu(W_gate x) * (W_up x)  ⊙  m ),      m ~ Bernoulli(1 - p_intra)
+
+   With LoRA on the FFN, W_gate, W_up, W_down are the LoRA-adjusted maps W + ΔW: the paper's
+   σ(X(W1+ΔW1)) ⊙ m · (W2+ΔW2). (The LoRA-wrapped projections are simply called here, so this holds by itself.)
+
+2. Cross-layer knowledge dropping, rate p_cross. In every decoder layer, with probability p_cross, the whole FFN
+   sub-block (post-attention norm, MLP, residual add) is skipped and the residual stream passes through unchanged:
+
+       h = x + Attn(norm(x));   y = h                     with probability p_cross
+                                y = h + FFN(norm(h))      otherwise
+
+   One draw per layer per forward pass, shared by the whole batch. Attention is never dropped.
+
+Neither intervention rescales by 1/(1 - p), unlike dropout: the official code (models/modeling_qwen2.py) multiplies
+by the bare mask and skips the bare sub-block. That is the point: dropout keeps the expected activation so that the
+network at test time sees what it saw in training; here the PEFT module should learn to work with *less* knowledge
+than the base provides, and at test time (on the new base) it gets the full, changed, FFN.
+
+A series or parallel FFN adapter (adapter.py) hangs on the `mlp` module, so a dropped layer skips it too: the
+residual stream passes through exactly unchanged, as the equation says. (The official code's adapter path, which
+its released scripts do not use, still applies the FFN adapter on a dropped layer.)
+
+Random draws use torch's RNG: the masks the global generator of the activations' device (seeded by
+torch.manual_seed), the layer drops a CPU torch.Generator of their own, seeded when Trans-PEFT is switched on, so
+that data-parallel ranks with the same seed drop the same layers at every step whatever else each rank draws, and a
+run resumed with the saved generator state (`model.transpeft_rng`) drops what the uninterrupted run would have.
+
+The file also holds the paper's analysis: how much an update changes attention vs FFN weights, and their outputs
+on the same inputs (`python transpeft.py analyze --old qwen2-0.5b --new qwen2.5-0.5b`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import MLP, DecoderLayer
+
+# -----------------------------------------------------------------------------------------------------------
+# The two interventions
+
+
+class MaskedMLP(MLP):
+    """SwiGLU whose product is masked element-wise in training: down((silu(gate x) * up x) ⊙ m)."""
+
+    p_intra: float = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, I): the FFN's knowledge channels
+        if self.training and self.p_intra > 0:
+            keep = torch.rand_like(h) > self.p_intra  # an independent Bernoulli(1 - p) draw per element
+            h = h * keep.to(h.dtype)  # no 1/(1 - p): the official code does not rescale
+        return self.down_proj(h)
+
+
+class DroppingDecoderLayer(DecoderLayer):
+    """A decoder layer whose FFN sub-block is skipped, in training, with probability p_cross."""
+
+    p_cross: float = 0.0
+    rng: torch.Generator | None = None  # shared by all layers of a model
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        if self.training and self.p_cross > 0 and torch.rand((), generator=self.rng).item() < self.p_cross:
+            return x  # FFN dropped: norm, MLP (and its adapter) and residual add all skipped, no rescaling
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def per_layer(rate: float | Sequence[float], n_layers: int, name: str) -> list[float]:
+    """One rate per layer, from a single float or a sequence of n_layers floats, each in [0, 1)."""
+    rates = [float(rate)] * n_layers if isinstance(rate, (int, float)) else [float(r) for r in rate]
+    if len(rates) != n_layers:
+        raise ValueError(f"{name} has {len(rates)} values but the model has {n_layers} layers: give one rate, or one per layer.")
+    for i, r in enumerate(rates):
+        if not 0 <= r < 1 or math.isnan(r):
+            where = f" (layer {i})" if not isinstance(rate, (int, float)) else ""
+            raise ValueError(f"{name} must be in [0, 1), got {r}{where}: it is the probability of taking knowledge away.")
+    return rates
+
+
+def apply_transpeft(model: nn.Module, p_intra: float | Sequence[float] = 0.0, p_cross: float | Sequence[float] = 0.1,
+                    seed: int | None = None) -> nn.Module:
+    """Switch Trans-PEFT on (in place; works with LoRA, adapters or nothing attached). Effective only in train().
+
+    p_intra, p_cross: one rate for all layers, or one per layer. seed: of the layer-dropping generator; by default
+    drawn from torch's global RNG, so `torch.manual_seed(s)` before this call makes the drops reproducible.
+    Switch off with remove_transpeft(model); calling apply_transpeft again replaces the rates.
+    """
+    layers = model.model.layers
+    intra, cross = per_layer(p_intra, len(layers), "p_intra"), per_layer(p_cross, len(layers), "p_cross")
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    model.transpeft_rng = torch.Generator().manual_seed(seed)
+    for layer, pi, pc in zip(layers, intra, cross):
+        # Swapping the class keeps every parameter, buffer, hook and name; only forward changes.
+        layer.__class__, layer.p_cross, layer.rng = DroppingDecoderLayer, pc, model.transpeft_rng
+        layer.mlp.__class__, layer.mlp.p_intra = MaskedMLP, pi
+    model.transpeft_rates = {"p_intra": intra, "p_cross": cross}
+    return model
+
+
+def remove_transpeft(model: nn.Module) -> nn.Module:
+    """Switch Trans-PEFT off: back to the plain layers of model.py."""
+    for layer in model.model.layers:
+        if isinstance(layer, DroppingDecoderLayer):
+            layer.__class__, layer.mlp.__class__ = DecoderLayer, MLP
+            del layer.p_cross, layer.rng, layer.mlp.p_intra
+    model.transpeft_rng = model.transpeft_rates = None
+    return model
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The analysis: what does an update change, attention or FFN?
+
+ATTN, FFN = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    return getattr(module, "base_layer", module).weight  # the base weight, also under a LoRA wrapper
+
+
+@torch.no_grad()
+def analyze_drift(old: nn.Module, new: nn.Module, input_ids: torch.Tensor) -> list[dict]:
+    """Per layer, how much the update changed attention and FFN, as weights and as outputs.
+
+    weight:  ‖W_new − W_old‖_F / ‖W_old‖_F over the block's projections together (q,k,v,o or gate,up,down).
+    Outputs are compared on the same inputs: each block of both models is fed the hidden states the OLD model
+    computes for input_ids (so earlier layers' changes do not leak into a later layer's number), then
+        cos:   1 − cosine similarity of the old and new block outputs, averaged over tokens;
+        norm:  ‖n_new − n_old‖ / ‖n_old‖, n = per-output-channel L2 norm over all tokens (what the official code's
+               activation tracker records).
+    """
+    if old.config.hidden_size != new.config.hidden_size or len(old.model.layers) != len(new.model.layers):
+        raise ValueError("The two models differ in shape: the drift analysis compares two versions of one architecture.")
+    captured = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            captured[name] = (args, output)
+        return hook
+
+    handles = [getattr(layer, part).register_forward_hook(keep((i, part)))
+               for i, layer in enumerate(old.model.layers) for part in ("self_attn", "mlp")]
+    try:
+        old(input_ids)
+    finally:
+        for h in handles:
+            h.remove()
+
+    rows = []
+    for i, (lo, ln) in enumerate(zip(old.model.layers, new.model.layers)):
+        row = {"layer": i}
+        for block, part, projs in (("attn", "self_attn", ATTN), ("ffn", "mlp", FFN)):
+            mo, mn = getattr(lo, part), getattr(ln, part)
+            diff = sum((_weight(getattr(mn, p)).float() - _weight(getattr(mo, p)).float()).pow(2).sum() for p in projs)
+            ref = sum(_weight(getattr(mo, p)).float().pow(2).sum() for p in projs)
+            row[f"{block}_weight"] = (diff / ref).sqrt().item()
+            args, out_old = captured[(i, part)]
+            out_new = mn(*args).float()  # the new block on the old block's inputs
+            out_old = out_old.float()
+            row[f"{block}_cos"] = (1 - F.cosine_similarity(out_new, out_old, dim=-1)).mean().item()
+            n_old, n_new = out_old.flatten(0, 1).norm(dim=0), out_new.flatten(0, 1).norm(dim=0)  # (C,)
+            row[f"{block}_norm"] = ((n_new - n_old).norm() / n_old.norm()).item()
+        rows.append(row)
+    return rows
+
+
+COLUMNS = [("attn_weight", "attn ΔW/W"), ("ffn_weight", "ffn ΔW/W"), ("attn_cos", "attn 1-cos"), ("ffn_cos", "ffn 1-cos"),
+           ("attn_norm", "attn Δnorm"), ("ffn_norm", "ffn Δnorm")]
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["layer | " + " | ".join(f"{title:>10}" for _, title in COLUMNS)]
+    lines.append("-" * len(lines[0]))
+    for r in rows:
+        lines.append(f"{r['layer']:>5} | " + " | ".join(f"{r[k]:>10.4g}" for k, _ in COLUMNS))
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k, _ in COLUMNS}
+    lines.append(" mean | " + " | ".join(f"{mean[k]:>10.4g}" for k, _ in COLUMNS))
+    return "\n".join(lines)
+
+
+def save_plot(rows: list[dict], path: str, title: str) -> bool:
+    """A PNG of attention vs FFN drift by layer; False (nothing written) where matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    layers = [r["layer"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, metric, label in zip(axes, ("weight", "cos", "norm"), ("relative weight change", "1 − cos(output)", "per-channel norm shift")):
+        ax.plot(layers, [r[f"attn_{metric}"] for r in rows], "o-", label="attention")
+        ax.plot(layers, [r[f"ffn_{metric}"] for r in rows], "s-", label="FFN")
+        ax.set_xlabel("layer")
+        ax.set_title(label)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# A few GSM8K-style lines (written for this file) so that the analysis runs without any dataset.
+DEFAULT_TEXT = [
+    "A baker makes 24 muffins in the morning and 18 in the afternoon. She sells 35 of them. How many are left?",
+    "Tom walks 3 kilometres to school and back every day. How far does he walk in a 5-day week?",
+    "The capital of France is Paris, and the river that runs through it is the Seine.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "Water boils at 100 degrees Celsius at sea level, and freezes at 0 degrees.",
+    "A train leaves at 9:15 and arrives at 11:40. How long is the journey in minutes?",
+]
+
+
+def main(argv=None) -> None:
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    from model import load_model, load_tokenizer
+
+    parser = argparse.ArgumentParser(description="Trans-PEFT's analysis: how an update changes attention vs FFN, by layer.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("analyze", help="compare an old base model and its update")
+    a.add_argument("--old", required=True, help="alias, local directory or hub id of the old base")
+    a.add_argument("--new", required=True, help="alias, local directory or hub id of the updated base")
+    a.add_argument("--text", help="a text file to feed both models (default: a few built-in lines)")
+    a.add_argument("--max-tokens", type=int, default=256, help="tokens per input line")
+    a.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a.add_argument("--out", default="runs/analysis", help="directory for analysis.json and drift.png")
+    args = parser.parse_args(argv)
+
+    try:
+        dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+        old, new = load_model(args.old, dtype, args.device), load_model(args.new, dtype, args.device)
+        tok = load_tokenizer(args.old)
+        lines = Path(args.text).read_text().splitlines() if args.text else DEFAULT_TEXT
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        sys.exit(f"error: {args.text} has no text to feed the models.")
+    encoded = [tok.encode(line)[: args.max_tokens] for line in lines]
+    per_line = [analyze_drift(old, new, torch.tensor([ids], device=args.device)) for ids in encoded]
+    rows = []  # each number averaged over the input lines
+    for i in range(len(per_line[0])):
+        rows.append({"layer": i, **{k: sum(r[i][k] for r in per_line) / len(per_line) for k, _ in COLUMNS}})
+
+    print(f"drift from {args.old} to {args.new} ({len(lines)} inputs, {sum(map(len, encoded))} tokens)")
+    print(format_table(rows))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "analysis.json").write_text(json.dumps({"old": args.old, "new": args.new, "layers": rows}, indent=2))
+    plotted = save_plot(rows, str(out / "drift.png"), f"{args.old} → {args.new}")
+    print(f"wrote {out / 'analysis.json'}" + (f" and {out / 'drift.png'}" if plotted else " (install matplotlib for drift.png)"))
+
+
+if __name__ == "__main__":
+    main()

@@ -368,8 +368,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TRANSPEFT_CACHE") or Path.home() / ".cache" / "transpeft")
 
 
-def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
-    """A local directory holding the checkpoint, downloading config, weights and tokenizer from the hub if needed."""
+def resolve_checkpoint(name_or_path: str | os.PathLike, config_only: bool = False) -> Path:
+    """A local directory holding the checkpoint, downloading config, weights and tokenizer from the hub if needed
+    (config.json alone with config_only)."""
     name = str(name_or_path)
     if name in TOY_MODELS:
         path = cache_dir() / name
@@ -385,18 +386,18 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     if repo_id.count("/") != 1 or path.exists():
         known = ", ".join(list(ALIASES) + list(TOY_MODELS))
         raise ValueError(f"Unknown model {name!r}: not a directory, not a hub repo id (org/name), and not an alias ({known}).")
-    return _download(repo_id)
+    return _download(repo_id, config_only)
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, config_only: bool = False) -> Path:
     from huggingface_hub import snapshot_download
 
     def fetch(patterns):
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
 
     try:
-        path = fetch(HUB_FILES + ["*.safetensors", "model.safetensors.index.json"])
-        if not any(path.glob("*.safetensors")):  # some families (internlm2-7b) publish only .bin shards
+        path = fetch(["config.json"] if config_only else HUB_FILES + ["*.safetensors", "model.safetensors.index.json"])
+        if not config_only and not any(path.glob("*.safetensors")):  # internlm2-7b publishes only .bin shards
             path = fetch(HUB_FILES + ["pytorch_model*.bin", "pytorch_model.bin.index.json"])
     except Exception as e:  # offline, no network, gated or missing repo: huggingface_hub raises many types
         raise OSError(
@@ -493,6 +494,15 @@ def convert_internlm2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str
     return out
 
 
+def load_config(name_or_path: str | os.PathLike) -> ModelConfig:
+    """A checkpoint's ModelConfig, downloading nothing but config.json for a hub id."""
+    path = resolve_checkpoint(name_or_path, config_only=True) / "config.json"
+    try:
+        return ModelConfig.from_hf(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}).") from None
+
+
 def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
     """Load a checkpoint (alias, local directory or hub repo id) strictly: every tensor must be used, and fit.
 
@@ -500,11 +510,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None
     `meta` device (no memory, no random init) and the loaded tensors are assigned in place of its parameters.
     """
     path = resolve_checkpoint(name_or_path)
-    try:
-        hf = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path / 'config.json'} is not valid JSON ({e}).") from None
-    cfg = ModelConfig.from_hf(hf)
+    cfg = load_config(path)
     if dtype is None:
         dtype = getattr(torch, cfg.torch_dtype.replace("torch.", ""), torch.float32)
 

@@ -15,7 +15,8 @@ SPECIALS = {"qwen2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "llama": [
 
 
 def write_checkpoint_tokenizer(path, model_type, post_bos=False, tokenizer_config=None, config_extra=None):
-    """A byte-level BPE tokenizer.json (as Qwen2 and Llama 3 use) trained on a few sentences, plus config.json."""
+    """A byte-level BPE tokenizer.json (as Qwen2 and Llama 3 use, 400 tokens) trained on a few sentences, plus a
+    config.json naming the family unless the directory already has one."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -26,7 +27,8 @@ def write_checkpoint_tokenizer(path, model_type, post_bos=False, tokenizer_confi
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
     path.mkdir(exist_ok=True)
     tok.save(str(path / "tokenizer.json"))
-    (path / "config.json").write_text(json.dumps({"model_type": model_type, **(config_extra or {})}))
+    if not (path / "config.json").exists():  # beside a model checkpoint, keep the model's config.json
+        (path / "config.json").write_text(json.dumps({"model_type": model_type, **(config_extra or {})}))
     if tokenizer_config is not None:
         (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     return tok

@@ -1,0 +1,161 @@
+"""
+GSM8K evaluation: batched greedy decoding with the KV cache, and exact match of the final number.
+
+Decoding (the official protocol: greedy, the prompt ending "### Response: Let's think step by step.", stop
+strings "Instruction:", "Instruction", "Response:", "Response", and EOS):
+
+    prompts of a batch are LEFT-padded to one length, with an attention mask; positions are counted over the real
+    tokens (model.py), so every row computes exactly what it would alone
+    prefill: one forward over the padded prompts fills the preallocated KV cache
+    decode:  feed the argmax token of every row, one position per step, until each row has emitted EOS or a stop
+             string, or max_new_tokens is reached
+
+Prompts are sorted by length before batching, so that rows of a batch need little padding, and the results are
+put back in input order. Each completion is scored by data.is_correct and written, with the question, prediction,
+gold answer and rule, to a jsonl file a reader can inspect.
+
+    python eval.py --model qwen2.5 --adapter runs/<run>/adapter [--data gsm8k|PATH] [--limit N]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data import STOP_STRINGS, eval_prompt, extract_answer_with_rule, gold_answer, is_correct, load_examples
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, batch_size: int = 16,
+             stop_strings: list[str] = STOP_STRINGS, progress=None) -> list[str]:
+    """Greedy completions of prompts (text after the prompt, cut before the first stop string)."""
+    model.eval()
+    device = model.lm_head.weight.device
+    encoded = [tokenizer.encode(p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    completions: list[str] = [""] * len(prompts)
+    longest_stop = max((len(s) for s in stop_strings), default=0)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        B, T = len(rows), max(len(encoded[i]) for i in rows)
+        ids = torch.full((B, T), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.long)
+        for b, i in enumerate(rows):  # left padding: the prompt ends at the last column of every row
+            ids[b, T - len(encoded[i]) :] = torch.tensor(encoded[i])
+            mask[b, T - len(encoded[i]) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        cache = model.new_cache(B, T + max_new_tokens)
+        logits = model(ids, attention_mask=mask, cache=cache)[:, -1]  # (B, V) prefill
+        generated = [[] for _ in range(B)]
+        done = [False] * B
+        for _ in range(max_new_tokens):
+            next_ids = logits.argmax(-1)  # (B,)
+            for b, t in enumerate(next_ids.tolist()):
+                if done[b]:
+                    continue
+                if t == tokenizer.eos_token_id:
+                    done[b] = True
+                    continue
+                generated[b].append(t)
+                # Only the tail can hold a stop string that just appeared: decode a few tokens, not the whole row.
+                tail = tokenizer.decode(generated[b][-(longest_stop + 2) :])
+                done[b] = any(s in tail for s in stop_strings)
+            if all(done):
+                break
+            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], 1)
+            logits = model(next_ids[:, None], attention_mask=mask, cache=cache)[:, -1]
+        for b, i in enumerate(rows):
+            text = tokenizer.decode(generated[b])
+            cut = min([text.find(s) for s in stop_strings if s in text], default=len(text))
+            completions[i] = text[:cut]
+        if progress is not None:
+            progress(rows, completions)
+    return completions
+
+
+def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 512, batch_size: int = 16,
+             out_jsonl: str | os.PathLike | None = None, desc: str = "eval") -> dict:
+    """GSM8K exact match of model on examples ({question, answer}); per-example records to out_jsonl if given."""
+    prompts = [eval_prompt(e["question"]) for e in examples]
+    bar = tqdm(total=len(examples), desc=desc, unit="q", dynamic_ncols=True)
+    correct = 0
+
+    def progress(rows, completions):
+        nonlocal correct
+        correct += sum(is_correct(completions[i], examples[i]["answer"]) for i in rows)
+        bar.update(len(rows))
+        bar.set_postfix(acc=f"{correct / bar.n:.1%}")
+
+    t0 = time.time()
+    completions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress)
+    bar.close()
+    records = []
+    for e, c in zip(examples, completions):
+        prediction, rule = extract_answer_with_rule(c)
+        records.append({"question": e["question"], "completion": c, "prediction": prediction, "rule": rule,
+                        "gold": gold_answer(e["answer"]), "correct": is_correct(c, e["answer"])})
+    if out_jsonl is not None:
+        Path(out_jsonl).parent.mkdir(parents=True, exist_ok=True)
+        with open(out_jsonl, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    n_correct = sum(r["correct"] for r in records)
+    return {"accuracy": n_correct / len(records), "correct": n_correct, "total": len(records), "seconds": time.time() - t0}
+
+
+def attach_peft(model, adapter_dir: str | os.PathLike):
+    """Load a LoRA (PEFT format) or a bottleneck adapter from adapter_dir onto model, whichever the directory holds."""
+    import adapter
+    import lora
+
+    path = Path(adapter_dir)
+    if (path / lora.CONFIG_NAME).exists():
+        return lora.load_lora(model, path)
+    if (path / adapter.CONFIG_NAME).exists():
+        return adapter.load_adapter(model, path)
+    raise FileNotFoundError(f"{path} holds no adapter: expected {lora.CONFIG_NAME} (LoRA) or {adapter.CONFIG_NAME}.")
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    from model import load_model, load_tokenizer
+
+    p = argparse.ArgumentParser(description="GSM8K exact match of a base model, with or without an adapter.")
+    p.add_argument("--model", required=True, help="alias, local checkpoint directory or hub repo id of the base")
+    p.add_argument("--adapter", help="a LoRA (PEFT format) or bottleneck-adapter directory to load onto the base")
+    p.add_argument("--data", default="gsm8k", help="gsm8k (hub), or a local GSM8K-format .jsonl/.parquet")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="the official evaluation allows 1024")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="per-example jsonl (default: beside the adapter, or eval.jsonl)")
+    args = p.parse_args(argv)
+    if args.limit is not None and args.limit <= 0:
+        sys.exit("error: --limit must be a positive number of examples.")
+    try:
+        dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+        model = load_model(args.model, dtype=dtype, device=args.device)
+        tokenizer = load_tokenizer(args.model)
+        if args.adapter:
+            attach_peft(model, args.adapter)
+        examples = load_examples(args.data, args.split, args.limit)
+        if any("answer" not in e for e in examples):
+            raise ValueError(f"{args.data} is not in GSM8K's format: evaluation needs question/answer records with '#### N'.")
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    out = args.out or (Path(args.adapter) / f"eval-{Path(str(args.model)).name}.jsonl" if args.adapter else "eval.jsonl")
+    result = evaluate(model, tokenizer, examples, args.max_new_tokens, args.batch_size, out)
+    print(f"{args.model}{' + ' + args.adapter if args.adapter else ''}: GSM8K exact match "
+          f"{result['accuracy']:.2%} ({result['correct']}/{result['total']}) in {result['seconds']:.0f}s; per-example results in {out}")
+
+
+if __name__ == "__main__":
+    main()

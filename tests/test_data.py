@@ -1,0 +1,97 @@
+"""data.py: GSM8K gold answers and answer extraction (on the real files where ../shared/gsm8k exists, and on tricky
+hand-written completions), labels built from lengths, loading errors."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from data import (IGNORE_INDEX, collate, extract_answer, extract_answer_with_rule, gold_answer, gsm8k_response, is_correct,
+                  load_examples, tokenize_example, train_prompt)
+
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "gsm8k"
+
+
+def openai_reference(answer: str) -> float:
+    """grade-school-math's own parser (dataset.py): ANS_RE = '#### (\\-?[0-9\\.\\,]+)', commas removed."""
+    return float(re.search(r"#### (\-?[0-9\.\,]+)", answer).group(1).strip().replace(",", ""))
+
+
+@pytest.mark.skipif(not GSM8K.is_dir(), reason="../shared/gsm8k is absent")
+def test_every_real_gold_answer_parses_and_scores():
+    examples = load_examples(str(GSM8K / "train.jsonl")) + load_examples(str(GSM8K / "test.jsonl"))
+    assert len(examples) == 7473 + 1319
+    for e in examples:
+        gold = gold_answer(e["answer"])
+        assert gold == openai_reference(e["answer"])
+        assert is_correct(e["answer"], e["answer"])  # the reference solution itself, by the '#### ' rule
+        response = gsm8k_response(e["answer"])  # and restyled for training, by the official rule
+        assert "<<" not in response and extract_answer_with_rule(response) == (gold, "official")
+
+
+@pytest.mark.parametrize("completion,expected,rule", [
+    ("18 + 54 = 72, altogether", 72, "last"),
+    ("So she pays $1,234.50 in total.", 1234.5, "last"),
+    ("He ends with -3 degrees.", -3, "last"),
+    ("I do not know.", None, None),
+    ("16 - 3 - 4 = 9 eggs, 9 * 2 = 18 dollars", 18, "last"),  # subtraction is not a negative sign
+    ("from 10-20 pages", 20, "last"),
+    ("counts 1,2,3 then 45.", 45, "last"),  # a list is not glued into 123
+    ("The answer is: 1,000", 1000, "official"),
+    ("The answer is: 2.5 hours, or 150 minutes", 2, "official"),  # rounded as the official script does (round(2.5) = 2)
+    ("The answer is: $18.\nInstruction", 18, "official"),
+    ("Work: 3 + 4 = 7\n#### 7", 7, "gsm8k"),
+    ("The answer is: 5 apples. #### 6", 5, "official"),  # the official rule comes first
+    ("The answer is: none. So 12 left", 12, "official"),  # official: the first number anywhere after the marker
+    ("So 12 are left. The answer is: none", 12, "last"),  # no number after the marker: fall through
+])
+def test_tricky_completions(completion, expected, rule):
+    assert extract_answer_with_rule(completion) == ((None if expected is None else float(expected)), rule)
+
+
+def test_is_correct_compares_numbers_against_the_gold_marker():
+    gold = "She has 2 + 70 = <<2+70=72>>72 clips.\n#### 72"
+    assert is_correct("... 72, altogether", gold) and is_correct("The answer is: 72.00", gold)
+    assert not is_correct("The answer is: 27", gold) and not is_correct("no idea", gold)
+    assert is_correct("a loss of -3", "#### -3") and is_correct("it costs $1,234", "#### 1,234")
+    assert extract_answer("The answer is: 3/4") == 1.0  # fractions are divided, then rounded by the official rule
+
+
+class WordTokenizer:
+    """A stand-in with the interface of model.Tokenizer: one id per whitespace-separated word; pad == EOS == 0."""
+
+    eos_token_id = pad_token_id = 0
+
+    def __init__(self):
+        self.vocab = {}
+
+    def encode(self, text, bos=None):
+        return [self.vocab.setdefault(w, len(self.vocab) + 1) for w in text.split()]
+
+
+def test_labels_come_from_lengths_and_keep_eos_when_pad_is_eos():
+    tok = WordTokenizer()
+    example = {"question": "What is 2 plus 3?", "answer": "2 + 3 = <<2+3=5>>5\n#### 5"}
+    t = tokenize_example(example, tok, max_len=512)
+    n_prompt = len(tok.encode(train_prompt(example["question"])))
+    assert t["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert t["labels"][n_prompt:] == t["input_ids"][n_prompt:] and t["labels"][-1] == tok.eos_token_id
+    short = tokenize_example({"question": "Hi?", "response": "Yes. The answer is: 1"}, tok, max_len=512)
+    ids, labels = collate([t, short], pad_id=tok.pad_token_id)
+    # the EOS (id 0, like the padding) stays supervised; the padding after it does not
+    assert labels[1, len(short["labels"]) - 1] == 0 and (labels[1, len(short["labels"]):] == IGNORE_INDEX).all()
+    assert tokenize_example(example, tok, max_len=n_prompt) is None  # the prompt alone fills max_len
+
+
+def test_loading_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_examples(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="holds no examples"):
+        load_examples(str(tmp_path / "empty.jsonl"))
+    (tmp_path / "odd.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
+    with pytest.raises(ValueError, match=r"fields \['text'\]; expected question/answer"):
+        load_examples(str(tmp_path / "odd.jsonl"))
+    (tmp_path / "meta.json").write_text(json.dumps([{"query": "q1", "response": "r1"}, {"query": "q2", "response": "r2"}]))
+    assert load_examples(str(tmp_path / "meta.json"), max_samples=1) == [{"question": "q1", "response": "r1"}]

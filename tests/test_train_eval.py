@@ -1,0 +1,104 @@
+"""train.py and eval.py end to end on tiny checkpoints built here: a short run lowers the loss and writes an adapter
+that eval.py loads, --resume after an interruption ends where the uninterrupted run ends, batched decoding equals
+one prompt at a time, and bad input is refused before any training."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import eval as eval_cli
+import train
+from data import eval_prompt
+from eval import generate
+from lora import add_lora
+from model import load_model, load_tokenizer
+from test_tokenizer import write_checkpoint_tokenizer
+
+QUESTIONS = [("What is 2 plus 3?", 5), ("What is 7 minus 4?", 3), ("What is 6 times 2?", 12), ("What is 9 plus 9?", 18),
+             ("What is 10 minus 1?", 9), ("What is 4 times 4?", 16)]
+
+
+@pytest.fixture
+def world(hf_checkpoint, tmp_path):
+    """An old base, its 'update' (same shape, other weights), a base of another shape, and GSM8K-format data."""
+    old, _ = hf_checkpoint("qwen2", vocab_size=512)
+    new, _ = hf_checkpoint("qwen2", vocab_size=512, seed=1)
+    other, _ = hf_checkpoint("qwen2", vocab_size=512, intermediate_size=96)
+    for path in (old, new, other):
+        write_checkpoint_tokenizer(path, "qwen2")
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": f"It is {a}.\n#### {a}"}) + "\n" for q, a in QUESTIONS))
+    return {"old": str(old), "new": str(new), "other": str(other), "data": str(data), "tmp": tmp_path}
+
+
+def run_args(w, out, *extra):
+    return ["--old", w["old"], "--new", w["new"], "--train-data", w["data"], "--eval-data", w["data"], "--out", str(out),
+            "--lora-r", "4", "--lora-alpha", "8", "--lora-targets", "q_proj,v_proj,down_proj", "--p-cross", "0.3", "--p-intra", "0.1",
+            "--batch-size", "6", "--micro-batch-size", "4", "--lr", "3e-2", "--warmup-ratio", "0.1", "--eval-limit", "3",
+            "--max-new-tokens", "6", "--max-len", "320", "--save-every", "2", *extra]
+
+
+def test_short_run_learns_saves_and_resumes_identically(world):
+    a = world["tmp"] / "a"
+    train.main(run_args(world, a, "--max-steps", "10", "--refit-new"))
+    log = [json.loads(line) for line in (a / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == list(range(1, 11))
+    assert log[-1]["loss"] < 0.7 * log[0]["loss"]  # the same six examples every step: the loss must fall
+    results = json.loads((a / "results.json").read_text())
+    for key in ("source_old", "transfer_new", "refit_new"):
+        assert results[key]["total"] == 3 and 0 <= results[key]["accuracy"] <= 1
+    assert json.loads((a / "args.json").read_text())["p_cross"] == 0.3
+
+    # the adapter is PEFT-format LoRA that eval.py loads onto either base
+    assert json.loads((a / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    eval_cli.main(["--model", world["new"], "--adapter", str(a / "adapter"), "--data", world["data"], "--limit", "2",
+                   "--max-new-tokens", "4", "--out", str(world["tmp"] / "e.jsonl")])
+    records = [json.loads(line) for line in (world["tmp"] / "e.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and set(records[0]) == {"question", "completion", "prediction", "rule", "gold", "correct"}
+
+    # interrupted after step 3 (checkpoints at 2 and 3), then resumed: the same adapter as the uninterrupted run
+    b = world["tmp"] / "b"
+    train.main(run_args(world, b, "--max-steps", "10", "--stop-after", "3"))
+    assert not (b / "results.json").exists() and torch.load(b / "checkpoint.pt", weights_only=True)["step"] == 3
+    train.main(run_args(world, b, "--max-steps", "10", "--resume"))
+    wa, wb = load_file(a / "adapter" / "adapter_model.safetensors"), load_file(b / "adapter" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    log_b = [json.loads(line) for line in (b / "train_log.jsonl").read_text().splitlines()]
+    assert [e["loss"] for e in log_b] == [e["loss"] for e in log]
+
+
+def test_batched_decoding_equals_one_prompt_at_a_time(world):
+    model = add_lora(load_model(world["old"]), r=4, alpha=8, targets=["q_proj", "v_proj", "up_proj"], verbose=False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    tok = load_tokenizer(world["old"])
+    prompts = [eval_prompt(q) for q, _ in QUESTIONS] + ["Short one", "A much longer prompt " * 5]
+    batched = generate(model, tok, prompts, max_new_tokens=10, batch_size=8, stop_strings=[])
+    alone = generate(model, tok, prompts, max_new_tokens=10, batch_size=1, stop_strings=[])
+    assert batched == alone and any(batched)
+
+
+def expect_exit(argv, message):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert message in str(e.value.code), e.value.code
+
+
+def test_bad_input_is_refused_before_training(world):
+    out = world["tmp"] / "x"
+    expect_exit(["--old", world["old"], "--new", world["other"], "--train-data", world["data"], "--out", str(out)],
+                "differ in intermediate_size (128 vs 96)")
+    expect_exit(run_args(world, out, "--train-data", str(world["tmp"] / "nope.jsonl")), "nope.jsonl does not exist")
+    (world["tmp"] / "empty.jsonl").write_text("")
+    expect_exit(run_args(world, out, "--train-data", str(world["tmp"] / "empty.jsonl")), "holds no examples")
+    expect_exit(run_args(world, out, "--p-cross", "1.0", "--max-steps", "1"), "p_cross must be in [0, 1)")
+    expect_exit(run_args(world, out, "--resume"), "Nothing to resume")
+    out.mkdir(exist_ok=True)
+    (out / "results.json").write_text("{}")
+    expect_exit(run_args(world, out), "already holds a finished run")
+    with pytest.raises(SystemExit):  # argparse: both or neither of --old/--new
+        train.parse_args(["--old", world["old"]])

@@ -182,9 +182,9 @@ def target_text(example: dict) -> str:
     return example["response"] if "response" in example else gsm8k_response(example["answer"])
 
 
-def tokenize_example(example: dict, tokenizer, max_len: int) -> dict | None:
+def tokenize_example(example: dict, tokenizer, max_len: int, prompt_fn=train_prompt) -> dict | None:
     """input_ids and labels for one example, truncated to max_len; None if no supervised token survives."""
-    prompt = tokenizer.encode(train_prompt(example["question"]))
+    prompt = tokenizer.encode(prompt_fn(example["question"]))
     answer = tokenizer.encode(" " + target_text(example), bos=False) + [tokenizer.eos_token_id]
     ids = (prompt + answer)[:max_len]
     labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_len]
@@ -193,9 +193,9 @@ def tokenize_example(example: dict, tokenizer, max_len: int) -> dict | None:
     return {"input_ids": ids, "labels": labels}
 
 
-def tokenize_dataset(examples: list[dict], tokenizer, max_len: int) -> tuple[list[dict], int]:
+def tokenize_dataset(examples: list[dict], tokenizer, max_len: int, prompt_fn=train_prompt) -> tuple[list[dict], int]:
     """Tokenised examples, and how many were dropped because the prompt alone fills max_len."""
-    out = [tokenize_example(e, tokenizer, max_len) for e in examples]
+    out = [tokenize_example(e, tokenizer, max_len, prompt_fn) for e in examples]
     kept = [t for t in out if t is not None]
     return kept, len(out) - len(kept)
 

@@ -372,7 +372,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, config_only: bool = Fals
     """A local directory holding the checkpoint, downloading config, weights and tokenizer from the hub if needed
     (config.json alone with config_only)."""
     name = str(name_or_path)
-    if name in TOY_MODELS:
+    if name in TOY_MODELS or name.startswith("toy-v2-u"):  # toy-v2-u<seed>: another update of toy-v1
         path = cache_dir() / name
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"The toy model {name} has not been built yet (looked in {path}): run `python train.py` or `python toy.py` first.")

@@ -2,6 +2,7 @@
 The transfer experiment: train a PEFT module on the OLD base, then measure it on the old base (source accuracy)
 and, unchanged, on the NEW base (direct transfer); optionally train the same PEFT on the new base (the upper bound).
 
+    python train.py                                            # the embedded toy study (toy.py): CPU, minutes
     python train.py --old qwen2 --new qwen2.5                  # the paper's Qwen2-7B -> Qwen2.5-7B run (GPU, hub)
     python train.py --old qwen2 --new qwen2.5 --p-cross 0      # the "direct transfer" baseline: plain LoRA
 
@@ -37,9 +38,10 @@ from tqdm import tqdm
 
 import adapter as adapter_lib
 import lora as lora_lib
-from data import IGNORE_INDEX, collate, load_examples, tokenize_dataset
+import toy
+from data import IGNORE_INDEX, collate, eval_prompt, load_examples, tokenize_dataset
 from eval import attach_peft, evaluate
-from model import load_config, load_model, load_tokenizer, print_trainable
+from model import cache_dir, load_config, load_model, load_tokenizer, print_trainable
 from transpeft import apply_transpeft, remove_transpeft
 
 ARCH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -91,6 +93,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--stop-after", type=int, help="stop after this step with a checkpoint, to --resume later (e.g. time-limited jobs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    toy_flags = p.add_argument_group("the toy study (no --old/--new); its recipe is toy.LORA_RECIPE")
+    toy_flags.add_argument("--seeds", type=int, default=3, help="paired seeds per arm")
+    toy_flags.add_argument("--update-seeds", default="0", help="comma-separated updates of toy-v1 to transfer to (0 = toy-v2)")
+    toy_flags.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny bases, few steps): numbers meaningless")
     args = p.parse_args(argv)
     for name in ("batch_size", "micro_batch_size", "max_len", "max_new_tokens", "save_every", "eval_batch_size", "max_samples"):
         if getattr(args, name) <= 0:
@@ -108,6 +114,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--p-intra and --p-cross take a float, or comma-separated floats (one per layer)")
     if (args.old is None) != (args.new is None):
         p.error("give both --old and --new, or neither (the toy study)")
+    try:
+        args.update_seeds = [int(u) for u in str(args.update_seeds).split(",")]
+    except ValueError:
+        p.error("--update-seeds takes comma-separated integers")
+    if args.seeds <= 0 or any(u < 0 for u in args.update_seeds):
+        p.error("--seeds must be positive and --update-seeds non-negative")
     return args
 
 
@@ -213,13 +225,14 @@ def train(model, dataset: list[dict], args, run_dir: Path, pad_id: int, desc: st
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     model.train()
-    last_saved = start
+    last_saved, order_epoch = start, None
     bar = tqdm(range(start, total), initial=start, total=total, desc=desc, dynamic_ncols=True)
     for step in bar:
         t0 = time.time()
         # The data order is a fixed function of (seed, epoch), so a resumed run sees what the uninterrupted one would.
         epoch, index = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed + epoch))
+        if epoch != order_epoch:
+            order, order_epoch = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed + epoch)), epoch
         batch = [dataset[i] for i in order[index * args.batch_size : (index + 1) * args.batch_size].tolist()]
         lr = get_lr(step, total, args.lr, warmup)
         for group in optimizer.param_groups:
@@ -328,6 +341,143 @@ def run_experiment(args) -> dict:
     return results
 
 
+# -----------------------------------------------------------------------------------------------------------
+# The toy study (python train.py with no --old/--new): every arm of toy.ARMS, paired, on toy-v1 -> toy-v2
+
+
+def toy_arm(arm: dict, seed: int, old: str, new: str, dataset, test, tokenizer, run_dir: Path, recipe: dict) -> dict:
+    """Train one arm for one seed and evaluate it on its base and, moved unchanged, on the new base.
+
+    Pairing: every arm of a seed starts from the same LoRA initialisation (torch.manual_seed(seed) right before
+    add_lora) and sees the same data order (train() draws it from the seed); the Trans-PEFT drops from a generator
+    seeded with the seed. Only the arm's own intervention differs."""
+    base = new if arm.get("train_on") == "new" else old
+    new_name = Path(new).name
+    targs = argparse.Namespace(lr=recipe["lr"], weight_decay=0.0, warmup_ratio=recipe["warmup_ratio"], grad_clip=1.0,
+                               batch_size=recipe["batch_size"], micro_batch_size=recipe["batch_size"], max_steps=recipe["steps"],
+                               epochs=1, seed=seed, save_every=10**9, resume=False, stop_after=None)
+    torch.manual_seed(seed)
+    model = load_model(base)
+    lora_lib.add_lora(model, r=recipe["r"], alpha=recipe["alpha"], dropout=arm.get("lora_dropout", recipe["dropout"]),
+                      targets=list(recipe["targets"]), verbose=False)
+    if arm.get("p_intra") or arm.get("p_cross"):
+        apply_transpeft(model, p_intra=arm.get("p_intra", 0.0), p_cross=arm.get("p_cross", 0.0), seed=seed)
+    if arm.get("p_attn"):
+        toy.apply_attention_masking(model, arm["p_attn"])
+    log = train(model, dataset, targs, run_dir, tokenizer.pad_token_id, desc=f"seed {seed} {arm['key']}")
+    remove_transpeft(model)
+    toy.remove_attention_masking(model)
+    lora_lib.save_lora(model, run_dir / "adapter", base_model_name_or_path=base)
+    ev = dict(max_new_tokens=recipe["max_new_tokens"], batch_size=len(test))
+    own = evaluate(model, tokenizer, test, out_jsonl=run_dir / f"eval-{Path(base).name}.jsonl", desc=f"eval on {Path(base).name}", **ev)
+    row = {"arm": arm["key"], "seed": seed, "final_loss": log[-1]["loss"]}
+    if base == new:
+        return {**row, "source": None, "transfer": own["accuracy"]}
+    moved = lora_lib.load_lora(load_model(new), run_dir / "adapter")
+    on_new = evaluate(moved, load_tokenizer(new), test, out_jsonl=run_dir / f"eval-{new_name}.jsonl", desc=f"eval on {new_name}", **ev)
+    return {**row, "source": own["accuracy"], "transfer": on_new["accuracy"]}
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+
+LEARNED = 0.9  # source accuracy from which an arm counts as having learned the task on toy-v1
+
+
+def summarize_study(rows: list[dict]) -> tuple[str, dict]:
+    """Per arm: how many (update, seed) pairs learned the task (source >= LEARNED), source and transfer accuracy
+    (mean ± std, and per pair), and the paired difference of transfer against plain LoRA over the pairs where both
+    learned (a module that never learned the task says nothing about transfer), with its standard error;
+    'beyond noise' means |mean| > 2 SE."""
+    plain = {(r["update_seed"], r["seed"]): r for r in rows if r["arm"] == "plain"}
+
+    def learned(r):
+        return r["source"] is None or r["source"] >= LEARNED  # the upper bound is trained on the update itself
+
+    summary, lines = {}, []
+    header = f"{'arm':<50} {'learned':>7} {'source (toy-v1)':>16} {'transfer (update)':>18}   {'Δ transfer vs plain, paired':<34}"
+    lines += [header, "-" * len(header)]
+    for arm in toy.ARMS:
+        rs = [r for r in rows if r["arm"] == arm["key"]]
+        if not rs:
+            continue
+        src = [r["source"] for r in rs if r["source"] is not None]
+        tr = [r["transfer"] for r in rs]
+        both = [(r, plain[(r["update_seed"], r["seed"])]) for r in rs if (r["update_seed"], r["seed"]) in plain]
+        diffs = [r["transfer"] - p["transfer"] for r, p in both if learned(r) and learned(p)]
+        s = {"name": arm["name"], "n": len(rs), "learned": sum(map(learned, rs)), "transfer_per_pair": tr, "source_per_pair": src}
+        s["source_mean"], s["source_std"] = mean_std(src) if src else (None, None)
+        s["transfer_mean"], s["transfer_std"] = mean_std(tr)
+        src_txt = f"{s['source_mean']:.2f} ± {s['source_std']:.2f}" if src else "(trained on it)"
+        diff_txt = ""
+        if arm["key"] != "plain" and len(diffs) > 1:
+            dm, ds = mean_std(diffs)
+            se = ds / len(diffs) ** 0.5
+            s.update(diff_n=len(diffs), diff_mean=dm, diff_std=ds, diff_se=se, beyond_noise=abs(dm) > 2 * se)
+            diff_txt = f"{dm:+.2f} ± {ds:.2f} (n {len(diffs)}, SE {se:.2f}{', beyond noise' if abs(dm) > 2 * se else ''})"
+        lines.append(f"{arm['name']:<50} {s['learned']:>3}/{len(rs):<3} {src_txt:>16} {s['transfer_mean']:>11.2f} ± {s['transfer_std']:.2f}   {diff_txt:<34}")
+        summary[arm["key"]] = s
+    lines.append("")
+    lines.append("per (update seed, seed) transfer accuracy (* = did not learn the task on toy-v1):")
+    pairs = sorted({(r["update_seed"], r["seed"]) for r in rows})
+    lines.append(f"{'':<50} " + " ".join(f"u{u}s{sd:<4}" for u, sd in pairs))
+    for arm in toy.ARMS:
+        by_pair = {(r["update_seed"], r["seed"]): r for r in rows if r["arm"] == arm["key"]}
+        if by_pair:
+            cells = [f"{by_pair[p]['transfer']:.2f}{' ' if learned(by_pair[p]) else '*'}" if p in by_pair else "  -  " for p in pairs]
+            lines.append(f"{arm['name']:<50} " + " ".join(f"{c:<7}" for c in cells))
+    return "\n".join(lines), summary
+
+
+def run_toy_study(args) -> dict:
+    """The embedded default: every arm of toy.ARMS for every seed and update seed, then the drift analysis."""
+    from transpeft import analyze_drift, format_table
+
+    t_start = time.time()
+    recipe, base_recipe, root = dict(toy.LORA_RECIPE), toy.RECIPE, None
+    if args.quick:  # a smoke test of the whole path, for CI: tiny bases, a few steps; the numbers mean nothing
+        base_recipe = {"v1": {**toy.RECIPE["v1"], "steps": 30}, "v2": {**toy.RECIPE["v2"], "steps": 10}}
+        root = cache_dir() / "quick"  # beside, not over, the real bases
+        recipe.update(steps=6)
+    out = Path(args.out or ("runs/toy-study-quick" if args.quick else "runs/toy-study"))
+    if (out / "results.json").exists() and not args.overwrite:
+        raise ValueError(f"{out} already holds a finished study (results.json): pass --overwrite to replace it, or another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "args.json").write_text(json.dumps({**vars(args), "recipe": recipe}, indent=2, default=str))
+    rows, drift = [], {}
+    for u in args.update_seeds:
+        old, new = toy.build_bases(u, recipe=base_recipe, root=root)
+        world = toy.make_world(u)
+        train_examples, test = toy.task(world)
+        if args.quick:
+            test = test[:12]
+        tokenizer = load_tokenizer(old)
+        # Trained on the evaluation prompt itself: a 0.9M-parameter model does not generalise from the training
+        # prompt to the evaluation prompt's extra "Let's think step by step." as large models do.
+        dataset, _ = tokenize_dataset(train_examples, tokenizer, recipe["max_len"], prompt_fn=eval_prompt)
+        for seed in range(args.seeds):
+            for arm in toy.ARMS:
+                t0 = time.time()
+                row = toy_arm(arm, seed, old, new, dataset, test, tokenizer, out / f"u{u}" / f"seed{seed}" / arm["key"], recipe)
+                rows.append({**row, "update_seed": u})
+                src = f"{row['source']:.2f}" if row["source"] is not None else "  - "
+                print(f"update {u} seed {seed} | {arm['name']:<50} | source {src} | transfer {row['transfer']:.2f} | {time.time() - t0:.0f}s")
+        prompts = torch.tensor([tokenizer.encode(e["question"]) for e in test])  # every toy question is 8 words long
+        drift[Path(new).name] = analyze_drift(load_model(old), load_model(new), prompts)
+    table, summary = summarize_study(rows)
+    print("\n" + table)
+    for new, layers in drift.items():
+        print(f"\ndrift toy-v1 -> {new} (each block fed toy-v1's hidden states on the task's test questions)")
+        print(format_table(layers))
+    results = {"recipe": recipe, "arms": toy.ARMS, "seeds": args.seeds, "update_seeds": args.update_seeds, "rows": rows,
+               "summary": summary, "drift": drift, "minutes": (time.time() - t_start) / 60}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out / 'results.json'} ({results['minutes']:.1f} min)")
+    return results
+
+
 def results_table(r: dict) -> str:
     rows = [("trained on old, on old (source)", r["old"], r["source_old"]),
             ("same module on new (direct transfer)", r["new"], r["transfer_new"])]
@@ -341,10 +491,11 @@ def results_table(r: dict) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.old is None:
-        sys.exit("error: the embedded toy study is not built yet (toy.py); run the transfer experiment with --old and --new.")
     try:
-        run_experiment(args)
+        if args.old is None:
+            run_toy_study(args)
+        else:
+            run_experiment(args)
     except StopRequested as e:
         print(e)
     except Diverged as e:

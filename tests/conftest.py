@@ -44,6 +44,17 @@ def build_hf_model(family: str, seed: int = 0, **overrides):
     return model.eval()
 
 
+def train_a_few_steps(model, ids, steps=3, lr=1e-2):
+    """Next-token training of whatever is trainable (requires_grad), with AdamW."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
 @pytest.fixture
 def hf_checkpoint(tmp_path):
     """Factory: (directory, transformers model) for a family, saved by save_pretrained as safetensors."""

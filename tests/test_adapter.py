@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from adapter import add_adapter, is_adapter_parameter, load_adapter, remove_adapter, save_adapter
+from conftest import train_a_few_steps
 from model import load_model
 
 
@@ -60,13 +61,7 @@ def test_trains_only_adapters_and_round_trips(hf_checkpoint, tmp_path):
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     add_adapter(model, bottleneck=4, act="silu")
     ids = torch.randint(0, 96, (4, 20))
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(3):
-        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    train_a_few_steps(model, ids)
     assert all(is_adapter_parameter(n) == p.requires_grad for n, p in model.named_parameters())
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if not is_adapter_parameter(n))
     trained = logits(model, ids)

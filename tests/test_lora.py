@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import build_hf_model, pack_internlm2, write_internlm2_checkpoint
+from conftest import build_hf_model, pack_internlm2, train_a_few_steps, write_internlm2_checkpoint
 from lora import LoRALinear, add_lora, is_lora_parameter, load_lora, merge_lora, save_lora, unmerge_lora
 from model import load_model
 
@@ -89,13 +89,7 @@ def test_identity_at_init_trains_only_lora_and_merges_exactly(hf_checkpoint):
     add_lora(model, r=4, alpha=8, dropout=0.1, targets=ALL)
     assert torch.equal(logits(model, ids), before)  # B = 0: exactly the base model
 
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(3):
-        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    train_a_few_steps(model, ids)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(is_lora_parameter(n) for n in trainable)
     for n, p in model.named_parameters():

@@ -1,0 +1,78 @@
+"""toy.py: the task's answers are right by construction, the toy checkpoints are ordinary HF checkpoints that
+transformers loads with our logits, and a reduced toy study runs end to end."""
+
+import json
+import re
+
+import pytest
+import torch
+
+import toy
+import train
+from data import gold_answer, gsm8k_response, is_correct, tokenize_example
+from model import load_model, load_tokenizer
+
+QUICK = {"v1": {**toy.RECIPE["v1"], "steps": 20}, "v2": {**toy.RECIPE["v2"], "steps": 5}}
+
+
+@pytest.mark.parametrize("update_seed", [0, 1])
+def test_task_answers_are_correct_by_construction(update_seed):
+    world = toy.make_world(update_seed)
+    train_set, test_set = toy.task(world)
+    changed = [e for e in world["prices_v1"] if world["prices_v1"][e] != world["prices_v2"][e]]
+    assert len(changed) == toy.N_CHANGED and len(world["prices_v2"]) == toy.N_OLD + toy.N_NEW
+    for split, entities in ((train_set, toy.TASK_TRAIN), (test_set, toy.TASK_TEST)):
+        for ex in split:
+            name, qty, entity = re.fullmatch(r"(\w+) buys (\d+) (e\d+) \. how many coins \?", ex["question"]).groups()
+            assert int(entity[1:]) in entities and entity not in changed
+            # the same gold on both bases: the price is one the update leaves alone
+            assert gold_answer(ex["answer"]) == int(qty) * world["prices_v1"][entity] == int(qty) * world["prices_v2"][entity]
+            assert is_correct(gsm8k_response(ex["answer"]), ex["answer"])
+    assert not {e["question"] for e in train_set} & {e["question"] for e in test_set}
+
+
+def test_toy_checkpoints_load_in_transformers_with_our_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    v1, v2 = toy.build_bases(update_seed=0, recipe=QUICK, root=tmp_path)
+    tok = load_tokenizer(v1)
+    text = "ann buys 3 e12 . the price of e12 is 7 . so ann pays 3 * 7 = 21 coins ."
+    assert tok.decode(tok.encode(text)) == text and "<unk>" not in tok.decode(tok.encode(text), skip_special_tokens=False)
+    example = tokenize_example(toy.task(toy.make_world(0))[0][0], tok, 128)  # the official prompt: no unknown words
+    assert example is not None and tok.tok.token_to_id("<unk>") not in example["input_ids"]
+    ids = torch.tensor([tok.encode(text)])
+    for path in (v1, v2):
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+        with torch.no_grad():
+            assert (load_model(path)(ids) - hf(ids).logits).abs().max() <= 1e-4
+    ours_v1, ours_v2 = load_model(v1), load_model(v2)
+    assert any(not torch.equal(a, b) for a, b in zip(ours_v1.parameters(), ours_v2.parameters()))  # the update moved weights
+
+
+@pytest.mark.slow
+def test_reduced_toy_study_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRANSPEFT_CACHE", str(tmp_path / "cache"))
+    train.main(["--quick", "--seeds", "2", "--out", str(tmp_path / "study")])
+    results = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert {r["arm"] for r in results["rows"]} == {a["key"] for a in toy.ARMS}
+    assert len(results["rows"]) == 2 * len(toy.ARMS)
+    assert set(results["summary"]) == {a["key"] for a in toy.ARMS}
+    assert results["summary"]["mask"]["n"] == 2 and 0 <= results["summary"]["mask"]["transfer_mean"] <= 1
+    assert len(results["drift"]["toy-v2"]) == toy.TOY_CONFIG["num_hidden_layers"]
+    # every arm wrote a PEFT adapter and per-example evaluations
+    arm_dir = tmp_path / "study" / "u0" / "seed1" / "drop"
+    assert (arm_dir / "adapter" / "adapter_config.json").exists() and (arm_dir / "eval-toy-v2.jsonl").exists()
+    with pytest.raises(SystemExit, match="already holds a finished study"):
+        train.main(["--quick", "--seeds", "2", "--out", str(tmp_path / "study")])
+
+
+def test_study_summary_pairs_seeds_and_skips_arms_that_did_not_learn():
+    rows = []
+    for seed, (plain, mask, mask_source) in enumerate([(0.2, 0.5, 1.0), (0.4, 0.5, 0.95), (0.6, 0.9, 0.3)]):
+        rows += [{"arm": "plain", "seed": seed, "update_seed": 0, "source": 1.0, "transfer": plain},
+                 {"arm": "mask", "seed": seed, "update_seed": 0, "source": mask_source, "transfer": mask}]
+    table, summary = train.summarize_study(rows)
+    m = summary["mask"]
+    assert m["learned"] == 2 and m["diff_n"] == 2  # seed 2's masked LoRA never learned (source 0.3): not compared
+    assert m["diff_mean"] == pytest.approx((0.3 + 0.1) / 2) and m["diff_std"] == pytest.approx(0.1 * 2**0.5)
+    assert m["transfer_mean"] == pytest.approx((0.5 + 0.5 + 0.9) / 3)
+    assert "0.90*" in table  # the seed that did not learn is marked

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import load_selected, print_trainable
+from model import full_tensor, is_main_process, load_selected, print_trainable
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 PLACEMENTS = ("series", "parallel")
@@ -118,9 +118,12 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
 
     if getattr(model, "adapter_config", None) is None:
         raise ValueError("This model has no bottleneck adapters to save: call add_adapter or load_adapter first.")
+    # Under FSDP every process takes part in gathering the sharded parameters; process 0 alone writes.
+    tensors = {n: full_tensor(p.detach()).float().contiguous() for n, p in model.named_parameters() if is_adapter_parameter(n)}
+    if not is_main_process():
+        return
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {n: p.detach().float().contiguous() for n, p in model.named_parameters() if is_adapter_parameter(n)}
     save_file(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
     config = {"adapter_type": "bottleneck", **model.adapter_config,
               "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None)}

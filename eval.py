@@ -20,12 +20,14 @@ gold answer and rule, to a jsonl file a reader can inspect.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from data import STOP_STRINGS, eval_prompt, extract_answer_with_rule, gold_answer, is_correct, load_examples
@@ -33,8 +35,9 @@ from data import STOP_STRINGS, eval_prompt, extract_answer_with_rule, gold_answe
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, batch_size: int = 16,
-             stop_strings: list[str] = STOP_STRINGS, progress=None) -> list[str]:
-    """Greedy completions of prompts (text after the prompt, cut before the first stop string)."""
+             stop_strings: list[str] = STOP_STRINGS, progress=None, lockstep: bool = False) -> list[str]:
+    """Greedy completions of prompts (text after the prompt, cut before the first stop string).
+    lockstep: stop a batch only when every process's batch is done (processes must call this with as many prompts)."""
     model.eval()
     device = model.lm_head.weight.device
     encoded = [tokenizer.encode(p) for p in prompts]
@@ -66,7 +69,12 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, ba
                 # Only the tail can hold a stop string that just appeared: decode a few tokens, not the whole row.
                 tail = tokenizer.decode(generated[b][-(longest_stop + 2) :])
                 done[b] = any(s in tail for s in stop_strings)
-            if all(done):
+            finished = all(done)
+            if lockstep:  # continue while any process still decodes: FSDP's forward needs all of them
+                flag = torch.tensor([0 if finished else 1], device=device)
+                dist.all_reduce(flag)
+                finished = flag.item() == 0
+            if finished:
                 break
             mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], 1)
             logits = model(next_ids[:, None], attention_mask=mask, cache=cache)[:, -1]
@@ -81,26 +89,40 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, ba
 
 def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 512, batch_size: int = 16,
              out_jsonl: str | os.PathLike | None = None, desc: str = "eval") -> dict:
-    """GSM8K exact match of model on examples ({question, answer}); per-example records to out_jsonl if given."""
-    prompts = [eval_prompt(e["question"]) for e in examples]
-    bar = tqdm(total=len(examples), desc=desc, unit="q", dynamic_ncols=True)
-    correct = 0
+    """GSM8K exact match of model on examples ({question, answer}); per-example records to out_jsonl if given.
+
+    Under torchrun every process decodes every N-th example and the records are gathered; process 0 writes them.
+    The shares are padded to one length and decoding runs in lockstep, since a model sharded by FSDP needs every
+    process in each forward pass."""
+    rank, n_proc = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = list(range(rank, len(examples), n_proc))
+    share = math.ceil(len(examples) / n_proc)
+    mine += [mine[-1] if mine else 0] * (share - len(mine))  # padding, dropped again below
+    prompts = [eval_prompt(examples[i]["question"]) for i in mine]
+    bar = tqdm(total=len(mine), desc=desc, unit="q", dynamic_ncols=True, disable=rank != 0)
+    correct = seen = 0
 
     def progress(rows, completions):
-        nonlocal correct
-        correct += sum(is_correct(completions[i], examples[i]["answer"]) for i in rows)
+        nonlocal correct, seen
+        correct += sum(is_correct(completions[r], examples[mine[r]]["answer"]) for r in rows)
+        seen += len(rows)
         bar.update(len(rows))
-        bar.set_postfix(acc=f"{correct / bar.n:.1%}")
+        bar.set_postfix(acc=f"{correct / seen:.1%}")  # of this process's share
 
     t0 = time.time()
-    completions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress)
+    completions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress, lockstep=n_proc > 1)
     bar.close()
+    done = {i: c for i, c in zip(mine, completions)}
+    if n_proc > 1:
+        gathered = [None] * n_proc
+        dist.all_gather_object(gathered, done)
+        done = {i: c for part in gathered for i, c in part.items()}
     records = []
-    for e, c in zip(examples, completions):
-        prediction, rule = extract_answer_with_rule(c)
-        records.append({"question": e["question"], "completion": c, "prediction": prediction, "rule": rule,
-                        "gold": gold_answer(e["answer"]), "correct": is_correct(c, e["answer"])})
-    if out_jsonl is not None:
+    for i, e in enumerate(examples):
+        prediction, rule = extract_answer_with_rule(done[i])
+        records.append({"question": e["question"], "completion": done[i], "prediction": prediction, "rule": rule,
+                        "gold": gold_answer(e["answer"]), "correct": is_correct(done[i], e["answer"])})
+    if out_jsonl is not None and rank == 0:
         Path(out_jsonl).parent.mkdir(parents=True, exist_ok=True)
         with open(out_jsonl, "w") as f:
             for r in records:

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from model import convert_internlm2, load_selected, print_trainable
+from model import convert_internlm2, full_tensor, is_main_process, load_selected, print_trainable
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."  # what peft puts before a module path in saved keys
@@ -156,7 +156,10 @@ def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_p
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
     }
-    tensors = {PEFT_PREFIX + n: p.detach().float().contiguous() for n, p in model.named_parameters() if is_lora_parameter(n)}
+    # Under FSDP every process takes part in gathering the sharded parameters; process 0 alone writes.
+    tensors = {PEFT_PREFIX + n: full_tensor(p.detach()).float().contiguous() for n, p in model.named_parameters() if is_lora_parameter(n)}
+    if not is_main_process():
+        return
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})

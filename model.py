@@ -456,7 +456,20 @@ def load_selected(model: nn.Module, tensors: dict[str, torch.Tensor], select, wh
         p.copy_(tensors[n])
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A parameter sharded across processes by FSDP2 (a DTensor), gathered whole; every process must call this
+    together. A plain tensor comes back as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def is_main_process() -> bool:
+    """True in a single-process run, and in process 0 of a torchrun job: the one that prints and writes files."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 def print_trainable(model: nn.Module) -> None:
+    if not is_main_process():
+        return
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"trainable parameters: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)")

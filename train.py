@@ -29,10 +29,12 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -41,7 +43,7 @@ import lora as lora_lib
 import toy
 from data import IGNORE_INDEX, collate, eval_prompt, load_examples, tokenize_dataset
 from eval import attach_peft, evaluate
-from model import cache_dir, load_config, load_model, load_tokenizer, print_trainable
+from model import cache_dir, is_main_process, load_config, load_model, load_tokenizer, print_trainable
 from transpeft import apply_transpeft, remove_transpeft
 
 ARCH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -93,6 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--stop-after", type=int, help="stop after this step with a checkpoint, to --resume later (e.g. time-limited jobs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base across processes with FSDP2 (else DDP)")
     toy_flags = p.add_argument_group("the toy study (no --old/--new); its recipe is toy.LORA_RECIPE")
     toy_flags.add_argument("--seeds", type=int, default=3, help="paired seeds per arm")
     toy_flags.add_argument("--update-seeds", default="0", help="comma-separated updates of toy-v1 to transfer to (0 = toy-v2)")
@@ -183,7 +186,6 @@ def checkpoint_state(model, optimizer, step: int) -> dict:
         "optimizer": optimizer.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "transpeft_rng": model.transpeft_rng.get_state() if getattr(model, "transpeft_rng", None) is not None else None,
     }
 
 
@@ -199,34 +201,81 @@ def restore_checkpoint(model, optimizer, path: Path) -> int:
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    if state["transpeft_rng"] is not None:
-        model.transpeft_rng.set_state(state["transpeft_rng"])
     return state["step"]
 
 
+def world() -> tuple[int, int]:
+    """(rank, number of processes): (0, 1) unless launched by torchrun with several processes."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def init_distributed(args) -> None:
+    """Under torchrun with more than one process: join the process group (NCCL on GPUs, gloo on CPUs) and pin this
+    process to its GPU. Nothing happens in a plain `python train.py`."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        on_gpu = args.device.startswith("cuda")
+        dist.init_process_group("nccl" if on_gpu else "gloo")
+        if on_gpu:
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(args.device)
+
+
+def shard(model) -> None:
+    """FSDP2: shard every decoder layer, then the rest, across the processes. Each process keeps 1/N of every
+    parameter (frozen base and PEFT alike) and gathers a layer's weights just before that layer runs."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
 def train(model, dataset: list[dict], args, run_dir: Path, pad_id: int, desc: str = "train") -> list[dict]:
-    """The training loop. Returns the per-step log (also appended to run_dir/train_log.jsonl)."""
+    """The training loop. Returns the per-step log (also appended to run_dir/train_log.jsonl).
+
+    With N processes (torchrun), every process builds the same global batch (the order is a function of the seed),
+    takes every N-th example of it, and scales its loss by N: DDP and FSDP average gradients over processes, so the
+    update equals the one-process update on the whole batch.
+    """
+    rank, n_proc = world()
+    fsdp = n_proc > 1 and getattr(args, "fsdp", False)
+    if n_proc > 1 and args.batch_size % n_proc:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {n_proc} processes.")
     device = model.lm_head.weight.device
+    engine = model  # what the forward pass goes through
+    if fsdp:
+        shard(model)  # in place; the optimizer must see the sharded parameters
+    elif n_proc > 1:
+        # A dropped layer's FFN LoRA gets no gradient in that step: DDP must be told to expect unused parameters.
+        unused = any(r > 0 for r in (getattr(model, "transpeft_rates", None) or {}).get("p_cross", []))
+        engine = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-    steps_per_epoch = math.ceil(len(dataset) / args.batch_size)
+    # An epoch's last, incomplete batch is dropped (there is none with 100,000 MetaMathQA rows in batches of 16):
+    # every batch then splits evenly over processes, and one process trains on exactly what N processes do.
+    steps_per_epoch = len(dataset) // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} training examples do not fill one batch of {args.batch_size}.")
     total = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     warmup = math.ceil(args.warmup_ratio * total)
     ckpt_path, log_path = run_dir / "checkpoint.pt", run_dir / "train_log.jsonl"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = not fsdp  # sharded optimizer state: not checkpointed (yet); --resume is refused with --fsdp
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     start = 0
     if args.resume and ckpt_path.exists():
         start = restore_checkpoint(model, optimizer, ckpt_path)
-        print(f"resuming {desc} from step {start} of {total}")
-    # The log keeps the steps up to the checkpoint; steps done after it (before an interruption) are redone.
-    kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start] if log_path.exists() else []
-    log_path.write_text("".join(line + "\n" for line in kept))
+        if rank == 0:
+            print(f"resuming {desc} from step {start} of {total}")
+    if rank == 0:  # the log keeps the steps up to the checkpoint; steps done after it are redone
+        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start] if log_path.exists() else []
+        log_path.write_text("".join(line + "\n" for line in kept))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     model.train()
     last_saved, order_epoch = start, None
-    bar = tqdm(range(start, total), initial=start, total=total, desc=desc, dynamic_ncols=True)
+    bar = tqdm(range(start, total), initial=start, total=total, desc=desc, dynamic_ncols=True, disable=rank != 0)
     for step in bar:
         t0 = time.time()
         # The data order is a fixed function of (seed, epoch), so a resumed run sees what the uninterrupted one would.
@@ -238,40 +287,59 @@ def train(model, dataset: list[dict], args, run_dir: Path, pad_id: int, desc: st
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        n_supervised = sum(sum(label != IGNORE_INDEX for label in b["labels"][1:]) for b in batch)
+        n_supervised = sum(sum(label != IGNORE_INDEX for label in b["labels"][1:]) for b in batch)  # whole batch
+        mine = batch[rank::n_proc]
+        micro = [mine[i : i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
         loss_sum, n_tokens = 0.0, 0
-        for i in range(0, len(batch), args.micro_batch_size):
-            ids, labels = collate(batch[i : i + args.micro_batch_size], pad_id)
+        for j, mb in enumerate(micro):
+            if getattr(model, "transpeft_rng", None) is not None:
+                # Layer drops are a function of (seed, step, micro-batch): every process drops the same layers in
+                # its j-th micro-batch of a step, whatever it did before, and a resumed run repeats them.
+                model.transpeft_rng.manual_seed(args.seed * 1_000_003 + step * 1_009 + j)
+            last = j == len(micro) - 1  # gradients are averaged across processes after the last micro-batch only
+            if fsdp:
+                model.set_requires_gradient_sync(last)
+            ids, labels = collate(mb, pad_id)
             ids, labels = ids.to(device), labels.to(device)
-            with autocast:
-                logits = model(ids)
-            # position t predicts token t+1; sum over supervised tokens, divided by their count in the whole batch
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum") / n_supervised
-            loss.backward()
+            with engine.no_sync() if (n_proc > 1 and not fsdp and not last) else nullcontext(), autocast:
+                logits = engine(ids)
+                # position t predicts token t+1; summed over supervised tokens, divided by their count in the whole
+                # batch; times the process count, which the cross-process gradient average divides out again
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum") / n_supervised
+                (loss * n_proc).backward()
             loss_sum += loss.item()
-            n_tokens += sum(len(b["input_ids"]) for b in batch[i : i + args.micro_batch_size])
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
+            n_tokens += sum(len(b["input_ids"]) for b in mb)
+        if n_proc > 1:  # the batch's loss and throughput, summed over processes
+            totals = torch.tensor([loss_sum, float(n_tokens)], dtype=torch.float64, device=device)
+            dist.all_reduce(totals)
+            loss_sum, n_tokens = totals[0].item(), int(totals[1].item())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
             bar.close()
             raise Diverged(f"The loss became {loss_sum} at step {step + 1}: training stopped, nothing of this step was kept. "
-                          f"The last good checkpoint (step {last_saved}) is {ckpt_path if last_saved else 'not written yet'}; "
-                          "lower --lr and --resume, or check the data.")
+                           f"The last good checkpoint (step {last_saved}) is {ckpt_path if last_saved else 'not written yet'}; "
+                           "lower --lr and --resume, or check the data.")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         entry = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_tokens / (time.time() - t0)}
-        with open(log_path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
         bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
         done = step + 1
-        if done % args.save_every == 0 or done == total or done == args.stop_after:
-            save_atomic(checkpoint_state(model, optimizer, done), ckpt_path)
+        if checkpoints and (done % args.save_every == 0 or done == total or done == args.stop_after):
+            if rank == 0:
+                save_atomic(checkpoint_state(model, optimizer, done), ckpt_path)
             last_saved = done
         if done == args.stop_after and done < total:
             bar.close()
             raise StopRequested(f"Stopped after step {done} of {total} as asked (--stop-after): run the same command with --resume to continue.")
     bar.close()
     model.eval()
+    if n_proc > 1:
+        dist.barrier()  # rank 0 has finished writing the log
     return [json.loads(line) for line in log_path.read_text().splitlines()]
 
 
@@ -287,6 +355,8 @@ def train_and_save(base: str, dataset, args, run_dir: Path, pad_id: int, desc: s
     log = train(model, dataset, args, run_dir, pad_id, desc)
     remove_transpeft(model)
     save_peft(model, run_dir / "adapter", base)
+    if dist.is_initialized():
+        dist.barrier()  # the adapter is on disk before any process reads it
     return model, log
 
 
@@ -295,7 +365,7 @@ def prepare_data(source: str, tokenizer, args) -> list[dict]:
     dataset, dropped = tokenize_dataset(examples, tokenizer, args.max_len)
     if not dataset:
         raise ValueError(f"No training example of {source} fits in --max-len {args.max_len}: every prompt fills it.")
-    if dropped:
+    if dropped and is_main_process():
         print(f"note: {dropped} of {len(examples)} examples dropped: their prompt alone fills --max-len {args.max_len}")
     return dataset
 
@@ -312,9 +382,10 @@ def run_experiment(args) -> dict:
     eval_set = load_examples(args.eval_data, "test", args.eval_limit)
     if any("answer" not in e for e in eval_set):
         raise ValueError(f"{args.eval_data} is not in GSM8K's format: evaluation needs question/answer records with '#### N'.")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
-    print(f"run directory: {out}  ({len(train_set)} training examples, {len(eval_set)} evaluation examples)")
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        print(f"run directory: {out}  ({len(train_set)} training examples, {len(eval_set)} evaluation examples)")
 
     t0 = time.time()
     model, log = train_and_save(args.old, train_set, args, out, old_tok.pad_token_id, "train on old", transpeft=True)
@@ -327,6 +398,8 @@ def run_experiment(args) -> dict:
     new_tok = load_tokenizer(args.new)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     moved = attach_peft(load_model(args.new, dtype=dtype, device=args.device), out / "adapter")
+    if dist.is_initialized() and args.fsdp:
+        shard(moved)
     results["transfer_new"] = evaluate(moved, new_tok, eval_set, out_jsonl=out / "eval-new.jsonl", desc="eval on new", **ev)
     del moved
 
@@ -336,8 +409,9 @@ def run_experiment(args) -> dict:
         refit, _ = train_and_save(args.new, refit_set, args, out / "refit-new", new_tok.pad_token_id, "train on new", transpeft=False)
         results["refit_new"] = evaluate(refit, new_tok, eval_set, out_jsonl=out / "refit-new" / "eval-new.jsonl", desc="eval refit", **ev)
     results["minutes"] = (time.time() - t0) / 60
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(results_table(results))
+    if is_main_process():
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        print(results_table(results))
     return results
 
 
@@ -491,7 +565,11 @@ def results_table(r: dict) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    init_distributed(args)
     try:
+        if dist.is_initialized() and (args.old is None or (args.fsdp and args.resume)):
+            raise ValueError("the toy study runs in one process, and --resume is not supported with --fsdp (no checkpoints "
+                             "are written then): run without torchrun, or without --resume.")
         if args.old is None:
             run_toy_study(args)
         else:

@@ -34,9 +34,11 @@ residual stream passes through exactly unchanged, as the equation says. (The off
 its released scripts do not use, still applies the FFN adapter on a dropped layer.)
 
 Random draws use torch's RNG: the masks the global generator of the activations' device (seeded by
-torch.manual_seed), the layer drops a CPU torch.Generator of their own, seeded when Trans-PEFT is switched on, so
-that data-parallel ranks with the same seed drop the same layers at every step whatever else each rank draws, and a
-run resumed with the saved generator state (`model.transpeft_rng`) drops what the uninterrupted run would have.
+torch.manual_seed), the layer drops a CPU torch.Generator of their own (`model.transpeft_rng`), seeded when
+Trans-PEFT is switched on, so that processes seeded alike drop the same layers whatever else each one draws.
+train.py goes one step further and reseeds it from (seed, step, micro-batch) before every forward pass: every
+data-parallel process then drops the same layers in its j-th micro-batch of a step, as the official code's ranks do,
+and a resumed run repeats the drops of the uninterrupted one.
 
 The file also holds the paper's analysis: how much an update changes attention vs FFN weights, and their outputs
 on the same inputs (`python transpeft.py analyze --old qwen2-0.5b --new qwen2.5-0.5b`).

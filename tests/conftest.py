@@ -6,6 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from test_tokenizer import write_checkpoint_tokenizer
+
 transformers = pytest.importorskip("transformers")
 
 # One small shape for every family: 2 layers, 4 query heads sharing 2 key/value heads (GQA), head_dim 16.
@@ -114,3 +116,20 @@ def write_internlm2_checkpoint(path, hf_llama, fmt="safetensors", packed=None):
         torch.save(sd, path / "pytorch_model.bin")
     else:
         save_file(sd, path / "model.safetensors")
+
+
+QUESTIONS = [("What is 2 plus 3?", 5), ("What is 7 minus 4?", 3), ("What is 6 times 2?", 12), ("What is 9 plus 9?", 18),
+             ("What is 10 minus 1?", 9), ("What is 4 times 4?", 16)]
+
+
+@pytest.fixture
+def world(hf_checkpoint, tmp_path):
+    """An old base, its 'update' (same shape, other weights), a base of another shape, and GSM8K-format data."""
+    old, _ = hf_checkpoint("qwen2", vocab_size=512)
+    new, _ = hf_checkpoint("qwen2", vocab_size=512, seed=1)
+    other, _ = hf_checkpoint("qwen2", vocab_size=512, intermediate_size=96)
+    for path in (old, new, other):
+        write_checkpoint_tokenizer(path, "qwen2")
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": f"It is {a}.\n#### {a}"}) + "\n" for q, a in QUESTIONS))
+    return {"old": str(old), "new": str(new), "other": str(other), "data": str(data), "tmp": tmp_path}

@@ -14,24 +14,7 @@ from data import eval_prompt
 from eval import generate
 from lora import add_lora
 from model import load_model, load_tokenizer
-from test_tokenizer import write_checkpoint_tokenizer
-
-QUESTIONS = [("What is 2 plus 3?", 5), ("What is 7 minus 4?", 3), ("What is 6 times 2?", 12), ("What is 9 plus 9?", 18),
-             ("What is 10 minus 1?", 9), ("What is 4 times 4?", 16)]
-
-
-@pytest.fixture
-def world(hf_checkpoint, tmp_path):
-    """An old base, its 'update' (same shape, other weights), a base of another shape, and GSM8K-format data."""
-    old, _ = hf_checkpoint("qwen2", vocab_size=512)
-    new, _ = hf_checkpoint("qwen2", vocab_size=512, seed=1)
-    other, _ = hf_checkpoint("qwen2", vocab_size=512, intermediate_size=96)
-    for path in (old, new, other):
-        write_checkpoint_tokenizer(path, "qwen2")
-    data = tmp_path / "math.jsonl"
-    data.write_text("".join(json.dumps({"question": q, "answer": f"It is {a}.\n#### {a}"}) + "\n" for q, a in QUESTIONS))
-    return {"old": str(old), "new": str(new), "other": str(other), "data": str(data), "tmp": tmp_path}
-
+from conftest import QUESTIONS
 
 def run_args(w, out, *extra):
     return ["--old", w["old"], "--new", w["new"], "--train-data", w["data"], "--eval-data", w["data"], "--out", str(out),
@@ -42,10 +25,11 @@ def run_args(w, out, *extra):
 
 def test_short_run_learns_saves_and_resumes_identically(world):
     a = world["tmp"] / "a"
-    train.main(run_args(world, a, "--max-steps", "10", "--refit-new"))
+    train.main(run_args(world, a, "--max-steps", "16", "--refit-new"))
     log = [json.loads(line) for line in (a / "train_log.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in log] == list(range(1, 11))
-    assert log[-1]["loss"] < 0.7 * log[0]["loss"]  # the same six examples every step: the loss must fall
+    assert [e["step"] for e in log] == list(range(1, 17))
+    first, last = sum(e["loss"] for e in log[:3]) / 3, sum(e["loss"] for e in log[-3:]) / 3
+    assert last < 0.8 * first, (first, last)  # the same six examples every step: the loss must fall
     results = json.loads((a / "results.json").read_text())
     for key in ("source_old", "transfer_new", "refit_new"):
         assert results[key]["total"] == 3 and 0 <= results[key]["accuracy"] <= 1
@@ -60,9 +44,9 @@ def test_short_run_learns_saves_and_resumes_identically(world):
 
     # interrupted after step 3 (checkpoints at 2 and 3), then resumed: the same adapter as the uninterrupted run
     b = world["tmp"] / "b"
-    train.main(run_args(world, b, "--max-steps", "10", "--stop-after", "3"))
+    train.main(run_args(world, b, "--max-steps", "16", "--stop-after", "3"))
     assert not (b / "results.json").exists() and torch.load(b / "checkpoint.pt", weights_only=True)["step"] == 3
-    train.main(run_args(world, b, "--max-steps", "10", "--resume"))
+    train.main(run_args(world, b, "--max-steps", "16", "--resume"))
     wa, wb = load_file(a / "adapter" / "adapter_model.safetensors"), load_file(b / "adapter" / "adapter_model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     log_b = [json.loads(line) for line in (b / "train_log.jsonl").read_text().splitlines()]

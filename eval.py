@@ -53,8 +53,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, ba
             ids[b, T - len(encoded[i]) :] = torch.tensor(encoded[i])
             mask[b, T - len(encoded[i]) :] = 1
         ids, mask = ids.to(device), mask.to(device)
+        padded = not bool(mask.all())  # without padding, plain causal attention needs no mask at all
         cache = model.new_cache(B, T + max_new_tokens)
-        logits = model(ids, attention_mask=mask, cache=cache)[:, -1]  # (B, V) prefill
+        logits = model(ids, attention_mask=mask if padded else None, cache=cache)[:, -1]  # (B, V) prefill
         generated = [[] for _ in range(B)]
         done = [False] * B
         for _ in range(max_new_tokens):
@@ -66,9 +67,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, ba
                     done[b] = True
                     continue
                 generated[b].append(t)
-                # Only the tail can hold a stop string that just appeared: decode a few tokens, not the whole row.
-                tail = tokenizer.decode(generated[b][-(longest_stop + 2) :])
-                done[b] = any(s in tail for s in stop_strings)
+                if stop_strings:  # only the tail can hold a stop string that just appeared: decode a few tokens
+                    tail = tokenizer.decode(generated[b][-(longest_stop + 2) :])
+                    done[b] = any(s in tail for s in stop_strings)
             finished = all(done)
             if lockstep:  # continue while any process still decodes: FSDP's forward needs all of them
                 flag = torch.tensor([0 if finished else 1], device=device)
@@ -76,8 +77,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, ba
                 finished = flag.item() == 0
             if finished:
                 break
-            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], 1)
-            logits = model(next_ids[:, None], attention_mask=mask, cache=cache)[:, -1]
+            if padded:
+                mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], 1)
+            logits = model(next_ids[:, None], attention_mask=mask if padded else None, cache=cache)[:, -1]
         for b, i in enumerate(rows):
             text = tokenizer.decode(generated[b])
             cut = min([text.find(s) for s in stop_strings if s in text], default=len(text))

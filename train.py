@@ -115,6 +115,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.p_intra, args.p_cross = parse_rate(args.p_intra), parse_rate(args.p_cross)
     except ValueError:
         p.error("--p-intra and --p-cross take a float, or comma-separated floats (one per layer)")
+    for name in ("p_intra", "p_cross"):
+        rates = getattr(args, name)
+        if not all(0 <= r < 1 for r in (rates if isinstance(rates, list) else [rates])):
+            p.error(f"--{name.replace('_', '-')} must be in [0, 1): it is the probability of taking knowledge away")
     if (args.old is None) != (args.new is None):
         p.error("give both --old and --new, or neither (the toy study)")
     try:

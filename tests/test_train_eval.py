@@ -72,17 +72,34 @@ def expect_exit(argv, message):
     assert message in str(e.value.code), e.value.code
 
 
-def test_bad_input_is_refused_before_training(world):
+def test_bad_input_is_refused_before_training(world, capsys):
     out = world["tmp"] / "x"
     expect_exit(["--old", world["old"], "--new", world["other"], "--train-data", world["data"], "--out", str(out)],
                 "differ in intermediate_size (128 vs 96)")
     expect_exit(run_args(world, out, "--train-data", str(world["tmp"] / "nope.jsonl")), "nope.jsonl does not exist")
     (world["tmp"] / "empty.jsonl").write_text("")
     expect_exit(run_args(world, out, "--train-data", str(world["tmp"] / "empty.jsonl")), "holds no examples")
-    expect_exit(run_args(world, out, "--p-cross", "1.0", "--max-steps", "1"), "p_cross must be in [0, 1)")
+    with pytest.raises(SystemExit):  # argparse: a rate outside [0, 1)
+        train.parse_args(run_args(world, out, "--p-cross", "1.0"))
+    assert "--p-cross must be in [0, 1)" in capsys.readouterr().err
     expect_exit(run_args(world, out, "--resume"), "Nothing to resume")
     out.mkdir(exist_ok=True)
     (out / "results.json").write_text("{}")
     expect_exit(run_args(world, out), "already holds a finished run")
     with pytest.raises(SystemExit):  # argparse: both or neither of --old/--new
         train.parse_args(["--old", world["old"]])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, monkeypatch):
+    out = world["tmp"] / "nan"
+    real_ce, calls = train.F.cross_entropy, []
+
+    def poisoned(*args, **kwargs):  # NaN from the 4th step on (two micro-batches a step)
+        calls.append(1)
+        loss = real_ce(*args, **kwargs)
+        return loss * float("nan") if len(calls) > 6 else loss
+
+    monkeypatch.setattr(train.F, "cross_entropy", poisoned)
+    expect_exit(run_args(world, out, "--max-steps", "10"), "The loss became nan at step 4")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2  # --save-every 2: the last good one
+    assert not (out / "results.json").exists()

@@ -312,6 +312,7 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        select: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) for input_ids (B, T).
 
@@ -320,6 +321,8 @@ class Transformer(nn.Module):
         position_ids: (B, T); by default counted over the real tokens of attention_mask (so a left-padded
             row gets the same positions as the row alone), or cache.length + arange(T) without a mask.
         cache: a KVCache from new_cache(); this call appends its T positions to it.
+        select: a boolean (B, T) mask; if given, logits only at those positions, as (N, V). Training needs them
+            only where a label is (not at prompt tokens), and the (B, T, V) logits are the largest tensor of a step.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -351,10 +354,11 @@ class Transformer(nn.Module):
         cos, sin = self.rope(position_ids, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache)
-        x = self.model.norm(x)
         if cache is not None:
             cache.length = S
-        return self.lm_head(x)  # (B, T, V)
+        if select is not None:
+            x = x[select]  # (N, C)
+        return self.lm_head(self.model.norm(x))  # (B, T, V), or (N, V) with select
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -304,12 +304,14 @@ def train(model, dataset: list[dict], args, run_dir: Path, pad_id: int, desc: st
             if fsdp:
                 model.set_requires_gradient_sync(last)
             ids, labels = collate(mb, pad_id)
-            ids, labels = ids.to(device), labels.to(device)
+            # position t predicts token t + 1: shift the labels left (cheaper than slicing the logits)
+            targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], 1).to(device)
+            keep = targets != IGNORE_INDEX  # logits are computed at supervised positions only
             with engine.no_sync() if (n_proc > 1 and not fsdp and not last) else nullcontext(), autocast:
-                logits = engine(ids)
-                # position t predicts token t+1; summed over supervised tokens, divided by their count in the whole
-                # batch; times the process count, which the cross-process gradient average divides out again
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum") / n_supervised
+                logits = engine(ids.to(device), select=keep)  # (N, V)
+                # summed over supervised tokens, divided by their count in the whole batch; times the process
+                # count, which the cross-process gradient average divides out again
+                loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum") / n_supervised
                 (loss * n_proc).backward()
             loss_sum += loss.item()
             n_tokens += sum(len(b["input_ids"]) for b in mb)

@@ -44,6 +44,14 @@ def test_logits_match_transformers(hf_checkpoint, family):
         assert ours.lm_head.weight is ours.model.embed_tokens.weight
 
 
+def test_logits_at_selected_positions(hf_checkpoint):
+    path, _ = hf_checkpoint("qwen2")
+    model = load_model(path)
+    ids = torch.randint(0, 96, (3, 20))
+    select = torch.rand(3, 20) > 0.5
+    assert max_diff(our_logits(model, ids, select=select), our_logits(model, ids)[select]) <= 1e-6
+
+
 def test_sharded_checkpoint(hf_checkpoint):
     path, hf = hf_checkpoint("qwen2", max_shard_size="40KB")
     assert (path / "model.safetensors.index.json").exists() and len(list(path.glob("*.safetensors"))) > 1

@@ -581,11 +581,13 @@ def main(argv=None) -> None:
         else:
             run_experiment(args)
     except StopRequested as e:
-        print(e)
-    except Diverged as e:
+        if is_main_process():
+            print(e)
+    except (Diverged, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    if dist.is_initialized():  # after a run every process reached: no collective may be in flight when the group goes
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -213,6 +213,7 @@ def save_plot(rows: list[dict], path: str, title: str) -> bool:
         ax.plot(layers, [r[f"attn_{metric}"] for r in rows], "o-", label="attention")
         ax.plot(layers, [r[f"ffn_{metric}"] for r in rows], "s-", label="FFN")
         ax.set_xlabel("layer")
+        ax.set_xticks(layers)
         ax.set_title(label)
         ax.legend()
     fig.suptitle(title)

@@ -94,6 +94,8 @@ patterns = [None] * dist.get_world_size()
 dist.all_gather_object(patterns, seen)
 if dist.get_rank() == 0:
     Path(out, "patterns.json").write_text(json.dumps(patterns))
+dist.barrier()  # no collective may be in flight when the group goes: gloo aborts the process otherwise
+dist.destroy_process_group()
 """
 
 

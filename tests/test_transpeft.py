@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from lora import add_lora
 from model import load_model
 from test_tokenizer import write_checkpoint_tokenizer
-from transpeft import analyze_drift, apply_transpeft, remove_transpeft
+from transpeft import analyze_drift, apply_transpeft, remove_transpeft, save_plot
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,3 +230,10 @@ def test_analyze_command(hf_checkpoint, tmp_path):
     bad = subprocess.run([sys.executable, "transpeft.py", "analyze", "--old", "qwen9", "--new", str(new)],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "Unknown model 'qwen9'" in bad.stderr
+
+
+def test_drift_plot_where_matplotlib_is_installed(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"layer": i, **{f"{b}_{m}": 0.1 * (i + 1) for b in ("attn", "ffn") for m in ("weight", "cos", "norm")}} for i in range(3)]
+    assert save_plot(rows, str(tmp_path / "drift.png"), "old -> new")
+    assert (tmp_path / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -355,8 +355,7 @@ def train_and_save(base: str, dataset, args, run_dir: Path, pad_id: int, desc: s
     torch.manual_seed(args.seed)
     model = load_model(base, dtype=dtype, device=args.device)
     add_peft(model, args)
-    rates_on = any(r > 0 for rate in (args.p_intra, args.p_cross) for r in (rate if isinstance(rate, list) else [rate]))
-    if transpeft and rates_on:
+    if transpeft:  # with both rates 0 the layers compute exactly the plain model
         apply_transpeft(model, p_intra=args.p_intra, p_cross=args.p_cross, seed=args.seed)
     log = train(model, dataset, args, run_dir, pad_id, desc)
     remove_transpeft(model)

@@ -58,15 +58,6 @@ def build_checkpoint(size: str, root: Path) -> Path:
     return path
 
 
-def timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
     """Median seconds of each function, run alternately so that drifts in machine load hit every side alike."""
     for fn in fns.values():
@@ -75,7 +66,9 @@ def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            times[k] += timed(fn, 1)
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

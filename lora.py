@@ -60,14 +60,22 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
+        shape = (*x.shape[:-1], self.base_layer.out_features)
+        x = x.reshape(-1, x.shape[-1])  # (N, in)
+        y = self.base_layer(x)  # (N, out)
         if self.merged:  # BA already lives in base_layer.weight
             if self.training and self.lora_A.weight.requires_grad:
                 raise RuntimeError("This LoRA is merged into its base weight; call unmerge_lora(model) before training it.")
-            return y
+            return y.view(shape)
         # Under autocast both branches run in the autocast dtype; without it, x is cast to A's float32 and back.
-        delta = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
-        return y + (delta * self.scaling).to(y.dtype)
+        a = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))  # (N, r)
+        # y += scaling * a B^T as one in-place addmm: the scaling and the sum ride on the GEMM instead of costing
+        # passes over the (N, out) output, forward and backward (benchmarks/NOTES.md). In place is safe: y is no
+        # view, and the base layer's backward does not need its output.
+        if y.dtype == a.dtype:  # float32, or both in the autocast dtype
+            return y.addmm_(a, self.lora_B.weight.t().to(a.dtype), alpha=self.scaling).view(shape)
+        # a low-precision base without autocast: the sum in float32 (as peft does), then back to the base's dtype
+        return torch.addmm(y.float(), a, self.lora_B.weight.t(), alpha=self.scaling).to(y.dtype).view(shape)
 
     def delta_weight(self) -> torch.Tensor:
         """(alpha / r) * B A in float32, shape (out, in): what merging adds to W0."""

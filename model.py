@@ -312,7 +312,8 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        select: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, V) for input_ids (B, T).
 
@@ -321,8 +322,10 @@ class Transformer(nn.Module):
         position_ids: (B, T); by default counted over the real tokens of attention_mask (so a left-padded
             row gets the same positions as the row alone), or cache.length + arange(T) without a mask.
         cache: a KVCache from new_cache(); this call appends its T positions to it.
-        select: a boolean (B, T) mask; if given, logits only at those positions, as (N, V). Training needs them
-            only where a label is (not at prompt tokens), and the (B, T, V) logits are the largest tensor of a step.
+        targets: (B, T) the token each position should predict, -100 where there is no loss (prompt, padding).
+            If given, the result is the cross-entropy summed over the positions with a target (a scalar), computed
+            by linear_cross_entropy without the (B, T, V) logits, the largest tensors of a training step.
+        last_only: logits of the last position only, (B, 1, V): all that decoding needs from a prompt.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -356,9 +359,65 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length = S
-        if select is not None:
-            x = x[select]  # (N, C)
-        return self.lm_head(self.model.norm(x))  # (B, T, V), or (N, V) with select
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        if targets is None:
+            return self.lm_head(self.model.norm(x))  # (B, T, V)
+        keep = targets != -100
+        h = self.model.norm(x[keep])  # (N, C): the final norm and the head only where there is a loss
+        if not isinstance(self.lm_head, nn.Linear):  # a head wrapped by some PEFT method: plain logits
+            return F.cross_entropy(self.lm_head(h).float(), targets[keep], reduction="sum")
+        return linear_cross_entropy(h, self.lm_head.weight, targets[keep])
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The training loss
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, max_chunk_elements: int = 2**24) -> torch.Tensor:
+    """sum_i CE(W h_i, t_i) = sum_i [logsumexp(W h_i) - (W h_i)_{t_i}] for h (N, C), W (V, C), targets (N,), equal to
+    F.cross_entropy(h @ W.T, targets, reduction="sum") but without ever holding the (N, V) logits: rows go through in
+    chunks of at most max_chunk_elements logits (64 MB in float32), each one's logits freed before the next."""
+    chunk = max(1, max_chunk_elements // weight.shape[0])
+    return _LinearCrossEntropy.apply(h, weight, targets, chunk, torch.is_grad_enabled())
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The loss ends the graph, so each chunk's gradient is known as soon as its logits z = h W^T are:
+
+        dL/dz = softmax(z) - onehot(t),   dL/dh = dL/dz W,   dL/dW = dL/dz^T h   (when W trains)
+
+    forward computes them chunk by chunk and keeps only dL/dh (N, C) and dL/dW; backward scales them by the incoming
+    gradient. The two matmuls are the ones autograd would do; what goes is the (N, V) tensors autograd keeps or
+    builds around them (log-probabilities saved for backward, a zero-filled gradient for the one-hot, the softmax
+    backward's output): two chunk-sized buffers live at a time, and fewer passes run over the logits."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk: int, grad_enabled: bool):
+        need_h, need_w = (grad_enabled and n for n in ctx.needs_input_grad[:2])
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        for s in range(0, h.shape[0], chunk):
+            hc, tc = h[s : s + chunk], targets[s : s + chunk]  # (n, C), (n,)
+            logp = torch.log_softmax((hc @ weight.t()).float(), dim=-1)  # (n, V), float32 even under autocast
+            loss -= logp.gather(1, tc[:, None]).sum()
+            if need_h or need_w:
+                g = logp.exp_()  # softmax, in place
+                g[torch.arange(len(tc), device=g.device), tc] -= 1  # dL/dz
+                if need_h:
+                    grad_h[s : s + chunk] = g.to(weight.dtype) @ weight
+                if need_w:
+                    grad_w += g.t() @ hc.float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_loss if grad_h is not None else None,
+                (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None)
 
 
 # -----------------------------------------------------------------------------------------------------------

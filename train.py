@@ -29,13 +29,14 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import adapter as adapter_lib
@@ -96,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stop-after", type=int, help="stop after this step with a checkpoint, to --resume later (e.g. time-limited jobs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base across processes with FSDP2 (else DDP)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each layer's activations in backward: less memory, ~1/3 more compute")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer for training (the first step compiles)")
     toy_flags = p.add_argument_group("the toy study (no --old/--new); its recipe is toy.LORA_RECIPE")
     toy_flags.add_argument("--seeds", type=int, default=3, help="paired seeds per arm")
     toy_flags.add_argument("--update-seeds", default="0", help="comma-separated updates of toy-v1 to transfer to (0 = toy-v2)")
@@ -208,6 +211,50 @@ def restore_checkpoint(model, optimizer, path: Path) -> int:
     return state["step"]
 
 
+def wrap_layers(model, grad_checkpointing: bool = False, compile: bool = False) -> None:
+    """Options for the training of large bases, applied to every decoder layer (undone by unwrap_layers):
+
+    compile: torch.compile the layer (the kernels of a layer fuse; a Trans-PEFT drop decision is Python and stays
+        outside the compiled graphs). The first steps pay the compilation.
+    grad_checkpointing: in training, the layer keeps only its input and recomputes its activations in the backward
+        pass: activation memory of one layer instead of all, for one more forward pass of compute. The recomputation
+        must draw the random numbers the forward pass drew: torch.utils.checkpoint replays torch's global RNG
+        (knowledge masking, LoRA dropout); Trans-PEFT's layer-dropping generator is replayed here."""
+    for layer in model.model.layers:
+        forward = layer.forward  # bound to the layer's class now (Trans-PEFT's, if it is on)
+        if compile:
+            forward = torch.compile(forward)
+        if grad_checkpointing:
+            forward = partial(_checkpointed, layer, forward)
+        layer.forward = forward  # an instance attribute: Module.__call__ finds it before the class's
+
+
+def unwrap_layers(model) -> None:
+    for layer in model.model.layers:
+        layer.__dict__.pop("forward", None)
+
+
+def _checkpointed(layer, forward, *args, **kwargs):
+    if not (layer.training and torch.is_grad_enabled()):
+        return forward(*args, **kwargs)
+    rng = getattr(layer, "rng", None)  # DroppingDecoderLayer's generator, shared by the model's layers
+    state = rng.get_state() if rng is not None else None
+
+    @contextmanager
+    def replay():  # the recomputation sees the generator as the forward pass did; afterwards it is left as it was
+        if state is None:
+            yield
+            return
+        now = rng.get_state()
+        rng.set_state(state)
+        try:
+            yield
+        finally:
+            rng.set_state(now)
+
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), replay()), **kwargs)
+
+
 def world() -> tuple[int, int]:
     """(rank, number of processes): (0, 1) unless launched by torchrun with several processes."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -306,12 +353,10 @@ def train(model, dataset: list[dict], args, run_dir: Path, pad_id: int, desc: st
             ids, labels = collate(mb, pad_id)
             # position t predicts token t + 1: shift the labels left (cheaper than slicing the logits)
             targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], 1).to(device)
-            keep = targets != IGNORE_INDEX  # logits are computed at supervised positions only
             with engine.no_sync() if (n_proc > 1 and not fsdp and not last) else nullcontext(), autocast:
-                logits = engine(ids.to(device), select=keep)  # (N, V)
-                # summed over supervised tokens, divided by their count in the whole batch; times the process
-                # count, which the cross-process gradient average divides out again
-                loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum") / n_supervised
+                # summed over supervised tokens (the model computes logits only there), divided by their count in the
+                # whole batch; times the process count, which the cross-process gradient average divides out again
+                loss = engine(ids.to(device), targets=targets) / n_supervised
                 (loss * n_proc).backward()
             loss_sum += loss.item()
             n_tokens += sum(len(b["input_ids"]) for b in mb)
@@ -357,7 +402,9 @@ def train_and_save(base: str, dataset, args, run_dir: Path, pad_id: int, desc: s
     add_peft(model, args)
     if transpeft:  # with both rates 0 the layers compute exactly the plain model
         apply_transpeft(model, p_intra=args.p_intra, p_cross=args.p_cross, seed=args.seed)
+    wrap_layers(model, args.grad_checkpointing, args.compile)
     log = train(model, dataset, args, run_dir, pad_id, desc)
+    unwrap_layers(model)  # evaluation decodes with the plain layers
     remove_transpeft(model)
     save_peft(model, run_dir / "adapter", base)
     if dist.is_initialized():

@@ -67,8 +67,8 @@ class MaskedMLP(MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, I): the FFN's knowledge channels
         if self.training and self.p_intra > 0:
-            keep = torch.rand_like(h) > self.p_intra  # an independent Bernoulli(1 - p) draw per element
-            h = h * keep.to(h.dtype)  # no 1/(1 - p): the official code does not rescale
+            keep = torch.rand_like(h).gt_(self.p_intra)  # 1 or 0: an independent Bernoulli(1 - p) draw per element
+            h = h * keep  # no 1/(1 - p): the official code does not rescale
         return self.down_proj(h)
 
 
@@ -80,9 +80,13 @@ class DroppingDecoderLayer(DecoderLayer):
 
     def forward(self, x, cos, sin, mask=None, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        if self.training and self.p_cross > 0 and torch.rand((), generator=self.rng).item() < self.p_cross:
+        if self.training and self.p_cross > 0 and self.draw_drop():
             return x  # FFN dropped: norm, MLP (and its adapter) and residual add all skipped, no rescaling
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    @torch.compiler.disable  # a Python decision: a compiled layer (train.py --compile) runs it outside its graphs
+    def draw_drop(self) -> bool:
+        return torch.rand((), generator=self.rng).item() < self.p_cross
 
 
 def per_layer(rate: float | Sequence[float], n_layers: int, name: str) -> list[float]:

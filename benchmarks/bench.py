@@ -12,7 +12,7 @@ For each checkpoint size (built here with transformers, Qwen2 layout):
   3. greedy decoding with the KV cache, 64-token prompts, 128 new tokens, batch 1 and 16: ours (eval.generate)
      vs transformers' generate; the generated tokens must agree;
   4. loading the checkpoint: ours (load_model) vs from_pretrained;
-  5. peak memory of a training step (VmHWM growth over the step, in a fresh process per side).
+  5. peak memory of a training step (growth of the peak RSS over the step, in a fresh process per side).
 Timings alternate ours / theirs after a warm-up and report the median of the repeats. Another process on the same
 cores distorts everything: run this on an idle machine.
 """
@@ -82,12 +82,12 @@ def ours_trainer(path, ids, transpeft: bool):
         apply_transpeft(model, p_intra=0.1, p_cross=0.1, seed=0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
-    # as train.py computes it: labels shifted left, logits at supervised positions only (here all but the last)
+    # as train.py computes it: labels shifted left, the loss summed by the model at supervised positions
     targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
-    keep = targets != -100
+    n_supervised = int((targets != -100).sum())
 
     def step():
-        loss = torch.nn.functional.cross_entropy(model(ids, select=keep), targets[keep])
+        loss = model(ids, targets=targets) / n_supervised
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -176,7 +176,10 @@ print(rss("VmHWM:") - before)
 def peak_step_memory_mb(path: Path, side: str) -> float | None:
     code = MEMORY_PROBE.format(root=str(ROOT), bench=str(Path(__file__).parent), threads=torch.get_num_threads(),
                                vocab=SIZES[path.name]["vocab_size"], path=str(path), side=side)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    # glibc keeps freed memory for reuse, so RSS would miss what a step frees and reallocates; with every allocation
+    # of 64 KiB or more mmap-ed, freed tensors go back to the system and RSS follows the live tensors.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     if r.returncode != 0:
         return None
     return int(r.stdout.strip().splitlines()[-1]) / 1024

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conftest import build_hf_model, write_internlm2_checkpoint
-from model import ModelConfig, load_model, rope_inv_freq
+from model import ModelConfig, linear_cross_entropy, load_model, rope_inv_freq
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,12 +45,46 @@ def test_logits_match_transformers(hf_checkpoint, family):
         assert ours.lm_head.weight is ours.model.embed_tokens.weight
 
 
-def test_logits_at_selected_positions(hf_checkpoint):
-    path, _ = hf_checkpoint("qwen2")
-    model = load_model(path)
-    ids = torch.randint(0, 96, (3, 20))
-    select = torch.rand(3, 20) > 0.5
-    assert max_diff(our_logits(model, ids, select=select), our_logits(model, ids)[select]) <= 1e-6
+def test_training_loss_matches_hf(hf_checkpoint):
+    """model(ids, targets=...) is the cross-entropy summed over the positions with a target, with HF's gradients."""
+    path, hf = hf_checkpoint("qwen2")
+    ours = load_model(path)
+    ids = torch.randint(0, 96, (3, 20), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[:, :7] = -100  # a prompt without loss
+    labels[2, 15:] = -100  # and padding
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)  # position t predicts t + 1
+    n = int((targets != -100).sum())
+    hf_loss = hf(input_ids=ids, labels=labels).loss  # HF's mean over the same positions, from full logits
+    hf_loss.backward()
+    loss = ours(ids, targets=targets)
+    (loss / n).backward()
+    assert abs(loss.item() / n - hf_loss.item()) <= 1e-5
+    ours_params = dict(ours.named_parameters())
+    for name, p in hf.named_parameters():
+        if name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight"):
+            assert max_diff(ours_params[name].grad, p.grad) <= 1e-5, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_equals_cross_entropy(dtype):
+    """linear_cross_entropy in chunks (here of 3 rows) = F.cross_entropy of the full logits, loss and gradients."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(10, 8, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(40, 8, generator=g).to(dtype).requires_grad_()
+    t = torch.randint(0, 40, (10,), generator=g)
+    ref = F.cross_entropy((h @ w.t()).float(), t, reduction="sum")
+    (ref * 0.5).backward()
+    ref_grads = h.grad, w.grad
+    h.grad = w.grad = None
+    loss = linear_cross_entropy(h, w, t, max_chunk_elements=3 * 40)
+    (loss * 0.5).backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert abs(loss.item() - ref.item()) <= tol * abs(ref.item())
+    assert max_diff(h.grad, ref_grads[0]) <= tol and max_diff(w.grad, ref_grads[1]) <= tol
+    assert h.grad.dtype == w.grad.dtype == dtype
+    with torch.no_grad():  # no gradients asked for: the loss alone
+        assert abs(linear_cross_entropy(h, w, t).item() - ref.item()) <= tol * abs(ref.item())
 
 
 def test_sharded_checkpoint(hf_checkpoint):

@@ -3,12 +3,14 @@ that eval.py loads, --resume after an interruption ends where the uninterrupted 
 one prompt at a time, and bad input is refused before any training."""
 
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import eval as eval_cli
+import model as model_py
 import train
 from data import eval_prompt
 from eval import generate
@@ -61,9 +63,16 @@ def test_batched_decoding_equals_one_prompt_at_a_time(world):
                 p.normal_(0, 0.2)
     tok = load_tokenizer(world["old"])
     prompts = [eval_prompt(q) for q, _ in QUESTIONS] + ["Short one", "A much longer prompt " * 5]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     batched = generate(model, tok, prompts, max_new_tokens=10, batch_size=8, stop_strings=[])
-    alone = generate(model, tok, prompts, max_new_tokens=10, batch_size=1, stop_strings=[])
+    alone = generate(model, tok, prompts, max_new_tokens=10, batch_size=1, stop_strings=[])  # column-major weights
     assert batched == alone and any(batched)
+    # the weights are back as they were (values and layout) and still train: no inference tensors left behind
+    assert all(p.is_contiguous() and torch.equal(p, before[n]) for n, p in model.named_parameters())
+    model.train()
+    ids = torch.tensor([tok.encode(prompts[0])])
+    model(ids, targets=ids).backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
 
 
 def expect_exit(argv, message):
@@ -92,14 +101,40 @@ def test_bad_input_is_refused_before_training(world, capsys):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, monkeypatch):
     out = world["tmp"] / "nan"
-    real_ce, calls = train.F.cross_entropy, []
+    real_ce, calls = model_py.linear_cross_entropy, []
 
     def poisoned(*args, **kwargs):  # NaN from the 4th step on (two micro-batches a step)
         calls.append(1)
         loss = real_ce(*args, **kwargs)
         return loss * float("nan") if len(calls) > 6 else loss
 
-    monkeypatch.setattr(train.F, "cross_entropy", poisoned)
+    monkeypatch.setattr(model_py, "linear_cross_entropy", poisoned)
     expect_exit(run_args(world, out, "--max-steps", "10"), "The loss became nan at step 4")
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2  # --save-every 2: the last good one
     assert not (out / "results.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_layers_train_like_eager(world):
+    """--compile (torch.compile of each decoder layer) computes the eager loss and LoRA gradients, with layers dropped
+    (the drop decision runs outside the compiled graphs), and unwrap_layers gives the plain layers back."""
+    from transpeft import apply_transpeft
+
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = add_lora(load_model(world["old"]), r=4, alpha=8, targets=["q_proj", "down_proj"], verbose=False)
+        apply_transpeft(model, p_cross=0.5, seed=0)
+        train.wrap_layers(model, compile=compiled)
+        model.train()
+        loss = model(ids, targets=ids)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        train.unwrap_layers(model)
+        assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    assert eager_grads.keys() == compiled_grads.keys()
+    assert all(torch.allclose(eager_grads[n], compiled_grads[n], atol=1e-5) for n in eager_grads)

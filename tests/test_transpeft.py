@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from lora import add_lora
+from lora import PROJECTIONS, add_lora
 from model import load_model
 from test_tokenizer import write_checkpoint_tokenizer
 from transpeft import analyze_drift, apply_transpeft, remove_transpeft, save_plot
@@ -237,3 +237,34 @@ def test_drift_plot_where_matplotlib_is_installed(tmp_path):
     rows = [{"layer": i, **{f"{b}_{m}": 0.1 * (i + 1) for b in ("attn", "ffn") for m in ("weight", "cos", "norm")}} for i in range(3)]
     assert save_plot(rows, str(tmp_path / "drift.png"), "old -> new")
     assert (tmp_path / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gradient_checkpointing_replays_the_random_draws(hf_checkpoint):
+    """train.wrap_layers(grad_checkpointing=True) recomputes each layer in backward with the masks and drops its forward pass drew:
+    losses and LoRA gradients equal those without checkpointing (a fresh draw in the recomputation would not)."""
+    from train import wrap_layers
+
+    path, _ = hf_checkpoint("qwen2", num_hidden_layers=4)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = add_lora(load_model(path), r=4, alpha=8, dropout=0.1, targets=PROJECTIONS, verbose=False)
+        apply_transpeft(model, p_intra=0.3, p_cross=0.5, seed=0)
+        if checkpointed:
+            wrap_layers(model, grad_checkpointing=True)
+        model.train()
+        losses = []
+        for step in range(3):  # several draws of the drops and masks
+            torch.manual_seed(100 + step)
+            model.transpeft_rng.manual_seed(step)
+            loss = model(ids, targets=targets)
+            loss.backward()
+            losses.append(loss.item())
+        results.append((losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (plain_losses, plain_grads), (ckpt_losses, ckpt_grads) = results
+    assert plain_losses == pytest.approx(ckpt_losses, rel=1e-6)
+    assert plain_grads.keys() == ckpt_grads.keys()
+    for name in plain_grads:
+        assert torch.allclose(plain_grads[name], ckpt_grads[name], atol=1e-6), name

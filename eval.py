@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from data import STOP_STRINGS, eval_prompt, extract_answer_with_rule, gold_answer, is_correct, load_examples
@@ -49,7 +48,7 @@ def column_major_weights(model):
         with torch.inference_mode(False):  # the new storage must stay usable by autograd after decoding
             for m in model.modules():
                 w = getattr(m, "weight", None)
-                if isinstance(m, torch.nn.Linear) and not isinstance(w.data, DTensor) and w.is_contiguous():
+                if isinstance(m, torch.nn.Linear) and not hasattr(w, "full_tensor") and w.is_contiguous():  # no DTensor
                     w.data = w.data.t().contiguous().t()  # (out, in) view of an (in, out) contiguous tensor
                     changed.append(w)
     try:

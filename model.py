@@ -10,7 +10,7 @@ SwiGLU feed-forward):
 
     RMSNorm(x)  = w * x / sqrt(mean(x^2) + eps)                computed in float32
     Attn(u)     = W_o softmax(RoPE(W_q u) RoPE(W_k u)^T / sqrt(d) + causal) (W_v u)
-    RoPE(q)_pos = q * cos(pos * f) + rotate_half(q) * sin(pos * f),  f_j = theta^(-2j/d)
+    RoPE(q)_pos = q * cos(pos * f) + rotate_half(q) * sin(pos * f),  f_j = theta^(-2j/d), rotate_half([q1, q2]) = [-q2, q1]
 
 They differ only in configuration: Qwen2 puts a bias on q/k/v, Llama 3.1/3.2 rescale the RoPE frequencies
 ("llama3" scaling), InternLM2 packs q/k/v into one `wqkv` matrix and uses dynamic-NTK RoPE, some models tie
@@ -164,17 +164,16 @@ def rope_inv_freq(cfg: ModelConfig, seq_len: int = 0) -> torch.Tensor:
     return inv_freq
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    # Split-halves convention (HF, GPT-NeoX): dimension j is paired with j + D/2. The other convention
-    # (interleaved pairs 2j, 2j+1, as in Meta's original Llama code) would need permuted q/k weights; HF
-    # checkpoints are already permuted for this one, so using the interleaved form here gives fluent garbage.
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D); cos, sin (B, 1, T, D) already in x's dtype."""
-    return x * cos + rotate_half(x) * sin
+    """x (B, H, T, D); cos = [cos a, cos a] and sin = [-sin a, sin a], (B, 1, T, D), already in x's dtype.
+
+    Split-halves convention (HF, GPT-NeoX): dimension j pairs with j + D/2, and the pair (x1, x2) turns by angle a
+    into (x1 cos a - x2 sin a, x2 cos a + x1 sin a) = x * cos + roll(x, D/2) * sin with the signs folded into sin.
+    HF writes the second term rotate_half(x) * [sin a, sin a] with rotate_half(x) = [-x2, x1]: the same numbers,
+    with a negation and a concatenation more (in training, forward and backward; benchmarks/NOTES.md). The other
+    convention (interleaved pairs 2j, 2j+1, as in Meta's original Llama code) would need permuted q/k weights; HF
+    checkpoints are already permuted for this one, so using the interleaved form here gives fluent garbage."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -295,7 +294,8 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch_size, max_len, p.dtype, p.device)
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (B, 1, T, D) for integer positions (B, T); angles in float32, then cast (as HF does)."""
+        """cos, sin (B, 1, T, D) for integer positions (B, T) as apply_rope takes them; angles in float32, then
+        cast (as HF does)."""
         inv_freq = self.inv_freq
         rs = self.config.rope_scaling
         if rs and rs["rope_type"] == "dynamic":  # frequencies depend on the longest position in use
@@ -303,8 +303,10 @@ class Transformer(nn.Module):
             if seq_len > self.config.max_position_embeddings:
                 inv_freq = rope_inv_freq(self.config, seq_len).to(inv_freq.device)
         angles = position_ids[:, :, None].float() * inv_freq  # (B, T, D/2)
-        emb = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, D)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = angles.cos(), angles.sin()
+        cos = torch.cat((cos, cos), dim=-1)[:, None]  # (B, 1, T, D)
+        sin = torch.cat((-sin, sin), dim=-1)[:, None]  # (B, 1, T, D), the rotation's signs folded in
+        return cos.to(dtype), sin.to(dtype)
 
     def forward(
         self,
@@ -374,7 +376,8 @@ class Transformer(nn.Module):
 # The training loss
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, max_chunk_elements: int = 2**24) -> torch.Tensor:
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         max_chunk_elements: int = 2**24) -> torch.Tensor:
     """sum_i CE(W h_i, t_i) = sum_i [logsumexp(W h_i) - (W h_i)_{t_i}] for h (N, C), W (V, C), targets (N,), equal to
     F.cross_entropy(h @ W.T, targets, reduction="sum") but without ever holding the (N, V) logits: rows go through in
     chunks of at most max_chunk_elements logits (64 MB in float32), each one's logits freed before the next."""

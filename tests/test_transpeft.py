@@ -240,8 +240,8 @@ def test_drift_plot_where_matplotlib_is_installed(tmp_path):
 
 
 def test_gradient_checkpointing_replays_the_random_draws(hf_checkpoint):
-    """train.wrap_layers(grad_checkpointing=True) recomputes each layer in backward with the masks and drops its forward pass drew:
-    losses and LoRA gradients equal those without checkpointing (a fresh draw in the recomputation would not)."""
+    """train.wrap_layers(grad_checkpointing=True) recomputes each layer in backward with the masks and drops its
+    forward pass drew: losses and LoRA gradients equal those without checkpointing (a fresh draw would not)."""
     from train import wrap_layers
 
     path, _ = hf_checkpoint("qwen2", num_hidden_layers=4)

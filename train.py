@@ -97,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stop-after", type=int, help="stop after this step with a checkpoint, to --resume later (e.g. time-limited jobs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base across processes with FSDP2 (else DDP)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each layer's activations in backward: less memory, ~1/3 more compute")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each layer's activations in backward: less memory, one more forward pass")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer for training (the first step compiles)")
     toy_flags = p.add_argument_group("the toy study (no --old/--new); its recipe is toy.LORA_RECIPE")
     toy_flags.add_argument("--seeds", type=int, default=3, help="paired seeds per arm")

@@ -366,10 +366,10 @@ class Transformer(nn.Module):
         if targets is None:
             return self.lm_head(self.model.norm(x))  # (B, T, V)
         keep = targets != -100
-        h = self.model.norm(x[keep])  # (N, C): the final norm and the head only where there is a loss
+        h, t = self.model.norm(x[keep]), targets[keep]  # (N, C), (N,): the final norm and the head only where a loss is
         if not isinstance(self.lm_head, nn.Linear):  # a head wrapped by some PEFT method: plain logits
-            return F.cross_entropy(self.lm_head(h).float(), targets[keep], reduction="sum")
-        return linear_cross_entropy(h, self.lm_head.weight, targets[keep])
+            return F.cross_entropy(self.lm_head(h).float(), t, reduction="sum")
+        return linear_cross_entropy(h, self.lm_head.weight, t)
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -351,7 +351,7 @@ def train(model, dataset: list[dict], args, run_dir: Path, pad_id: int, desc: st
             if fsdp:
                 model.set_requires_gradient_sync(last)
             ids, labels = collate(mb, pad_id)
-            # position t predicts token t + 1: shift the labels left (cheaper than slicing the logits)
+            # position t predicts token t + 1: the labels shifted left
             targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], 1).to(device)
             with engine.no_sync() if (n_proc > 1 and not fsdp and not last) else nullcontext(), autocast:
                 # summed over supervised tokens (the model computes logits only there), divided by their count in the

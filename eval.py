@@ -24,7 +24,6 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -34,41 +33,11 @@ from tqdm import tqdm
 from data import STOP_STRINGS, eval_prompt, extract_answer_with_rule, gold_answer, is_correct, load_examples
 
 
-@contextmanager
-def column_major_weights(model):
-    """On CPU, hold every Linear weight column-major while decoding: same values and shapes, only the strides change.
-
-    Decoding one sequence, each token is a matrix-vector product per weight, bound by reading the weights from
-    memory, and MKL's kernel streams an (in, out)-contiguous matrix about twice as fast as nn.Linear's (out, in) rows
-    (benchmarks/NOTES.md: 23 vs 10 GB/s). From a few rows on it is a matrix product, which the usual layout suits as
-    well or better, so generate() does this for one sequence at a time only. The usual layout is restored on exit:
-    training, saving and FSDP expect it. Sharded (DTensor) weights are left alone."""
-    changed = []
-    if model.lm_head.weight.device.type == "cpu":
-        with torch.inference_mode(False):  # the new storage must stay usable by autograd after decoding
-            for m in model.modules():
-                w = getattr(m, "weight", None)
-                if isinstance(m, torch.nn.Linear) and not hasattr(w, "full_tensor") and w.is_contiguous():  # no DTensor
-                    w.data = w.data.t().contiguous().t()  # (out, in) view of an (in, out) contiguous tensor
-                    changed.append(w)
-    try:
-        yield
-    finally:
-        with torch.inference_mode(False):
-            for w in changed:
-                w.data = w.data.contiguous()
-
-
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, batch_size: int = 16,
              stop_strings: list[str] = STOP_STRINGS, progress=None, lockstep: bool = False) -> list[str]:
     """Greedy completions of prompts (text after the prompt, cut before the first stop string).
     lockstep: stop a batch only when every process's batch is done (processes must call this with as many prompts)."""
-    with column_major_weights(model) if min(batch_size, len(prompts)) == 1 else nullcontext():
-        return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop_strings, progress, lockstep)
-
-
-def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop_strings, progress, lockstep):
     model.eval()
     device = model.lm_head.weight.device
     encoded = [tokenizer.encode(p) for p in prompts]

@@ -65,9 +65,9 @@ def test_batched_decoding_equals_one_prompt_at_a_time(world):
     prompts = [eval_prompt(q) for q, _ in QUESTIONS] + ["Short one", "A much longer prompt " * 5]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     batched = generate(model, tok, prompts, max_new_tokens=10, batch_size=8, stop_strings=[])
-    alone = generate(model, tok, prompts, max_new_tokens=10, batch_size=1, stop_strings=[])  # column-major weights
+    alone = generate(model, tok, prompts, max_new_tokens=10, batch_size=1, stop_strings=[])
     assert batched == alone and any(batched)
-    # the weights are back as they were (values and layout) and still train: no inference tensors left behind
+    # decoding left the weights as they were, and they still train: no inference tensors left behind
     assert all(p.is_contiguous() and torch.equal(p, before[n]) for n, p in model.named_parameters())
     model.train()
     ids = torch.tensor([tok.encode(prompts[0])])

@@ -35,27 +35,38 @@ from data import STOP_STRINGS, eval_prompt, extract_answer_with_rule, gold_answe
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, batch_size: int = 16,
-             stop_strings: list[str] = STOP_STRINGS, progress=None, lockstep: bool = False) -> list[str]:
+             stop_strings: list[str] = STOP_STRINGS, progress=None, lockstep: bool = False,
+             compile: bool = False) -> list[str]:
     """Greedy completions of prompts (text after the prompt, cut before the first stop string).
-    lockstep: stop a batch only when every process's batch is done (processes must call this with as many prompts)."""
+    lockstep: stop a batch only when every process's batch is done (processes must call this with as many prompts).
+    compile: run the one-token steps through torch.compile, on a static KV cache (model.KVCache) of one length for
+        every batch (the longest prompt + max_new_tokens), so that each batch size compiles once. The first batch
+        pays the compilation (10-20 s on a CPU); benchmarks/NOTES.md has what it gives."""
     model.eval()
     device = model.lm_head.weight.device
     encoded = [tokenizer.encode(p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     completions: list[str] = [""] * len(prompts)
     longest_stop = max((len(s) for s in stop_strings), default=0)
+    step = torch.compile(model, dynamic=False) if compile else model
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         B, T = len(rows), max(len(encoded[i]) for i in rows)
+        max_len = max(map(len, encoded)) + max_new_tokens if compile else T + max_new_tokens
         ids = torch.full((B, T), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.ones((B, T + max_new_tokens), dtype=torch.long)  # every generated position is real
+        mask = torch.ones((B, max_len), dtype=torch.long)  # every generated position is real
         for b, i in enumerate(rows):  # left padding: the prompt ends at the last column of every row
             ids[b, T - len(encoded[i]) :] = torch.tensor(encoded[i])
             mask[b, : T - len(encoded[i])] = 0
         ids, mask = ids.to(device), mask.to(device)
         padded = not bool(mask.all())  # without padding, plain causal attention needs no mask at all
-        cache = model.new_cache(B, T + max_new_tokens)
-        logits = model(ids, attention_mask=mask[:, :T] if padded else None, cache=cache, last_only=True)[:, -1]  # (B, V) prefill
+
+        def visible(n):  # the attention mask for n positions: all slots of a static cache (always: one graph), or none without padding
+            return mask if compile else mask[:, :n] if padded else None
+
+        cache = model.new_cache(B, max_len, static=compile)
+        logits = model(ids, attention_mask=visible(T), cache=cache, last_only=True)[:, -1]  # (B, V) prefill
+        n = T  # positions in the cache
         generated = [[] for _ in range(B)]
         done = [False] * B
         for _ in range(max_new_tokens):
@@ -77,8 +88,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, ba
                 finished = flag.item() == 0
             if finished:
                 break
-            seen = cache.length + 1
-            logits = model(next_ids[:, None], attention_mask=mask[:, :seen] if padded else None, cache=cache)[:, -1]
+            n += 1
+            logits = step(next_ids[:, None], attention_mask=visible(n), cache=cache)[:, -1]
         for b, i in enumerate(rows):
             text = tokenizer.decode(generated[b])
             cut = min([text.find(s) for s in stop_strings if s in text], default=len(text))
@@ -89,7 +100,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, ba
 
 
 def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 512, batch_size: int = 16,
-             out_jsonl: str | os.PathLike | None = None, desc: str = "eval") -> dict:
+             out_jsonl: str | os.PathLike | None = None, desc: str = "eval", compile: bool = False) -> dict:
     """GSM8K exact match of model on examples ({question, answer}); per-example records to out_jsonl if given.
 
     Under torchrun every process decodes every N-th example and the records are gathered; process 0 writes them.
@@ -111,7 +122,8 @@ def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 512, 
         bar.set_postfix(acc=f"{correct / seen:.1%}")  # of this process's share
 
     t0 = time.time()
-    completions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress, lockstep=n_proc > 1)
+    completions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress, lockstep=n_proc > 1,
+                           compile=compile)
     bar.close()
     done = {i: c for i, c in zip(mine, completions)}
     if n_proc > 1:
@@ -160,6 +172,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=1024, help="the official evaluation allows 1024")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="per-example jsonl (default: beside the adapter, or eval.jsonl)")
+    p.add_argument("--compile", action="store_true", help="decode with a static KV cache and the step compiled by torch.compile (the first batch compiles)")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit <= 0:
         sys.exit("error: --limit must be a positive number of examples.")
@@ -175,7 +188,7 @@ def main(argv=None) -> None:
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     out = args.out or (Path(args.adapter) / f"eval-{Path(str(args.model)).name}.jsonl" if args.adapter else "eval.jsonl")
-    result = evaluate(model, tokenizer, examples, args.max_new_tokens, args.batch_size, out)
+    result = evaluate(model, tokenizer, examples, args.max_new_tokens, args.batch_size, out, compile=args.compile)
     print(f"{args.model}{' + ' + args.adapter if args.adapter else ''}: GSM8K exact match "
           f"{result['accuracy']:.2%} ({result['correct']}/{result['total']}) in {result['seconds']:.0f}s; per-example results in {out}")
 

@@ -193,6 +193,11 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+@torch.compiler.assume_constant_result  # torch.compile cannot trace the call: it takes the value at compile time
+def num_threads() -> int:
+    return torch.get_num_threads()
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state-dict keys: y = x W^T + b), with a faster CPU path for decoding.
 
@@ -214,7 +219,7 @@ class Linear(nn.Linear):
         out, n_in = W.shape
         N = x.numel() // n_in
         decoding = not torch.is_grad_enabled() and x.device.type == "cpu" and N <= 64
-        P = math.gcd(torch.get_num_threads(), out) if decoding else 1
+        P = math.gcd(num_threads(), out) if decoding else 1
         if P == 1 or not W.is_contiguous() or hasattr(W, "full_tensor"):  # full_tensor: a DTensor (FSDP shard)
             return F.linear(x, W, self.bias)
         xt = x.reshape(N, n_in).t().expand(P, n_in, N)  # (P, in, N), no copy
@@ -229,17 +234,30 @@ class KVCache:
 
     `k[i]`, `v[i]` are (B, K, max_len, D); `length` counts the positions already written. Each forward
     writes its T new positions at [length, length + T) and the model advances `length` once per call.
+
+    static=True keeps every shape fixed, for torch.compile and CUDA graphs: the write position is `slot`, a tensor
+    on the cache's device (`length` is not kept), each call attends over all max_len slots with a mask that hides
+    the ones not written yet, and the attention mask, if any, covers all max_len slots. A decoding step then has
+    the same shapes and no changing Python number from one token to the next.
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device):
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device, static: bool = False):
         shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.max_len = max_len
         self.length = 0
+        self.static = static
+        self.slot = torch.zeros((), dtype=torch.long, device=device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, K, T, D) at the current position; return all keys/values so far (B, K, S, D)."""
+        """Store k, v (B, K, T, D) at the current position; return all keys/values so far (B, K, S, D), or all
+        max_len slots (B, K, max_len, D) when static."""
+        if self.static:
+            slots = self.slot + torch.arange(k.shape[2], device=k.device)  # (T,)
+            self.k[layer].index_copy_(2, slots, k)
+            self.v[layer].index_copy_(2, slots, v)
+            return self.k[layer], self.v[layer]
         start, end = self.length, self.length + k.shape[2]
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
@@ -320,9 +338,9 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, static: bool = False) -> KVCache:
         p = self.lm_head.weight
-        return KVCache(self.config, batch_size, max_len, p.dtype, p.device)
+        return KVCache(self.config, batch_size, max_len, p.dtype, p.device, static)
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (B, 1, T, D) for integer positions (B, T) as apply_rope takes them; angles in float32, then
@@ -361,28 +379,33 @@ class Transformer(nn.Module):
         last_only: logits of the last position only, (B, 1, V): all that decoding needs from a prompt.
         """
         B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
-        S = past + T
-        if cache is not None and S > cache.max_len:
-            raise ValueError(f"The KV cache holds {cache.max_len} positions; this call needs {S}.")
+        dev = input_ids.device
+        static = cache is not None and cache.static
+        if static:  # the queries' slots as a tensor, all max_len slots as keys (see KVCache)
+            slots, S = cache.slot + torch.arange(T, device=dev), cache.max_len  # (T,)
+        else:
+            past = cache.length if cache is not None else 0
+            slots, S = torch.arange(past, past + T, device=dev), past + T
+            if cache is not None and S > cache.max_len:
+                raise ValueError(f"The KV cache holds {cache.max_len} positions; this call needs {S}.")
         if attention_mask is not None and attention_mask.shape != (B, S):
             raise ValueError(f"attention_mask must be (batch, cached + new) = {(B, S)}, got {tuple(attention_mask.shape)}.")
         if position_ids is None:
             if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, slots]  # (B, T)
             else:
-                position_ids = torch.arange(past, S, device=input_ids.device).expand(B, T)
+                position_ids = slots.expand(B, T)
 
         # One boolean mask (B, 1, T, S) for all layers, built only when plain causal attention won't do.
         mask = None
-        if attention_mask is not None or (past > 0 and T > 1):
-            q_pos = torch.arange(past, S, device=input_ids.device)[:, None]  # (T, 1) slots of the queries
-            mask = torch.arange(S, device=input_ids.device)[None, :] <= q_pos  # (T, S) causal
+        if attention_mask is not None or static or (past > 0 and T > 1):
+            q_pos = slots[:, None]  # (T, 1) slots of the queries
+            mask = torch.arange(S, device=dev)[None, :] <= q_pos  # (T, S) causal
             mask = mask.expand(B, 1, T, S)
             if attention_mask is not None:
                 # A query may see its own slot even when it is padding: a row with no allowed key would make
                 # softmax 0/0 = NaN. Padding queries produce ignored outputs either way.
-                own = torch.arange(S, device=input_ids.device)[None, :] == q_pos  # (T, S)
+                own = torch.arange(S, device=dev)[None, :] == q_pos  # (T, S)
                 mask = (mask & attention_mask.bool()[:, None, None, :]) | own
         # (No mask for one new token without padding: it may see every cached key.)
 
@@ -390,7 +413,9 @@ class Transformer(nn.Module):
         cos, sin = self.rope(position_ids, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache)
-        if cache is not None:
+        if static:
+            cache.slot += T
+        elif cache is not None:
             cache.length = S
         if last_only:
             x = x[:, -1:]  # (B, 1, C)

@@ -98,7 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base across processes with FSDP2 (else DDP)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute each layer's activations in backward: less memory, one more forward pass")
-    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer for training (the first step compiles)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer for training (the first step compiles), "
+                   "and the decoding step of single-process evaluations (its first batch compiles)")
     toy_flags = p.add_argument_group("the toy study (no --old/--new); its recipe is toy.LORA_RECIPE")
     toy_flags.add_argument("--seeds", type=int, default=3, help="paired seeds per arm")
     toy_flags.add_argument("--update-seeds", default="0", help="comma-separated updates of toy-v1 to transfer to (0 = toy-v2)")
@@ -441,7 +442,7 @@ def run_experiment(args) -> dict:
 
     t0 = time.time()
     model, log = train_and_save(args.old, train_set, args, out, old_tok.pad_token_id, "train on old", transpeft=True)
-    ev = dict(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size)
+    ev = dict(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size, compile=args.compile and not dist.is_initialized())
     results = {"old": args.old, "new": args.new, "peft": args.peft, "p_intra": args.p_intra, "p_cross": args.p_cross,
                "final_train_loss": log[-1]["loss"] if log else None}
     results["source_old"] = evaluate(model, old_tok, eval_set, out_jsonl=out / "eval-old.jsonl", desc="eval on old", **ev)

@@ -9,8 +9,8 @@ For each checkpoint size (built here with transformers, Qwen2 layout):
   1. a LoRA training step (r=16 on all seven projections, batch 8 x 256 tokens, forward + backward + AdamW):
      ours vs peft on transformers; the losses of the first step must agree;
   2. the same step of ours with Trans-PEFT on (p_intra 0.1, p_cross 0.1), as overhead over ours without;
-  3. greedy decoding with the KV cache, 64-token prompts, 128 new tokens, batch 1 and 16: ours (eval.generate)
-     vs transformers' generate; the generated tokens must agree;
+  3. greedy decoding with the KV cache, 64-token prompts, 128 new tokens, batch 1 and 16: ours (eval.generate,
+     eager, then with compile=True after its compilation) vs transformers' generate; the generated tokens must agree;
   4. loading the checkpoint: ours (load_model) vs from_pretrained;
   5. peak memory of a training step (growth of the peak RSS over the step, in a fresh process per side).
 Timings alternate ours / theirs after a warm-up and report the median of the repeats. Another process on the same
@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -135,7 +136,7 @@ class IdsTokenizer:
         return list(ids)
 
 
-def decode_pair(path, batch: int, new_tokens: int = 128, prompt_len: int = 64):
+def decode_pair(path, batch: int, new_tokens: int = 128, prompt_len: int = 64, compile: bool = False):
     import transformers
 
     vocab = SIZES[path.name]["vocab_size"]
@@ -144,7 +145,7 @@ def decode_pair(path, batch: int, new_tokens: int = 128, prompt_len: int = 64):
     tok = IdsTokenizer(prompts.tolist())
 
     def ours():
-        return generate(ours_model, tok, list(range(batch)), new_tokens, batch_size=batch, stop_strings=[])
+        return generate(ours_model, tok, list(range(batch)), new_tokens, batch_size=batch, stop_strings=[], compile=compile)
 
     def theirs():
         with torch.no_grad():
@@ -206,12 +207,15 @@ def main() -> None:
             rows.append({"size": size, "params_M": n_params, "what": "LoRA train step 8x256", "ours_s": t["ours"], "theirs_s": t["theirs"]})
             rows.append({"size": size, "params_M": n_params, "what": "Trans-PEFT on vs off (ours)", "ours_s": t["ours_transpeft"], "theirs_s": t["ours"]})
 
-            for batch in (1, 16):
-                o, h = decode_pair(path, batch)
-                assert o() == h(), f"greedy tokens differ at batch {batch}"
-                t = interleaved({"ours": o, "theirs": h}, max(1, args.repeats // 2))
-                rows.append({"size": size, "params_M": n_params, "what": f"greedy decode b{batch}, 64+128 tok",
-                             "ours_s": t["ours"], "theirs_s": t["theirs"], "ours_tok_s": 128 * batch / t["ours"], "theirs_tok_s": 128 * batch / t["theirs"]})
+            can_compile = shutil.which("g++") or shutil.which("clang++")  # torch.compile on CPU needs a C++ compiler
+            for compile in (False, True) if can_compile else (False,):
+                for batch in (1, 16):
+                    o, h = decode_pair(path, batch, compile=compile)
+                    assert o() == h(), f"greedy tokens differ at batch {batch}"  # (ours compiles here, if asked)
+                    t = interleaved({"ours": o, "theirs": h}, max(1, args.repeats // 2))
+                    what = f"greedy decode b{batch}, 64+128 tok" + (", compiled" if compile else "")
+                    rows.append({"size": size, "params_M": n_params, "what": what, "ours_s": t["ours"], "theirs_s": t["theirs"],
+                                 "ours_tok_s": 128 * batch / t["ours"], "theirs_tok_s": 128 * batch / t["theirs"]})
 
             import transformers
 
@@ -221,11 +225,11 @@ def main() -> None:
             rows.append({"size": size, "params_M": n_params, "what": "peak memory of a train step (MB)", "ours_s": mem["ours"], "theirs_s": mem["theirs"]})
 
     print(f"\nmachine: {machine}")
-    print(f"{'size':<6} {'params':>7}  {'what':<36} {'ours':>10} {'theirs':>10} {'ours/theirs':>12}")
+    print(f"{'size':<6} {'params':>7}  {'what':<46} {'ours':>10} {'theirs':>10} {'ours/theirs':>12}")
     for r in rows:
         ratio = r["ours_s"] / r["theirs_s"] if r["ours_s"] and r["theirs_s"] else float("nan")
         unit = "MB" if "memory" in r["what"] else "s"
-        print(f"{r['size']:<6} {r['params_M']:>6.1f}M  {r['what']:<36} {r['ours_s']:>9.4g}{unit} {r['theirs_s']:>9.4g}{unit} {ratio:>12.2f}")
+        print(f"{r['size']:<6} {r['params_M']:>6.1f}M  {r['what']:<46} {r['ours_s']:>9.4g}{unit} {r['theirs_s']:>9.4g}{unit} {ratio:>12.2f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
     print(f"wrote {args.out}")

@@ -206,20 +206,21 @@ def test_internlm2_checkpoint_matches_llama(tmp_path, bias, fmt):
     assert max_diff(our_logits(load_model(tmp_path), ids), hf_logits(hf, ids)) <= FP32_TOL
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama3.2"])
-def test_kv_cache_decoding_equals_full_forward(hf_checkpoint, family):
+@pytest.mark.parametrize("family,static", [("qwen2", False), ("llama3.2", False), ("qwen2", True)])
+def test_kv_cache_decoding_equals_full_forward(hf_checkpoint, family, static):
     path, _ = hf_checkpoint(family)
     model = load_model(path)
     ids = torch.randint(0, 96, (2, 24))
     full = our_logits(model, ids)
-    cache = model.new_cache(batch_size=2, max_len=32)
+    cache = model.new_cache(batch_size=2, max_len=32, static=static)
     steps = [our_logits(model, ids[:, :7], cache=cache), our_logits(model, ids[:, 7:12], cache=cache)]  # prefill, then a chunk
     steps += [our_logits(model, ids[:, t : t + 1], cache=cache) for t in range(12, 24)]  # one token at a time
-    assert cache.length == 24
+    assert (cache.slot.item() if static else cache.length) == 24
     assert max_diff(torch.cat(steps, 1), full) <= 1e-5
 
 
-def test_left_padded_batch_equals_rows_alone(hf_checkpoint):
+@pytest.mark.parametrize("static", [False, True])
+def test_left_padded_batch_equals_rows_alone(hf_checkpoint, static):
     path, _ = hf_checkpoint("qwen2")
     model = load_model(path)
     g = torch.Generator().manual_seed(3)
@@ -230,12 +231,13 @@ def test_left_padded_batch_equals_rows_alone(hf_checkpoint):
     mask = torch.stack([torch.cat([torch.zeros(T - len(r)), torch.ones(len(r))]) for r in rows]).long()
 
     batched = our_logits(model, ids, attention_mask=mask)
-    cache = model.new_cache(3, T + 4)
-    our_logits(model, ids, attention_mask=mask, cache=cache)
+    cache = model.new_cache(3, T + 4, static=static)
+    all_slots = torch.cat([mask, torch.ones(3, 4, dtype=torch.long)], 1)  # a static cache's mask covers every slot
+    our_logits(model, ids, attention_mask=all_slots if static else mask, cache=cache)
     steps = []
     for t in range(4):
         mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
-        steps.append(our_logits(model, nxt[:, t : t + 1], attention_mask=mask, cache=cache))
+        steps.append(our_logits(model, nxt[:, t : t + 1], attention_mask=all_slots if static else mask, cache=cache))
     for b, r in enumerate(rows):
         alone = our_logits(model, torch.cat([r, nxt[b]])[None])
         assert max_diff(batched[b, T - len(r) :], alone[0, : len(r)]) <= 1e-5

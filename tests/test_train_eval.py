@@ -140,3 +140,27 @@ def test_compiled_layers_train_like_eager(world):
     assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
     assert eager_grads.keys() == compiled_grads.keys()
     assert all(torch.allclose(eager_grads[n], compiled_grads[n], atol=1e-5) for n in eager_grads)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_decoding_equals_eager_and_compiles_once(world):
+    """generate(compile=True) (a static KV cache, the one-token step through torch.compile) gives the eager tokens on
+    left-padded batches with a LoRA attached, and compiles once for batches of one size whatever their prompt lengths."""
+    model = add_lora(load_model(world["old"]), r=4, alpha=8, targets=["q_proj", "v_proj", "up_proj"], verbose=False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    tok = load_tokenizer(world["old"])
+    prompts = [eval_prompt(q) for q, _ in QUESTIONS][:2] + ["Short one", "A much longer prompt " * 5]
+    lengths = sorted(len(tok.encode(p)) for p in prompts)
+    assert lengths[1] < lengths[3]  # the two batches (sorted by length) are padded to different lengths
+    eager = generate(model, tok, prompts, max_new_tokens=8, batch_size=2, stop_strings=[])
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = generate(model, tok, prompts, max_new_tokens=8, batch_size=2, stop_strings=[], compile=True)
+    assert compiled == eager and any(compiled)
+    # two batches of two prompts of different lengths, 7 steps each: one compiled graph serves all 14 steps
+    assert counters["stats"]["unique_graphs"] == 1

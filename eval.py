@@ -61,7 +61,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, ba
         ids, mask = ids.to(device), mask.to(device)
         padded = not bool(mask.all())  # without padding, plain causal attention needs no mask at all
 
-        def visible(n):  # the attention mask for n positions: all slots of a static cache (always: one graph), or none without padding
+        def visible(n):  # the attention mask for n positions; a static cache always gets all its slots (one graph)
             return mask if compile else mask[:, :n] if padded else None
 
         cache = model.new_cache(B, max_len, static=compile)

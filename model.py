@@ -369,10 +369,11 @@ class Transformer(nn.Module):
         """Logits (B, T, V) for input_ids (B, T).
 
         attention_mask: (B, S) with 1 for real tokens and 0 for (left) padding, covering the cached
-            positions too when a cache is used; S = cache.length + T.
+            positions too when a cache is used; S = cache.length + T (cache.max_len for a static cache).
         position_ids: (B, T); by default counted over the real tokens of attention_mask (so a left-padded
             row gets the same positions as the row alone), or cache.length + arange(T) without a mask.
-        cache: a KVCache from new_cache(); this call appends its T positions to it.
+        cache: a KVCache from new_cache(); this call appends its T positions to it (the caller sizes it: a static
+            cache cannot check for room without reading its position back from the device).
         targets: (B, T) the token each position should predict, -100 where there is no loss (prompt, padding).
             If given, the result is the cross-entropy summed over the positions with a target (a scalar), computed
             by linear_cross_entropy without the (B, T, V) logits, the largest tensors of a training step.

@@ -55,13 +55,18 @@ def test_short_run_learns_saves_and_resumes_identically(world):
     assert [e["loss"] for e in log_b] == [e["loss"] for e in log]
 
 
-def test_batched_decoding_equals_one_prompt_at_a_time(world):
+def lora_model(world):
+    """The old toy base with a LoRA whose B is random (not zero), so that the LoRA changes what is decoded."""
     model = add_lora(load_model(world["old"]), r=4, alpha=8, targets=["q_proj", "v_proj", "up_proj"], verbose=False)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.2)
-    tok = load_tokenizer(world["old"])
+    return model, load_tokenizer(world["old"])
+
+
+def test_batched_decoding_equals_one_prompt_at_a_time(world):
+    model, tok = lora_model(world)
     prompts = [eval_prompt(q) for q, _ in QUESTIONS] + ["Short one", "A much longer prompt " * 5]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     batched = generate(model, tok, prompts, max_new_tokens=10, batch_size=8, stop_strings=[])
@@ -147,12 +152,7 @@ def test_compiled_layers_train_like_eager(world):
 def test_compiled_decoding_equals_eager_and_compiles_once(world):
     """generate(compile=True) (a static KV cache, the one-token step through torch.compile) gives the eager tokens on
     left-padded batches with a LoRA attached, and compiles once for batches of one size whatever their prompt lengths."""
-    model = add_lora(load_model(world["old"]), r=4, alpha=8, targets=["q_proj", "v_proj", "up_proj"], verbose=False)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.2)
-    tok = load_tokenizer(world["old"])
+    model, tok = lora_model(world)
     prompts = [eval_prompt(q) for q, _ in QUESTIONS][:2] + ["Short one", "A much longer prompt " * 5]
     lengths = sorted(len(tok.encode(p)) for p in prompts)
     assert lengths[1] < lengths[3]  # the two batches (sorted by length) are padded to different lengths

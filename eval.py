@@ -49,10 +49,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, ba
     completions: list[str] = [""] * len(prompts)
     longest_stop = max((len(s) for s in stop_strings), default=0)
     step = torch.compile(model, dynamic=False) if compile else model
+    static_len = max(map(len, encoded), default=0) + max_new_tokens  # a static cache's length, the same for every batch
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         B, T = len(rows), max(len(encoded[i]) for i in rows)
-        max_len = max(map(len, encoded)) + max_new_tokens if compile else T + max_new_tokens
+        max_len = static_len if compile else T + max_new_tokens
         ids = torch.full((B, T), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.ones((B, max_len), dtype=torch.long)  # every generated position is real
         for b, i in enumerate(rows):  # left padding: the prompt ends at the last column of every row

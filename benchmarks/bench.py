@@ -195,6 +195,7 @@ def main() -> None:
 
     rows, machine = [], f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     with tempfile.TemporaryDirectory() as tmp:
+        can_compile = shutil.which("g++") or shutil.which("clang++")  # torch.compile on CPU needs a C++ compiler
         for size in args.sizes.split(","):
             path = build_checkpoint(size, Path(tmp))
             n_params = sum(v.numel() for v in load_model(path).state_dict().values()) / 1e6
@@ -207,7 +208,6 @@ def main() -> None:
             rows.append({"size": size, "params_M": n_params, "what": "LoRA train step 8x256", "ours_s": t["ours"], "theirs_s": t["theirs"]})
             rows.append({"size": size, "params_M": n_params, "what": "Trans-PEFT on vs off (ours)", "ours_s": t["ours_transpeft"], "theirs_s": t["ours"]})
 
-            can_compile = shutil.which("g++") or shutil.which("clang++")  # torch.compile on CPU needs a C++ compiler
             for compile in (False, True) if can_compile else (False,):
                 for batch in (1, 16):
                     o, h = decode_pair(path, batch, compile=compile)

@@ -18,6 +18,9 @@ from lora import add_lora
 from model import load_model, load_tokenizer
 from conftest import QUESTIONS
 
+needs_cxx = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile on CPU needs a C++ compiler")
+
+
 def run_args(w, out, *extra):
     return ["--old", w["old"], "--new", w["new"], "--train-data", w["data"], "--eval-data", w["data"], "--out", str(out),
             "--lora-r", "4", "--lora-alpha", "8", "--lora-targets", "q_proj,v_proj,down_proj", "--p-cross", "0.3", "--p-intra", "0.1",
@@ -120,7 +123,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, monkeyp
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile on CPU needs a C++ compiler")
+@needs_cxx
 def test_compiled_layers_train_like_eager(world):
     """--compile (torch.compile of each decoder layer) computes the eager loss and LoRA gradients, with layers dropped
     (the drop decision runs outside the compiled graphs), and unwrap_layers gives the plain layers back."""
@@ -148,7 +151,7 @@ def test_compiled_layers_train_like_eager(world):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile on CPU needs a C++ compiler")
+@needs_cxx
 def test_compiled_decoding_equals_eager_and_compiles_once(world):
     """generate(compile=True) (a static KV cache, the one-token step through torch.compile) gives the eager tokens on
     left-padded batches with a LoRA attached, and compiles once for batches of one size whatever their prompt lengths."""

@@ -198,27 +198,44 @@ def num_threads() -> int:
     return torch.get_num_threads()
 
 
+def mkl_gemv_on_one_core() -> bool:
+    """True on CPUs where MKL's matrix-vector product (x W^T for one row x) runs on one core: AMD processors
+    (pytorch/pytorch#96643; measured on this project's AMD EPYC machine). On Intel ones it uses every core."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            vendor = next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:  # not Linux: no such file
+        return False
+    return torch.backends.mkl.is_available() and vendor == "AuthenticAMD"
+
+
+SPLIT_MATRIX_VECTOR = mkl_gemv_on_one_core()  # whether Linear splits one-row products too; decided once per process
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state-dict keys: y = x W^T + b), with a faster CPU path for decoding.
 
     A decoding step feeds each weight a handful of rows (N = batch size), and MKL handles so few rows poorly on the
-    project's 2-core machine: at N = 1 its matrix-vector product runs on one core and streams W (out, in) at 10-20
-    GB/s, where two cores read ~30. Split W's rows into P blocks (P divides both the thread count and out) and the
-    same product, as one batched matmul, runs the blocks on all cores:
+    project's 2-core machines. Split W's rows into P blocks (P divides both the thread count and out) and the same
+    product, as one batched matmul, runs the blocks on all cores:
 
         W (out, in) -> (P, out/P, in);  (P, out/P, in) @ x^T (P, in, N) -> (P, out/P, N) -> y (N, out)
 
-    Measured there (2 threads, weights not in cache): 2-4x faster than F.linear at N = 1, 1.2-1.6x at N = 16, still
-    faster at 128, about equal from 512 on (benchmarks/NOTES.md, change 11). Each output is still one row of W times
-    x: the same values up to the order of the sums (bitwise equal there from N = 16 on). Training (autograd on), other
-    devices, more than 64 rows (a prefill) and sharded weights take F.linear.
+    Measured there (2 threads; benchmarks/NOTES.md, changes 11 and 14): from 2 to 64 rows it was mostly faster than
+    F.linear on both machines (an AMD and an Intel one; at 16 rows, 1.2-1.6x per product on the first, batch-16
+    compiled decoding 25-30% faster on the second). At N = 1 MKL runs its matrix-vector product, on one core on AMD
+    processors: there the split is 2-4x faster, on the Intel machine 2x slower, so one row takes F.linear unless
+    SPLIT_MATRIX_VECTOR. Each output is still one row of W times x: the same values up to the order of the sums (bitwise
+    equal there from N = 16 on). Training (autograd on), other devices, more than 64 rows (a prefill) and sharded
+    weights take F.linear.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         W = self.weight
         out, n_in = W.shape
         N = x.numel() // n_in
-        decoding = not torch.is_grad_enabled() and x.device.type == "cpu" and N <= 64
+        rows_ok = 1 < N <= 64 or (N == 1 and SPLIT_MATRIX_VECTOR)
+        decoding = rows_ok and not torch.is_grad_enabled() and x.device.type == "cpu"
         P = math.gcd(num_threads(), out) if decoding else 1
         if P == 1 or not W.is_contiguous() or hasattr(W, "full_tensor"):  # full_tensor: a DTensor (FSDP shard)
             return F.linear(x, W, self.bias)
@@ -433,12 +450,15 @@ class Transformer(nn.Module):
 # The training loss
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 128,
                          max_chunk_elements: int = 2**24) -> torch.Tensor:
     """sum_i CE(W h_i, t_i) = sum_i [logsumexp(W h_i) - (W h_i)_{t_i}] for h (N, C), W (V, C), targets (N,), equal to
     F.cross_entropy(h @ W.T, targets, reduction="sum") but without ever holding the (N, V) logits: rows go through in
-    chunks of at most max_chunk_elements logits (64 MB in float32), each one's logits freed before the next."""
-    chunk = max(1, max_chunk_elements // weight.shape[0])
+    chunks, each one's logits freed before the next. A chunk is chunk_rows rows (at most max_chunk_elements logits,
+    64 MB in float32, for large vocabularies): small enough that its logits are still in the CPU's cache for the passes
+    after the matmul that writes them (log-softmax, exp, the gradient's matmul), large enough for an efficient matmul
+    (benchmarks/NOTES.md, change 13)."""
+    chunk = max(1, min(chunk_rows, max_chunk_elements // weight.shape[0]))
     return _LinearCrossEntropy.apply(h, weight, targets, chunk, torch.is_grad_enabled())
 
 

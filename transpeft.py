@@ -68,7 +68,9 @@ class MaskedMLP(MLP):
         h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, I): the FFN's knowledge channels
         if self.training and self.p_intra > 0:
             keep = torch.rand_like(h).gt_(self.p_intra)  # 1 or 0: an independent Bernoulli(1 - p) draw per element
-            h = h * keep  # no 1/(1 - p): the official code does not rescale
+            # no 1/(1 - p): the official code does not rescale. In place: the product's backward needs its two
+            # factors, not h, so no (B, T, I) tensor is allocated for the masked copy.
+            h = h.mul_(keep)
         return self.down_proj(h)
 
 

@@ -8,7 +8,8 @@ in one process (peak memory: one fresh process per side). Not a test: it prints 
 For each checkpoint size (built here with transformers, Qwen2 layout):
   1. a LoRA training step (r=16 on all seven projections, batch 8 x 256 tokens, forward + backward + AdamW):
      ours vs peft on transformers; the losses of the first step must agree;
-  2. the same step of ours with Trans-PEFT on (p_intra 0.1, p_cross 0.1), as overhead over ours without;
+  2. the same step of ours with Trans-PEFT on, as overhead over ours without: at the rates of the paper's released
+     scripts (p_intra 0, p_cross 0.1) and with masking on too (p_intra 0.1, p_cross 0.1);
   3. greedy decoding with the KV cache, 64-token prompts, 128 new tokens, batch 1 and 16: ours (eval.generate,
      eager, then with compile=True after its compilation) vs transformers' generate; the generated tokens must agree;
   4. loading the checkpoint: ours (load_model) vs from_pretrained;
@@ -38,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from eval import generate  # noqa: E402
 from lora import add_lora  # noqa: E402
-from model import load_model  # noqa: E402
+from model import SPLIT_MATRIX_VECTOR, load_model  # noqa: E402
 from transpeft import apply_transpeft  # noqa: E402
 
 SIZES = {
@@ -76,11 +77,11 @@ def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
 # ---- the training step --------------------------------------------------------------------------------------
 
 
-def ours_trainer(path, ids, transpeft: bool):
+def ours_trainer(path, ids, p_intra: float = 0.0, p_cross: float = 0.0):
     torch.manual_seed(0)
     model = add_lora(load_model(path), r=16, alpha=32, dropout=0.0, targets=TARGETS, verbose=False).train()
-    if transpeft:
-        apply_transpeft(model, p_intra=0.1, p_cross=0.1, seed=0)
+    if p_intra or p_cross:
+        apply_transpeft(model, p_intra=p_intra, p_cross=p_cross, seed=0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     # as train.py computes it: labels shifted left, the loss summed by the model at supervised positions
@@ -163,7 +164,7 @@ sys.path.insert(0, {root!r}); sys.path.insert(0, {bench!r})
 import bench
 torch.set_num_threads({threads})
 ids = torch.randint(0, {vocab}, (8, 256), generator=torch.Generator().manual_seed(0))
-step = bench.ours_trainer({path!r}, ids, False) if {side!r} == "ours" else bench.theirs_trainer({path!r}, ids)
+step = bench.ours_trainer({path!r}, ids) if {side!r} == "ours" else bench.theirs_trainer({path!r}, ids)
 step()  # optimizer state exists from here on
 def rss(field):
     return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1])
@@ -186,6 +187,15 @@ def peak_step_memory_mb(path: Path, side: str) -> float | None:
     return int(r.stdout.strip().splitlines()[-1]) / 1024
 
 
+def cpu_name() -> str:
+    """The CPU's model name (the ratios depend on it: MKL takes other paths on AMD and Intel processors)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="tiny,small")
@@ -193,7 +203,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results.json")
     args = parser.parse_args()
 
-    rows, machine = [], f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    rows, machine = [], (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                         f"model.Linear splits one-row products: {'yes' if SPLIT_MATRIX_VECTOR else 'no'}")
     with tempfile.TemporaryDirectory() as tmp:
         can_compile = shutil.which("g++") or shutil.which("clang++")  # torch.compile on CPU needs a C++ compiler
         for size in args.sizes.split(","):
@@ -201,12 +212,15 @@ def main() -> None:
             n_params = sum(v.numel() for v in load_model(path).state_dict().values()) / 1e6
             ids = torch.randint(0, SIZES[size]["vocab_size"], (8, 256), generator=torch.Generator().manual_seed(0))
 
-            ours, theirs, ours_tp = ours_trainer(path, ids, False), theirs_trainer(path, ids), ours_trainer(path, ids, True)
+            ours, theirs = ours_trainer(path, ids), theirs_trainer(path, ids)
             first = (ours(), theirs())
             assert abs(first[0] - first[1]) < 1e-4 * abs(first[1]), f"training losses differ: {first}"
-            t = interleaved({"ours": ours, "theirs": theirs, "ours_transpeft": ours_tp}, args.repeats)
+            transpeft = {(0.0, 0.1): ours_trainer(path, ids, 0.0, 0.1), (0.1, 0.1): ours_trainer(path, ids, 0.1, 0.1)}
+            t = interleaved({"ours": ours, "theirs": theirs, **transpeft}, args.repeats)
             rows.append({"size": size, "params_M": n_params, "what": "LoRA train step 8x256", "ours_s": t["ours"], "theirs_s": t["theirs"]})
-            rows.append({"size": size, "params_M": n_params, "what": "Trans-PEFT on vs off (ours)", "ours_s": t["ours_transpeft"], "theirs_s": t["ours"]})
+            for p_intra, p_cross in transpeft:
+                rows.append({"size": size, "params_M": n_params, "what": f"Trans-PEFT ({p_intra:g}, {p_cross:g}) on vs off (ours)",
+                             "ours_s": t[(p_intra, p_cross)], "theirs_s": t["ours"]})
 
             for compile in (False, True) if can_compile else (False,):
                 for batch in (1, 16):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conftest import build_hf_model, write_internlm2_checkpoint
+import model as model_py
 from model import Linear, ModelConfig, linear_cross_entropy, load_model, rope_inv_freq
 
 transformers = pytest.importorskip("transformers")
@@ -66,9 +67,11 @@ def test_training_loss_matches_hf(hf_checkpoint):
             assert max_diff(ours_params[name].grad, p.grad) <= 1e-5, name
 
 
+@pytest.mark.parametrize("chunking", [dict(chunk_rows=3), dict(max_chunk_elements=3 * 40)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_loss_equals_cross_entropy(dtype):
-    """linear_cross_entropy in chunks (here of 3 rows) = F.cross_entropy of the full logits, loss and gradients."""
+def test_chunked_loss_equals_cross_entropy(dtype, chunking):
+    """linear_cross_entropy in chunks (here of 3 rows, set by rows or by logits) = F.cross_entropy of the full
+    logits, loss and gradients."""
     g = torch.Generator().manual_seed(0)
     h = torch.randn(10, 8, generator=g).to(dtype).requires_grad_()
     w = torch.randn(40, 8, generator=g).to(dtype).requires_grad_()
@@ -77,7 +80,7 @@ def test_chunked_loss_equals_cross_entropy(dtype):
     (ref * 0.5).backward()
     ref_grads = h.grad, w.grad
     h.grad = w.grad = None
-    loss = linear_cross_entropy(h, w, t, max_chunk_elements=3 * 40)
+    loss = linear_cross_entropy(h, w, t, **chunking)
     (loss * 0.5).backward()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert abs(loss.item() - ref.item()) <= tol * abs(ref.item())
@@ -88,9 +91,11 @@ def test_chunked_loss_equals_cross_entropy(dtype):
 
 
 @pytest.mark.parametrize("threads", [2, 3, 4])
-def test_decoding_linear_equals_nn_linear(threads):
+def test_decoding_linear_equals_nn_linear(threads, monkeypatch):
     """Linear's blocked CPU product (few rows, no autograd) = F.linear, with a row-major output. The 10 output rows
-    split in P = gcd(threads, 10) blocks: 2 with 2 or 4 threads; with 3, P = 1 and F.linear runs."""
+    split in P = gcd(threads, 10) blocks: 2 with 2 or 4 threads; with 3, P = 1 and F.linear runs. One-row products
+    are split on AMD CPUs only: forced here, so that the path is checked on any machine."""
+    monkeypatch.setattr(model_py, "SPLIT_MATRIX_VECTOR", True)
     g = torch.Generator().manual_seed(0)
     layer = Linear(12, 10)
     x = torch.randn(4, 16, 12, generator=g)

@@ -152,18 +152,22 @@ def test_compiled_layers_train_like_eager(world):
 
 @pytest.mark.slow
 @needs_cxx
-def test_compiled_decoding_equals_eager_and_compiles_once(world):
+@pytest.mark.parametrize("batch_size, split", [(2, False), (1, False), (1, True)])
+def test_compiled_decoding_equals_eager_and_compiles_once(world, batch_size, split, monkeypatch):
     """generate(compile=True) (a static KV cache, the one-token step through torch.compile) gives the eager tokens on
-    left-padded batches with a LoRA attached, and compiles once for batches of one size whatever their prompt lengths."""
+    left-padded batches with a LoRA attached, and compiles once for batches of one size whatever their prompt lengths;
+    with model.Linear's products split into row blocks (2 rows; 1 row where SPLIT_MATRIX_VECTOR, as on AMD CPUs) and
+    on F.linear (1 row otherwise), whatever this CPU is."""
+    monkeypatch.setattr(model_py, "SPLIT_MATRIX_VECTOR", split)
     model, tok = lora_model(world)
     prompts = [eval_prompt(q) for q, _ in QUESTIONS][:2] + ["Short one", "A much longer prompt " * 5]
     lengths = sorted(len(tok.encode(p)) for p in prompts)
-    assert lengths[1] < lengths[3]  # the two batches (sorted by length) are padded to different lengths
-    eager = generate(model, tok, prompts, max_new_tokens=8, batch_size=2, stop_strings=[])
+    assert lengths[1] < lengths[3]  # batches (of prompts sorted by length) are padded to different lengths
+    eager = generate(model, tok, prompts, max_new_tokens=8, batch_size=batch_size, stop_strings=[])
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
-    compiled = generate(model, tok, prompts, max_new_tokens=8, batch_size=2, stop_strings=[], compile=True)
+    compiled = generate(model, tok, prompts, max_new_tokens=8, batch_size=batch_size, stop_strings=[], compile=True)
     assert compiled == eager and any(compiled)
-    # two batches of two prompts of different lengths, 7 steps each: one compiled graph serves all 14 steps
+    # batches of different prompt lengths, 7 steps each: one compiled graph serves all the steps
     assert counters["stats"]["unique_graphs"] == 1

@@ -517,7 +517,9 @@ def summarize_study(rows: list[dict]) -> tuple[str, dict]:
     """Per arm: how many (update, seed) pairs learned the task (source >= LEARNED), source and transfer accuracy
     (mean ± std, and per pair), and the paired difference of transfer against plain LoRA over the pairs where both
     learned (a module that never learned the task says nothing about transfer), with its standard error;
-    'beyond noise' means |mean| > 2 SE."""
+    'beyond noise' means |mean| > 2 SE. The update seeds evaluate the same trained modules (a seed's LoRA is trained
+    on toy-v1 alike for every update), so the independent samples are the seeds: a seed's difference is averaged
+    over its update seeds, and n, the std and the SE are over seeds."""
     plain = {(r["update_seed"], r["seed"]): r for r in rows if r["arm"] == "plain"}
 
     def learned(r):
@@ -533,7 +535,11 @@ def summarize_study(rows: list[dict]) -> tuple[str, dict]:
         src = [r["source"] for r in rs if r["source"] is not None]
         tr = [r["transfer"] for r in rs]
         both = [(r, plain[(r["update_seed"], r["seed"])]) for r in rs if (r["update_seed"], r["seed"]) in plain]
-        diffs = [r["transfer"] - p["transfer"] for r, p in both if learned(r) and learned(p)]
+        per_seed = {}  # seed -> its differences, one per update seed
+        for r, p in both:
+            if learned(r) and learned(p):
+                per_seed.setdefault(r["seed"], []).append(r["transfer"] - p["transfer"])
+        diffs = [sum(d) / len(d) for d in per_seed.values()]
         s = {"name": arm["name"], "n": len(rs), "learned": sum(map(learned, rs)), "transfer_per_pair": tr, "source_per_pair": src}
         s["source_mean"], s["source_std"] = mean_std(src) if src else (None, None)
         s["transfer_mean"], s["transfer_std"] = mean_std(tr)

@@ -76,3 +76,18 @@ def test_study_summary_pairs_seeds_and_skips_arms_that_did_not_learn():
     assert m["diff_mean"] == pytest.approx((0.3 + 0.1) / 2) and m["diff_std"] == pytest.approx(0.1 * 2**0.5)
     assert m["transfer_mean"] == pytest.approx((0.5 + 0.5 + 0.9) / 3)
     assert "0.90*" in table  # the seed that did not learn is marked
+
+
+def test_study_summary_counts_seeds_not_update_pairs():
+    """Every update seed evaluates the same trained LoRA of a seed: the differences of one seed are averaged, and the
+    standard error is over seeds (two here), not over the four (update, seed) pairs."""
+    rows = []
+    for update in (0, 1):
+        for seed, (plain, mask) in enumerate([(0.2, 0.5), (0.4, 0.5)]):
+            rows += [{"arm": "plain", "seed": seed, "update_seed": update, "source": 1.0, "transfer": plain + 0.1 * update},
+                     {"arm": "mask", "seed": seed, "update_seed": update, "source": 1.0, "transfer": mask + 0.3 * update}]
+    _, summary = train.summarize_study(rows)
+    m = summary["mask"]
+    per_seed = [(0.3 + 0.5) / 2, (0.1 + 0.3) / 2]  # seed 0: +0.3 on update 0, +0.5 on update 1; seed 1: +0.1, +0.3
+    assert m["diff_n"] == 2 and m["diff_mean"] == pytest.approx(sum(per_seed) / 2)
+    assert m["diff_se"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2**0.5 / 2**0.5)

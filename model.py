@@ -198,15 +198,19 @@ def num_threads() -> int:
     return torch.get_num_threads()
 
 
+def cpu_info(field: str) -> str:
+    """A field of the first CPU in /proc/cpuinfo ("vendor_id", "model name"), or "" where there is none (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field)), "")
+    except OSError:
+        return ""
+
+
 def mkl_gemv_on_one_core() -> bool:
     """True on CPUs where MKL's matrix-vector product (x W^T for one row x) runs on one core: AMD processors
     (pytorch/pytorch#96643; measured on this project's AMD EPYC machine). On Intel ones it uses every core."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            vendor = next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
-    except OSError:  # not Linux: no such file
-        return False
-    return torch.backends.mkl.is_available() and vendor == "AuthenticAMD"
+    return torch.backends.mkl.is_available() and cpu_info("vendor_id") == "AuthenticAMD"
 
 
 SPLIT_MATRIX_VECTOR = mkl_gemv_on_one_core()  # whether Linear splits one-row products too; decided once per process

@@ -207,13 +207,10 @@ def cpu_info(field: str) -> str:
         return ""
 
 
-def mkl_gemv_on_one_core() -> bool:
-    """True on CPUs where MKL's matrix-vector product (x W^T for one row x) runs on one core: AMD processors
-    (pytorch/pytorch#96643; measured on this project's AMD EPYC machine). On Intel ones it uses every core."""
-    return torch.backends.mkl.is_available() and cpu_info("vendor_id") == "AuthenticAMD"
-
-
-SPLIT_MATRIX_VECTOR = mkl_gemv_on_one_core()  # whether Linear splits one-row products too; decided once per process
+# Whether Linear splits one-row products too, decided once per process: where MKL's matrix-vector product (x W^T
+# for one row x) runs on one core, i.e. on AMD processors (pytorch/pytorch#96643; measured on this project's AMD EPYC
+# machine). On Intel ones it uses every core.
+SPLIT_MATRIX_VECTOR = torch.backends.mkl.is_available() and cpu_info("vendor_id") == "AuthenticAMD"
 
 
 class Linear(nn.Linear):

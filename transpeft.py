@@ -70,7 +70,7 @@ class MaskedMLP(MLP):
             keep = torch.rand_like(h).gt_(self.p_intra)  # 1 or 0: an independent Bernoulli(1 - p) draw per element
             # no 1/(1 - p): the official code does not rescale. In place: the product's backward needs its two
             # factors, not h, so no (B, T, I) tensor is allocated for the masked copy.
-            h = h.mul_(keep)
+            h.mul_(keep)
         return self.down_proj(h)
 
 

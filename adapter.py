@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import full_tensor, is_main_process, load_selected, print_trainable
+from model import check_made_for, full_tensor, is_main_process, load_selected, print_trainable, read_json, read_safetensors
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 PLACEMENTS = ("series", "parallel")
@@ -125,22 +125,29 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
-    config = {"adapter_type": "bottleneck", **model.adapter_config,
+    config = {"adapter_type": "bottleneck", **model.adapter_config, "model_type": model.config.model_type,
               "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None)}
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2))
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
-    from safetensors.torch import load_file
+CONFIG_KEYS = ("bottleneck", "act", "placement", "hidden_size", "num_hidden_layers")
 
+
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, allow_other_architecture: bool = False) -> nn.Module:
+    """Add the adapters a directory written by save_adapter describes, and load their weights. Adapters trained on
+    another model_type than model's are refused unless allow_other_architecture."""
     path = Path(adapter_dir)
     if not (path / CONFIG_NAME).exists():
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: pass a directory written by save_adapter.")
-    cfg = json.loads((path / CONFIG_NAME).read_text())
+    cfg = read_json(path / CONFIG_NAME)
+    missing = [k for k in CONFIG_KEYS if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise ValueError(f"{path / CONFIG_NAME} lacks {', '.join(missing)}: it is not a bottleneck adapter's config.")
     if cfg["hidden_size"] != model.config.hidden_size or cfg["num_hidden_layers"] != model.config.num_hidden_layers:
         raise ValueError(f"{path} was trained on a base with hidden size {cfg['hidden_size']} and {cfg['num_hidden_layers']} layers; "
                          f"this model has {model.config.hidden_size} and {model.config.num_hidden_layers}.")
+    check_made_for(model, cfg.get("model_type"), str(path), allow_other_architecture)
     add_adapter(model, cfg["bottleneck"], cfg["act"], cfg["placement"], verbose=False)
-    load_selected(model, load_file(path / WEIGHTS_NAME), is_adapter_parameter, str(path / WEIGHTS_NAME),
+    load_selected(model, read_safetensors(path / WEIGHTS_NAME), is_adapter_parameter, str(path / WEIGHTS_NAME),
                   hint="the adapter was made for a base of another size")
     return model

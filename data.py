@@ -13,23 +13,28 @@ so matching would mask the EOS the model must learn to emit). The space between 
 is ours: the evaluation prompt continues "### Response: Let's think step by step.", and training on the same
 spacing keeps the two consistent.
 
-Scoring: a completion is correct if the number it gives equals the number after "#### " in the gold answer. The
-number is found by the first of three rules that finds one:
-    official  the first number after the last "The answer is: " (Trans-PEFT's math_infer/gsm8k_infer.py, whose
-              MetaMathQA-trained models end that way), rounded to an integer as that script does;
-    gsm8k     the number after "#### " (the GSM8K answer format);
-    last      the last number in the completion (LLM-Adapters' rule).
-Numbers may carry a sign, a "$", thousands commas ("1,234") and decimals; "a/b" is a fraction. A comma not
-followed by three digits ends a number ("72, altogether" is 72), so lists are never glued into one number.
+Scoring (is_correct), two scorers:
+    official  Trans-PEFT's (math_infer/gsm8k_infer.py + grader.py), the default: the first number after the last
+              "The answer is: " (MetaMathQA-trained models end that way), rounded to an integer, equal to the gold
+              number or within rel_tol 1e-4 of it, of gold/100 or of gold*100; no such phrase or number is wrong;
+    lenient   this project's: the number from the first of three rules that finds one, "The answer is: " (as above),
+              "#### " (the GSM8K answer format), the last number in the completion (LLM-Adapters' rule), equal to
+              the gold number. Numbers may carry a sign, a "$", thousands commas ("1,234") and decimals; "a/b" is a
+              fraction. A comma not followed by three digits ends a number ("72, altogether" is 72).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import unicodedata
+from fractions import Fraction
 from pathlib import Path
 
 import torch
+
+from model import read_json
 
 IGNORE_INDEX = -100  # label of a position that carries no loss (F.cross_entropy's default ignore_index)
 
@@ -53,31 +58,62 @@ def eval_prompt(question: str) -> str:
 # Loading: every source becomes a list of {"question", "answer"} in GSM8K's format, or {"question", "response"}
 
 
-def _read_records(path: Path) -> list[dict]:
+def _read_records(path: Path) -> list[tuple[str, object]]:
+    """(where, record) for every record of a data file; where names the file and the line (or record number)."""
     if path.suffix == ".jsonl":
-        lines = path.read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        records = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append((f"{path}, line {n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {n} is not valid JSON ({e.msg}): fix or remove that line.") from None
+        return records
     if path.suffix == ".json":
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path)
+        if not isinstance(data, list):
+            raise ValueError(f"{path} holds a JSON {type(data).__name__}; a .json data file must hold a list of records "
+                             "(or use .jsonl, one record per line).")
+        return [(f"{path}, record {i}", r) for i, r in enumerate(data)]
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ValueError(f"Reading {path} needs pyarrow (pip install pyarrow), or pass the data as .jsonl.") from None
-        return pq.read_table(path).to_pylist()
+            raise ValueError(f"Reading {path} needs pyarrow (pip install -r requirements.txt), or pass the data as .jsonl.") from None
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow's own error types for a truncated or foreign file
+            raise ValueError(f"{path} is not a readable parquet file ({str(e)[:120]}).") from None
+        return [(f"{path}, row {i}", r) for i, r in enumerate(rows)]
     raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use .jsonl, .json or .parquet.")
 
 
-def _normalise(record: dict, source: str) -> dict:
-    """GSM8K {question, answer}, MetaMathQA {query, response} or Alpaca {instruction, input, output} -> ours."""
+def _text(record: dict, key: str, where: str) -> str:
+    value = record[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {key!r} is a {type(value).__name__}, not text.")
+    return value
+
+
+def _normalise(record, where: str) -> dict:
+    """GSM8K {question, answer}, MetaMathQA {query, response} or Alpaca {instruction, input, output} -> ours, checked:
+    the fields are text and a GSM8K answer ends in '#### <number>'."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where} is a JSON {type(record).__name__}, not a record (an object with question/answer fields).")
     if "question" in record and "answer" in record:
-        return {"question": record["question"], "answer": record["answer"]}
+        answer = _text(record, "answer", where)
+        try:
+            gold_answer(answer)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        return {"question": _text(record, "question", where), "answer": answer}
     if "query" in record and "response" in record:
-        return {"question": record["query"], "response": record["response"]}
+        return {"question": _text(record, "query", where), "response": _text(record, "response", where)}
     if "instruction" in record and "output" in record:
-        question = record["instruction"] + ("\n" + record["input"] if record.get("input") else "")
-        return {"question": question, "response": record["output"]}
-    raise ValueError(f"{source}: a record has fields {sorted(record)}; expected question/answer (GSM8K), "
+        extra = _text(record, "input", where) if record.get("input") else ""
+        question = _text(record, "instruction", where) + ("\n" + extra if extra else "")
+        return {"question": question, "response": _text(record, "output", where)}
+    raise ValueError(f"{where} has fields {sorted(record)}; expected question/answer (GSM8K), "
                      "query/response (MetaMathQA) or instruction/output (Alpaca).")
 
 
@@ -91,9 +127,11 @@ def _hub_file(repo_id: str, filename: str, what: str) -> Path:
                       "instead (e.g. GSM8K's train.jsonl / test.jsonl), or set HF_HUB_OFFLINE=1 to use the hub cache.") from None
 
 
-def load_examples(source: str, split: str = "train", max_samples: int | None = None) -> list[dict]:
+def load_examples(source: str, split: str = "train", max_samples: int | None = None, need_answers: bool = False) -> list[dict]:
     """Examples from "gsm8k" (hub openai/gsm8k, config main), "metamath" (hub meta-math/MetaMathQA) or a local
-    .jsonl/.json/.parquet file; the first max_samples of them (the official recipe takes MetaMathQA's first 100,000)."""
+    .jsonl/.json/.parquet file; the first max_samples of them (the official recipe takes MetaMathQA's first 100,000).
+    Every record used is checked when loaded (a bad one is named by file and line), so that bad data stops a run
+    before any compute. need_answers: every record must be GSM8K's question/answer with '#### N' (evaluation)."""
     if source == "gsm8k":
         path = _hub_file("openai/gsm8k", f"main/{split}-00000-of-00001.parquet", f"GSM8K's {split} split")
     elif source == "metamath":
@@ -107,7 +145,11 @@ def load_examples(source: str, split: str = "train", max_samples: int | None = N
         records = records[:max_samples]
     if not records:
         raise ValueError(f"{source} holds no examples: nothing to train or evaluate on.")
-    return [_normalise(r, source) for r in records]
+    examples = [_normalise(r, where) for where, r in records]
+    for (where, _), e in zip(records, examples):
+        if need_answers and "answer" not in e:
+            raise ValueError(f"{where} has no GSM8K answer: evaluation needs question/answer records ending in '#### N'.")
+    return examples
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -131,10 +173,10 @@ def _value(match: re.Match) -> float:
 def gold_answer(answer_text: str) -> float:
     """The number after the last "#### " of a GSM8K answer (commas removed)."""
     if "#### " not in answer_text:
-        raise ValueError(f"Not a GSM8K answer (no '#### '): {answer_text[-80:]!r}")
+        raise ValueError(f"not a GSM8K answer (no '#### ' before the final number): {answer_text[-80:]!r}")
     match = NUMBER.search(answer_text.rsplit("#### ", 1)[1])
     if match is None:
-        raise ValueError(f"No number after '#### ' in: {answer_text[-80:]!r}")
+        raise ValueError(f"no number after '#### ' in the answer {answer_text[-80:]!r}")
     return _value(match)
 
 
@@ -147,7 +189,8 @@ def gsm8k_response(answer_text: str) -> str:
 
 
 def extract_answer_with_rule(completion: str) -> tuple[float | None, str | None]:
-    """(number, rule) from the first rule that finds one: official, gsm8k, last; (None, None) if none does."""
+    """The lenient scorer's number: (number, rule) from the first rule that finds one: official, gsm8k, last;
+    (None, None) if none does."""
     if "The answer is: " in completion:
         match = NUMBER.search(completion.rsplit("The answer is: ", 1)[1])
         if match:
@@ -163,14 +206,76 @@ def extract_answer_with_rule(completion: str) -> tuple[float | None, str | None]
 
 
 def extract_answer(completion: str) -> float | None:
-    """The number a completion answers with (see extract_answer_with_rule), or None."""
+    """The number a completion answers with by the lenient scorer (see extract_answer_with_rule), or None."""
     return extract_answer_with_rule(completion)[0]
 
 
-def is_correct(completion: str, gold_answer_text: str) -> bool:
-    """True iff the completion's number equals the gold answer's '#### N' (numerically, to 1e-6)."""
-    predicted = extract_answer(completion)
-    return predicted is not None and abs(predicted - gold_answer(gold_answer_text)) < 1e-6
+# Trans-PEFT's own number pattern (math_infer/gsm8k_infer.py): an optional sign, digits, at most ONE of ".", "," or
+# "/", digits. So "1,234,567" reads as 1,234 and "1 / 2" as 1; a comma is a thousands separator wherever it stands.
+OFFICIAL_NUMBER = re.compile(r"[\-+]?\d*[\.,/]?\d+")
+
+
+def _is_number(text: str) -> bool:  # the official is_number: float() or a single numeric unicode character
+    try:
+        float(text)
+        return True
+    except ValueError:
+        pass
+    try:
+        unicodedata.numeric(text)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def official_prediction(completion: str) -> int | None:
+    """The official scorer's number (math_infer/gsm8k_infer.py, extract_answer_number), rule for rule: the first
+    OFFICIAL_NUMBER in the text after the LAST "The answer is: " (stripped), commas removed, rounded to an integer
+    with Python's round (half to even, so ".5" is 0); "a/b" is round(a / b), or round(a) where b is "0". None (wrong)
+    when the phrase or a number is missing. One difference: "a/00" crashes the official script (ZeroDivisionError);
+    here it is None."""
+    parts = completion.split("The answer is: ")
+    if len(parts) < 2:
+        return None
+    match = OFFICIAL_NUMBER.search(parts[-1].strip())
+    if match is None:
+        return None
+    text = match.group()
+    if "/" in text:
+        numerator, denominator = text.split("/")[:2]
+        if not (_is_number(numerator) and _is_number(denominator)):
+            return None
+        if denominator == "0":
+            return round(float(numerator.replace(",", "")))
+        try:
+            fraction = Fraction(text.replace(",", ""))
+        except ZeroDivisionError:
+            return None
+        return round(float(fraction.numerator / fraction.denominator))
+    value = float(text.replace(",", ""))
+    return None if value == float("inf") else round(value)
+
+
+SCORERS = ("official", "lenient")
+
+
+def is_correct(completion: str, gold_answer_text: str, scorer: str = "official") -> bool:
+    """Whether a completion answers a GSM8K question (gold: the number after '#### ').
+
+    official (Trans-PEFT's math_infer/gsm8k_infer.py + grader.py): official_prediction(completion) == gold, or, as
+    its math_equal does for two numbers, isclose(x, prediction, rel_tol=1e-4) for x in (gold/100, gold, gold*100):
+    so 100 answers 1 and 10000 answers 100 (percentages), and 123,460 answers 123,456 (within 1e-4).
+    lenient (this project's): the number of extract_answer_with_rule (The answer is:, then '#### ', then the last
+    number), equal to gold within 1e-6."""
+    gold = gold_answer(gold_answer_text)
+    if scorer == "official":
+        predicted = official_prediction(completion)
+        return predicted is not None and (float(predicted) == float(gold)
+                                          or any(math.isclose(x, predicted, rel_tol=1e-4) for x in (gold / 100, gold, gold * 100)))
+    if scorer == "lenient":
+        predicted = extract_answer(completion)
+        return predicted is not None and abs(predicted - gold) < 1e-6
+    raise ValueError(f"Unknown scorer {scorer!r}: choose from {', '.join(SCORERS)}.")
 
 
 # -----------------------------------------------------------------------------------------------------------

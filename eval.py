@@ -11,10 +11,10 @@ strings "Instruction:", "Instruction", "Response:", "Response", and EOS):
              string, or max_new_tokens is reached
 
 Prompts are sorted by length before batching, so that rows of a batch need little padding, and the results are
-put back in input order. Each completion is scored by data.is_correct and written, with the question, prediction,
+put back in input order. Each completion is scored by data.is_correct (both scorers) and written, with the question, predictions,
 gold answer and rule, to a jsonl file a reader can inspect.
 
-    python eval.py --model qwen2.5 --adapter runs/<run>/adapter [--data gsm8k|PATH] [--limit N]
+    python eval.py --model qwen2.5 --adapter runs/<run>/adapter [--eval-data gsm8k|PATH] [--eval-limit N]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import STOP_STRINGS, eval_prompt, extract_answer_with_rule, gold_answer, is_correct, load_examples
+from data import SCORERS, STOP_STRINGS, eval_prompt, extract_answer_with_rule, gold_answer, is_correct, load_examples, official_prediction
 
 
 @torch.inference_mode()
@@ -101,8 +101,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, ba
 
 
 def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 512, batch_size: int = 16,
-             out_jsonl: str | os.PathLike | None = None, desc: str = "eval", compile: bool = False) -> dict:
-    """GSM8K exact match of model on examples ({question, answer}); per-example records to out_jsonl if given.
+             out_jsonl: str | os.PathLike | None = None, desc: str = "eval", compile: bool = False, scorer: str = "official") -> dict:
+    """GSM8K exact match of model on examples ({question, answer}) by `scorer` ("official" or "lenient", data.is_correct);
+    the other scorer's accuracy is reported beside it, so a reader sees how much the rule matters. Per-example
+    records (both predictions and verdicts) to out_jsonl if given.
 
     Under torchrun every process decodes every N-th example and the records are gathered; process 0 writes them.
     The shares are padded to one length and decoding runs in lockstep, since a model sharded by FSDP needs every
@@ -117,7 +119,7 @@ def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 512, 
 
     def progress(rows, completions):
         nonlocal correct, seen
-        correct += sum(is_correct(completions[r], examples[mine[r]]["answer"]) for r in rows)
+        correct += sum(is_correct(completions[r], examples[mine[r]]["answer"], scorer) for r in rows)
         seen += len(rows)
         bar.update(len(rows))
         bar.set_postfix(acc=f"{correct / seen:.1%}")  # of this process's share
@@ -133,29 +135,49 @@ def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 512, 
         done = {i: c for part in gathered for i, c in part.items()}
     records = []
     for i, e in enumerate(examples):
-        prediction, rule = extract_answer_with_rule(done[i])
-        records.append({"question": e["question"], "completion": done[i], "prediction": prediction, "rule": rule,
-                        "gold": gold_answer(e["answer"]), "correct": is_correct(done[i], e["answer"])})
+        lenient, rule = extract_answer_with_rule(done[i])
+        verdicts = {name: is_correct(done[i], e["answer"], name) for name in SCORERS}
+        records.append({"question": e["question"], "completion": done[i], "gold": gold_answer(e["answer"]),
+                        "prediction_official": official_prediction(done[i]), "prediction_lenient": lenient, "rule_lenient": rule,
+                        **{f"correct_{name}": v for name, v in verdicts.items()}, "correct": verdicts[scorer]})
     if out_jsonl is not None and rank == 0:
         Path(out_jsonl).parent.mkdir(parents=True, exist_ok=True)
         with open(out_jsonl, "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
     n_correct = sum(r["correct"] for r in records)
-    return {"accuracy": n_correct / len(records), "correct": n_correct, "total": len(records), "seconds": time.time() - t0}
+    result = {"scorer": scorer, "accuracy": n_correct / len(records), "correct": n_correct, "total": len(records)}
+    for name in SCORERS:
+        result[f"accuracy_{name}"] = sum(r[f"correct_{name}"] for r in records) / len(records)
+    return {**result, "seconds": time.time() - t0}
 
 
-def attach_peft(model, adapter_dir: str | os.PathLike):
+def attach_peft(model, adapter_dir: str | os.PathLike, allow_other_architecture: bool = False):
     """Load a LoRA (PEFT format) or a bottleneck adapter from adapter_dir onto model, whichever the directory holds."""
     import adapter
     import lora
 
     path = Path(adapter_dir)
     if (path / lora.CONFIG_NAME).exists():
-        return lora.load_lora(model, path)
+        return lora.load_lora(model, path, allow_other_architecture)
     if (path / adapter.CONFIG_NAME).exists():
-        return adapter.load_adapter(model, path)
+        return adapter.load_adapter(model, path, allow_other_architecture)
     raise FileNotFoundError(f"{path} holds no adapter: expected {lora.CONFIG_NAME} (LoRA) or {adapter.CONFIG_NAME}.")
+
+
+def check_writable(path: Path) -> None:
+    """Refuse an output file that cannot be written now, rather than after the whole evaluation."""
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a directory: give a file name (e.g. {path / 'eval.jsonl'}).")
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {path} cannot be written ({e.strerror}): choose another file.") from None
+    if not existed:
+        path.unlink()
 
 
 def main(argv=None) -> None:
@@ -166,32 +188,37 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="GSM8K exact match of a base model, with or without an adapter.")
     p.add_argument("--model", required=True, help="alias, local checkpoint directory or hub repo id of the base")
     p.add_argument("--adapter", help="a LoRA (PEFT format) or bottleneck-adapter directory to load onto the base")
-    p.add_argument("--data", default="gsm8k", help="gsm8k (hub), or a local GSM8K-format .jsonl/.parquet")
+    # The evaluation flags are spelled as in train.py; the short spellings are kept as aliases.
+    p.add_argument("--eval-data", "--data", dest="eval_data", default="gsm8k", help="gsm8k (hub), or a local GSM8K-format .jsonl/.parquet")
     p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int, help="evaluate only the first N examples")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--eval-limit", "--limit", dest="eval_limit", type=int, help="evaluate only the first N examples")
+    p.add_argument("--eval-batch-size", "--batch-size", dest="eval_batch_size", type=int, default=16, help="prompts decoded at once")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="the official evaluation allows 1024")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="per-example jsonl (default: beside the adapter, or eval.jsonl)")
     p.add_argument("--compile", action="store_true", help="decode with a static KV cache and the step compiled by torch.compile (the first batch compiles)")
+    p.add_argument("--scorer", choices=SCORERS, default="official", help="official: Trans-PEFT's GSM8K rule; lenient: ours (see data.is_correct)")
+    p.add_argument("--allow-other-architecture", action="store_true", help="load an adapter trained on another model_type")
     args = p.parse_args(argv)
-    if args.limit is not None and args.limit <= 0:
-        sys.exit("error: --limit must be a positive number of examples.")
+    for name in ("eval_limit", "eval_batch_size", "max_new_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be a positive number")
+    out = Path(args.out or (Path(args.adapter) / f"eval-{Path(str(args.model)).name}.jsonl" if args.adapter else "eval.jsonl"))
     try:
+        examples = load_examples(args.eval_data, args.split, args.eval_limit, need_answers=True)
+        check_writable(out)
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
         model = load_model(args.model, dtype=dtype, device=args.device)
         tokenizer = load_tokenizer(args.model)
         if args.adapter:
-            attach_peft(model, args.adapter)
-        examples = load_examples(args.data, args.split, args.limit)
-        if any("answer" not in e for e in examples):
-            raise ValueError(f"{args.data} is not in GSM8K's format: evaluation needs question/answer records with '#### N'.")
+            attach_peft(model, args.adapter, args.allow_other_architecture)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    out = args.out or (Path(args.adapter) / f"eval-{Path(str(args.model)).name}.jsonl" if args.adapter else "eval.jsonl")
-    result = evaluate(model, tokenizer, examples, args.max_new_tokens, args.batch_size, out, compile=args.compile)
-    print(f"{args.model}{' + ' + args.adapter if args.adapter else ''}: GSM8K exact match "
-          f"{result['accuracy']:.2%} ({result['correct']}/{result['total']}) in {result['seconds']:.0f}s; per-example results in {out}")
+    result = evaluate(model, tokenizer, examples, args.max_new_tokens, args.eval_batch_size, out, compile=args.compile, scorer=args.scorer)
+    other = next(name for name in SCORERS if name != args.scorer)
+    print(f"{args.model}{' + ' + args.adapter if args.adapter else ''}: GSM8K exact match ({args.scorer} scorer) "
+          f"{result['accuracy']:.2%} ({result['correct']}/{result['total']}; {other} scorer {result['accuracy_' + other]:.2%}) "
+          f"in {result['seconds']:.0f}s; per-example results in {out}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from model import convert_internlm2, full_tensor, is_main_process, load_selected, print_trainable
+from model import (check_made_for, convert_internlm2, full_tensor, is_main_process, load_selected, print_trainable, read_json,
+                   read_safetensors, read_torch_file)
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."  # what peft puts before a module path in saved keys
@@ -170,7 +171,8 @@ def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_p
         return
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / WEIGHTS_NAME, metadata={"format": "pt"})
+    # The architecture goes into the weights file's metadata (peft reads past it; an unknown config key makes it warn).
+    save_file(tensors, out / WEIGHTS_NAME, metadata={"format": "pt", "model_type": model.config.model_type})
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2))
 
 
@@ -180,25 +182,30 @@ UNSUPPORTED = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False, 
 INTERNLM2_NAMES = {"wqkv": ["q_proj", "k_proj", "v_proj"], "wo": ["o_proj"], "w1": ["gate_proj"], "w3": ["up_proj"], "w2": ["down_proj"]}
 
 
-def load_lora(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
-    """Add the LoRA layers an adapter's config names (PEFT format, from here or from peft) and load its weights."""
-    from safetensors.torch import load_file
-
+def load_lora(model: nn.Module, adapter_dir: str | os.PathLike, allow_other_architecture: bool = False) -> nn.Module:
+    """Add the LoRA layers an adapter's config names (PEFT format, from here or from peft) and load its weights.
+    An adapter trained on another model_type than model's is refused unless allow_other_architecture."""
     path = Path(adapter_dir)
     if not (path / CONFIG_NAME).exists():
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: pass the directory of a PEFT LoRA adapter.")
-    cfg = json.loads((path / CONFIG_NAME).read_text())
-    if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{path} holds a {cfg.get('peft_type')} adapter, not LoRA.")
+    cfg = read_json(path / CONFIG_NAME)
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        found = cfg.get("peft_type") if isinstance(cfg, dict) else type(cfg).__name__
+        raise ValueError(f"{path / CONFIG_NAME} describes a {found} adapter, not a LoRA (peft_type LORA).")
+    if not isinstance(cfg.get("r", 8), int) or not cfg.get("target_modules"):
+        raise ValueError(f"{path / CONFIG_NAME} needs an integer r and target_modules: it is not a complete LoRA config.")
     for key, plain in UNSUPPORTED.items():
         if cfg.get(key, plain) not in (plain, None, {}, False):
             raise ValueError(f"{path} uses peft's {key}={cfg[key]!r}, which transpeft's LoRA does not implement.")
+    metadata = {}
     if (path / WEIGHTS_NAME).exists():
-        sd = load_file(path / WEIGHTS_NAME)
+        sd, metadata = read_safetensors(path / WEIGHTS_NAME, with_metadata=True)
     elif (path / "adapter_model.bin").exists():
-        sd = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+        sd = read_torch_file(path / "adapter_model.bin")
     else:
         raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME} (or adapter_model.bin).")
+    check_made_for(model, metadata.get("model_type") or _model_type_of(cfg.get("base_model_name_or_path")), str(path),
+                   allow_other_architecture)
     sd = {k.removeprefix(PEFT_PREFIX): v for k, v in sd.items()}
 
     targets = cfg["target_modules"]
@@ -208,6 +215,17 @@ def load_lora(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     load_selected(model, sd, is_lora_parameter, str(path / WEIGHTS_NAME),
                   hint="the adapter was made for a base of another architecture or size")
     return model
+
+
+def _model_type_of(base: str | None) -> str | None:
+    """The model_type of a base named by a local checkpoint directory (as peft records it); None where unknown."""
+    config = Path(base) / "config.json" if base else None
+    if config is None or not config.is_file():
+        return None
+    try:
+        return read_json(config).get("model_type")
+    except (ValueError, AttributeError):
+        return None
 
 
 def _from_internlm2_names(sd: dict, model_config, targets):

@@ -52,6 +52,7 @@ ALIASES = {
 # The toy world's two base models are built locally by toy.py and cached on disk; they are aliases too.
 TOY_MODELS = ("toy-v1", "toy-v2")
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "internlm2")
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 @dataclass
@@ -101,6 +102,10 @@ class ModelConfig:
         if scaling is not None and rope_type not in ("llama3", "dynamic", "linear"):
             raise ValueError(f"Unsupported RoPE scaling {rope_type!r}: supported are default, llama3, dynamic, linear.")
 
+        missing = [k for k in REQUIRED_FIELDS if hf.get(k) is None]
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(missing)}: it is not a complete {model_type} configuration; "
+                             "use the config.json that came with the checkpoint.")
         heads = hf["num_attention_heads"]
         if model_type == "qwen2":
             qkv_bias, o_bias, mlp_bias = True, False, False
@@ -558,23 +563,68 @@ def _download(repo_id: str, config_only: bool = False) -> Path:
 # Loading weights
 
 
+def read_json(path: Path) -> dict | list:
+    """A JSON file's content; a missing or malformed file is one sentence that names it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): restore the file, or write it again.") from None
+
+
+def read_safetensors(path: Path, with_metadata: bool = False):
+    """Every tensor of one .safetensors file (and its string metadata, with_metadata); a truncated or foreign file is
+    one sentence that names it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata() or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist.") from None
+    except Exception as e:  # safetensors raises its own error type (and OSError) for a truncated or garbage file
+        raise ValueError(f"{path} is not a readable safetensors file ({str(e)[:120]}): it is truncated or corrupt; "
+                         "download or save it again.") from None
+    return (tensors, metadata) if with_metadata else tensors
+
+
+def read_torch_file(path: Path) -> dict:
+    """A torch.save'd dict (weights_only: unpickling arbitrary objects can run code); one sentence if unreadable."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist.") from None
+    except Exception as e:  # an empty, truncated or foreign file: torch and pickle raise many types
+        raise ValueError(f"{path} is not a readable PyTorch file ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}): "
+                         "it is truncated, empty or of another kind.") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a dict of tensors.")
+    return obj
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory: model.safetensors, its sharded index, or (if nothing else) .bin."""
-    from safetensors.torch import load_file
 
     def shards(index_name):
-        weight_map = json.loads((path / index_name).read_text())["weight_map"]
-        return sorted(set(weight_map.values()))
+        index = read_json(path / index_name)
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise ValueError(f"{path / index_name} has no weight_map: it is not a sharded checkpoint's index.")
+        files = sorted(set(index["weight_map"].values()))
+        for f in files:  # checked by name, not by resolving: a hub snapshot's files are symlinks into blobs/
+            if Path(f).is_absolute() or ".." in Path(f).parts:
+                raise ValueError(f"{path / index_name} names the file {f!r}, outside the checkpoint directory: refused.")
+        return files
 
     if (path / "model.safetensors").exists():
-        return load_file(path / "model.safetensors")
+        return read_safetensors(path / "model.safetensors")
     if (path / "model.safetensors.index.json").exists():
-        return {k: v for f in shards("model.safetensors.index.json") for k, v in load_file(path / f).items()}
+        return {k: v for f in shards("model.safetensors.index.json") for k, v in read_safetensors(path / f).items()}
     bins = shards("pytorch_model.bin.index.json") if (path / "pytorch_model.bin.index.json").exists() else ["pytorch_model.bin"]
     if not (path / bins[0]).exists():
         raise FileNotFoundError(f"{path} holds no weights: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin.")
-    # weights_only: a .bin file is a pickle, and unpickling arbitrary objects can run code.
-    return {k: v for f in bins for k, v in torch.load(path / f, map_location="cpu", weights_only=True, mmap=True).items()}
+    return {k: v for f in bins for k, v in read_torch_file(path / f).items()}
 
 
 def check_tensors(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], where: str, hint: str) -> None:
@@ -598,6 +648,15 @@ def load_selected(model: nn.Module, tensors: dict[str, torch.Tensor], select, wh
     check_tensors({n: p.shape for n, p in params.items()}, tensors, where, hint)
     for n, p in params.items():
         p.copy_(tensors[n])
+
+
+def check_made_for(model: nn.Module, model_type: str | None, where: str, allow_other: bool = False) -> None:
+    """Refuse a PEFT module trained on another model_type than model's: the shapes can agree (a Llama and a Qwen2 of
+    one size) while the function is another. model_type None (unknown) passes."""
+    if model_type and model_type != model.config.model_type and not allow_other:
+        raise ValueError(f"{where} was trained on a {model_type} model and this base is a {model.config.model_type} model: "
+                         "load it on a base of its own architecture (or pass allow_other_architecture=True / "
+                         "--allow-other-architecture if you mean it).")
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -654,10 +713,13 @@ def convert_internlm2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str
 def load_config(name_or_path: str | os.PathLike) -> ModelConfig:
     """A checkpoint's ModelConfig, downloading nothing but config.json for a hub id."""
     path = resolve_checkpoint(name_or_path, config_only=True) / "config.json"
+    hf = read_json(path)
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} holds a {type(hf).__name__}, not a model configuration.")
     try:
-        return ModelConfig.from_hf(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}).") from None
+        return ModelConfig.from_hf(hf)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
@@ -722,8 +784,8 @@ class Tokenizer:
             extra = " It has only a SentencePiece tokenizer.model; save a tokenizer.json with transformers' AutoTokenizer first." if (path / "tokenizer.model").exists() else ""
             raise FileNotFoundError(f"{path} has no tokenizer.json.{extra}")
         self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
-        hf = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
-        tc = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").exists() else {}
+        hf = read_json(path / "config.json") if (path / "config.json").exists() else {}
+        tc = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
         bos, eos, add_bos = FAMILY_TOKENS.get(hf.get("model_type"), (None, None, False))
         self.add_bos = bool(tc.get("add_bos_token", add_bos))
         # Precedence: tokenizer_config.json's token strings, then the family's, then config.json's ids.

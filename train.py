@@ -24,9 +24,12 @@ adapter/ (PEFT format for LoRA), eval-*.jsonl (per example), results.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import shlex
+import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -44,8 +47,9 @@ import lora as lora_lib
 import toy
 from data import IGNORE_INDEX, collate, eval_prompt, load_examples, tokenize_dataset
 from eval import attach_peft, evaluate
-from model import cache_dir, is_main_process, load_config, load_model, load_tokenizer, print_trainable
-from transpeft import apply_transpeft, remove_transpeft
+from model import (Transformer, cache_dir, is_main_process, load_config, load_model, load_tokenizer, print_trainable, read_json,
+                   read_torch_file)
+from transpeft import apply_transpeft, per_layer, remove_transpeft, reseed_drops
 
 ARCH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim")
@@ -91,6 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N examples only")
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--scorer", choices=["official", "lenient"], default="official", help="official: Trans-PEFT's GSM8K rule; lenient: ours (see data.is_correct)")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
@@ -143,7 +148,9 @@ def default_out(args) -> Path:
     def short(name):
         return Path(str(name)).name.replace("/", "_")
 
-    rate = lambda r: r if isinstance(r, float) else "layerwise"  # noqa: E731
+    def rate(r):  # per-layer rates by a short hash of their values: two schedules never share a directory
+        return r if isinstance(r, float) else "layerwise-" + hashlib.sha1(json.dumps(r).encode()).hexdigest()[:8]
+
     return Path("runs") / f"{short(args.old)}-{short(args.new)}-{args.peft}-cross{rate(args.p_cross)}-intra{rate(args.p_intra)}-seed{args.seed}"
 
 
@@ -157,27 +164,50 @@ def check_compatible(old: str, new: str) -> None:
 
 
 def get_lr(step: int, total: int, base_lr: float, warmup: int) -> float:
-    """Linear warmup over `warmup` steps, then cosine decay to 0 at `total` (step counts from 0)."""
+    """The learning rate of optimizer step `step` (from 0), as transformers' get_cosine_schedule_with_warmup gives it
+    to the HF Trainer of the official run: linear warmup from 0 (lr0 * step / warmup, so the first step has lr 0),
+    then cosine decay to 0 at `total`."""
     if step < warmup:
-        return base_lr * (step + 1) / warmup
+        return base_lr * step / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def add_peft(model, args) -> None:
+def add_peft(model, args, verbose: bool = True) -> None:
     if args.peft == "lora":
         lora_lib.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                           targets=[t.strip() for t in args.lora_targets.split(",") if t.strip()], verbose=False)
     else:
         adapter_lib.add_adapter(model, bottleneck=args.adapter_bottleneck, placement=args.adapter_placement, verbose=False)
-    print_trainable(model)
+    if verbose:
+        print_trainable(model)
+
+
+def check_settings(args) -> None:
+    """Refuse, before anything is written or computed, what would fail later: an old/new pair a PEFT module cannot
+    move between, per-layer rates of the wrong length, PEFT settings the model cannot take (tried on a weightless
+    `meta` copy of the model), a new base whose tokenizer cannot be read."""
+    check_compatible(args.old, args.new)
+    cfg = load_config(args.old)
+    per_layer(args.p_intra, cfg.num_hidden_layers, "--p-intra")
+    per_layer(args.p_cross, cfg.num_hidden_layers, "--p-cross")
+    with torch.device("meta"):
+        add_peft(Transformer(cfg), args, verbose=False)
+    load_tokenizer(args.new)  # (the old base's is loaded next, for the data) for a hub id: the new base is fetched now
 
 
 def save_peft(model, out_dir: Path, base: str) -> None:
+    """Write the module to out_dir.tmp, then rename: a kill while saving never leaves a half-written adapter."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if is_main_process():
+        shutil.rmtree(tmp, ignore_errors=True)
     if any(isinstance(m, lora_lib.LoRALinear) for m in model.modules()):
-        lora_lib.save_lora(model, out_dir, base_model_name_or_path=base)
+        lora_lib.save_lora(model, tmp, base_model_name_or_path=base)
     else:
-        adapter_lib.save_adapter(model, out_dir, base_model_name_or_path=base)
+        adapter_lib.save_adapter(model, tmp, base_model_name_or_path=base)
+    if is_main_process():
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -197,11 +227,17 @@ def checkpoint_state(model, optimizer, step: int) -> dict:
     }
 
 
+CHECKPOINT_KEYS = {"step", "trainable", "optimizer", "torch_rng", "cuda_rng"}
+
+
 def restore_checkpoint(model, optimizer, path: Path) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_torch_file(path)
+    if not CHECKPOINT_KEYS <= state.keys():
+        raise ValueError(f"{path} is not a checkpoint written by train.py (it lacks {', '.join(sorted(CHECKPOINT_KEYS - state.keys()))}): "
+                         "start the run again with --overwrite.")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(params) != set(state["trainable"]):
-        raise ValueError(f"{path} was written for other PEFT settings than these: resume with the run's original flags (see args.json).")
+        raise ValueError(f"{path} holds other trainable weights than this run's PEFT module: start the run again with --overwrite.")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(state["trainable"][n])
@@ -344,10 +380,7 @@ def train(model, dataset: list[dict], args, run_dir: Path, pad_id: int, desc: st
         micro = [mine[i : i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
         loss_sum, n_tokens = 0.0, 0
         for j, mb in enumerate(micro):
-            if getattr(model, "transpeft_rng", None) is not None:
-                # Layer drops are a function of (seed, step, micro-batch): every process drops the same layers in
-                # its j-th micro-batch of a step, whatever it did before, and a resumed run repeats them.
-                model.transpeft_rng.manual_seed(args.seed * 1_000_003 + step * 1_009 + j)
+            reseed_drops(model, args.seed, step)  # one drop pattern per step, for every micro-batch and process
             last = j == len(micro) - 1  # gradients are averaged across processes after the last micro-batch only
             if fsdp:
                 model.set_requires_gradient_sync(last)
@@ -369,9 +402,9 @@ def train(model, dataset: list[dict], args, run_dir: Path, pad_id: int, desc: st
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
             bar.close()
-            raise Diverged(f"The loss became {loss_sum} at step {step + 1}: training stopped, nothing of this step was kept. "
-                           f"The last good checkpoint (step {last_saved}) is {ckpt_path if last_saved else 'not written yet'}; "
-                           "lower --lr and --resume, or check the data.")
+            kept = f"the last good checkpoint (step {last_saved}) is {ckpt_path}" if last_saved else "no checkpoint was written yet"
+            raise Diverged(f"The loss became {loss_sum} at step {step + 1}: training stopped, nothing of this step was kept and "
+                           f"{kept}. Resuming would repeat the same steps: start again with a lower --lr (--overwrite), or check the data.")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -423,26 +456,71 @@ def prepare_data(source: str, tokenizer, args) -> list[dict]:
     return dataset
 
 
+# What a run writes into its directory, and the flags a resumed run may change: they decide how it runs, not what
+# it computes (the checkpoint and the data order are the same whatever they are).
+RUN_OUTPUTS = ("args.json", "train_log.jsonl", "checkpoint.pt", "adapter", "eval-old.jsonl", "eval-new.jsonl", "results.json", "refit-new")
+HOW_FLAGS = ("device", "micro_batch_size", "eval_batch_size", "save_every", "stop_after", "resume", "overwrite", "compile",
+             "grad_checkpointing", "out")
+
+
+def check_run_dir(out: Path, args) -> None:
+    """Refuse, before anything is written, a run that would lose or mix another: a finished run without --overwrite,
+    an unfinished one without --resume or --overwrite, a --resume with other result-deciding flags than the run's."""
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them.")
+    started = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if (out / "results.json").exists() and not args.overwrite:
+        raise ValueError(f"{out} already holds a finished run (results.json): pass --overwrite to replace it, or another --out.")
+    if started and not (args.resume or args.overwrite):
+        raise ValueError(f"{out} holds an unfinished run ({', '.join(started)}): pass --resume to continue it, or --overwrite "
+                         "to start it again (or choose another --out).")
+    if not args.resume:
+        return
+    if not (out / "checkpoint.pt").exists():
+        raise ValueError(f"Nothing to resume in {out}: it has no checkpoint.pt (none is written before step --save-every). "
+                         "Start the run again with --overwrite.")
+    if not (out / "args.json").exists():
+        raise ValueError(f"{out} has a checkpoint but no args.json, so its flags are unknown: start the run again with --overwrite.")
+    stored, now = read_json(out / "args.json"), json.loads(json.dumps(vars(args), default=str))
+    for name, value in now.items():
+        if name not in HOW_FLAGS and stored.get(name) != value:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{out} was started with {flag} {stored.get(name)} and this command says {value}: a resumed run keeps "
+                             f"the flags that decide its result (only {', '.join('--' + h.replace('_', '-') for h in HOW_FLAGS)} "
+                             "may change). Resume with the original value, or start again with --overwrite.")
+
+
+def begin_run(out: Path, args) -> None:
+    """After every check: clear a run that --overwrite replaces, remove what an interrupted save left behind, and
+    record the flags (a resumed run keeps the args.json it started with)."""
+    if not is_main_process():
+        return
+    if args.overwrite:
+        for name in RUN_OUTPUTS:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    for tmp in (out / "checkpoint.pt.tmp", out / "adapter.tmp", out / "refit-new" / "checkpoint.pt.tmp", out / "refit-new" / "adapter.tmp"):
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+
+
 def run_experiment(args) -> dict:
     out = Path(args.out) if args.out else default_out(args)
-    if (out / "results.json").exists() and not (args.overwrite or args.resume):
-        raise ValueError(f"{out} already holds a finished run (results.json): pass --overwrite to replace it, or another --out.")
-    if args.resume and not (out / "checkpoint.pt").exists():
-        raise ValueError(f"Nothing to resume in {out}: it has no checkpoint.pt. Start the run without --resume.")
-    check_compatible(args.old, args.new)
+    check_run_dir(out, args)
+    check_settings(args)
     old_tok = load_tokenizer(args.old)
     train_set = prepare_data(args.train_data, old_tok, args)
-    eval_set = load_examples(args.eval_data, "test", args.eval_limit)
-    if any("answer" not in e for e in eval_set):
-        raise ValueError(f"{args.eval_data} is not in GSM8K's format: evaluation needs question/answer records with '#### N'.")
+    eval_set = load_examples(args.eval_data, "test", args.eval_limit, need_answers=True)
+    begin_run(out, args)
     if is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
         print(f"run directory: {out}  ({len(train_set)} training examples, {len(eval_set)} evaluation examples)")
 
     t0 = time.time()
     model, log = train_and_save(args.old, train_set, args, out, old_tok.pad_token_id, "train on old", transpeft=True)
-    ev = dict(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size, compile=args.compile and not dist.is_initialized())
+    ev = dict(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size, compile=args.compile and not dist.is_initialized(),
+              scorer=args.scorer)
     results = {"old": args.old, "new": args.new, "peft": args.peft, "p_intra": args.p_intra, "p_cross": args.p_cross,
                "final_train_loss": log[-1]["loss"] if log else None}
     results["source_old"] = evaluate(model, old_tok, eval_set, out_jsonl=out / "eval-old.jsonl", desc="eval on old", **ev)
@@ -564,6 +642,10 @@ def summarize_study(rows: list[dict]) -> tuple[str, dict]:
     return "\n".join(lines), summary
 
 
+def toy_out(args) -> Path:
+    return Path(args.out or ("runs/toy-study-quick" if args.quick else "runs/toy-study"))
+
+
 def run_toy_study(args) -> dict:
     """The embedded default: every arm of toy.ARMS for every seed and update seed, then the drift analysis."""
     from transpeft import analyze_drift, format_table
@@ -574,9 +656,16 @@ def run_toy_study(args) -> dict:
         base_recipe = {"v1": {**toy.RECIPE["v1"], "steps": 30}, "v2": {**toy.RECIPE["v2"], "steps": 10}}
         root = cache_dir() / "quick"  # beside, not over, the real bases
         recipe.update(steps=6)
-    out = Path(args.out or ("runs/toy-study-quick" if args.quick else "runs/toy-study"))
-    if (out / "results.json").exists() and not args.overwrite:
-        raise ValueError(f"{out} already holds a finished study (results.json): pass --overwrite to replace it, or another --out.")
+    out = toy_out(args)
+    if args.resume:
+        raise ValueError("The toy study cannot be resumed (it takes minutes): run it again with --overwrite.")
+    started = (out / "args.json").exists() or (out / "results.json").exists()
+    if started and not args.overwrite:
+        state = "a finished study (results.json)" if (out / "results.json").exists() else "an unfinished study"
+        raise ValueError(f"{out} already holds {state}: pass --overwrite to replace it, or another --out.")
+    if args.overwrite:  # the study's own outputs only: args.json, results.json and a directory per update seed
+        for path in [out / "args.json", out / "results.json", *out.glob("u[0-9]*")]:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps({**vars(args), "recipe": recipe}, indent=2, default=str))
     rows, drift = [], {}
@@ -617,12 +706,26 @@ def results_table(r: dict) -> str:
     if r.get("refit_new"):
         rows.append(("trained on new, on new (upper bound)", r["new"], r["refit_new"]))
     width = max(len(str(base)) for _, base, _ in rows)
-    lines = [f"\n{'setting':<38} {'base':<{width}}  GSM8K exact match"]
-    lines += [f"{name:<38} {str(base):<{width}}  {res['accuracy']:7.2%}  ({res['correct']}/{res['total']})" for name, base, res in rows]
+    lines = [f"\n{'setting':<38} {'base':<{width}}  GSM8K exact match ({r['source_old']['scorer']} scorer)   lenient / official scorer"]
+    lines += [f"{name:<38} {str(base):<{width}}  {res['accuracy']:7.2%}  ({res['correct']}/{res['total']}){'':16}"
+              f"{res['accuracy_lenient']:7.2%} / {res['accuracy_official']:.2%}" for name, base, res in rows]
     return "\n".join(lines)
 
 
+def interrupted(args, argv: list[str]) -> str:
+    """The one line a Ctrl-C ends with: where the last checkpoint is, and the command that continues from it."""
+    if args.old is None:
+        return f"interrupted: the toy study in {toy_out(args)} is incomplete; run the same command with --overwrite to start it again."
+    out = Path(args.out) if args.out else default_out(args)
+    flags = [a for a in argv if a not in ("--resume", "--overwrite")]
+    ckpt = next((c for c in (out / "refit-new" / "checkpoint.pt", out / "checkpoint.pt") if c.exists()), None)
+    if ckpt is None:
+        return f"interrupted before the first checkpoint in {out}; start again with: python train.py {shlex.join(flags + ['--overwrite'])}"
+    return f"interrupted: the last checkpoint is {ckpt}; continue with: python train.py {shlex.join(flags + ['--resume'])}"
+
+
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     init_distributed(args)
     try:
@@ -636,6 +739,8 @@ def main(argv=None) -> None:
     except StopRequested as e:
         if is_main_process():
             print(e)
+    except KeyboardInterrupt:
+        sys.exit(interrupted(args, argv))
     except (Diverged, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     if dist.is_initialized():  # after a run every process reached: no collective may be in flight when the group goes

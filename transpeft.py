@@ -36,9 +36,9 @@ its released scripts do not use, still applies the FFN adapter on a dropped laye
 Random draws use torch's RNG: the masks the global generator of the activations' device (seeded by
 torch.manual_seed), the layer drops a CPU torch.Generator of their own (`model.transpeft_rng`), seeded when
 Trans-PEFT is switched on, so that processes seeded alike drop the same layers whatever else each one draws.
-train.py goes one step further and reseeds it from (seed, step, micro-batch) before every forward pass: every
-data-parallel process then drops the same layers in its j-th micro-batch of a step, as the official code's ranks do,
-and a resumed run repeats the drops of the uninterrupted one.
+train.py goes one step further and reseeds it from (seed, step) before every forward pass (reseed_drops): every
+micro-batch of a step, in every data-parallel process, drops the same layers, as the official run's identically
+seeded ranks do, and a resumed run repeats the drops of the uninterrupted one.
 
 The file also holds the paper's analysis: how much an update changes attention vs FFN weights, and their outputs
 on the same inputs (`python transpeft.py analyze --old qwen2-0.5b --new qwen2.5-0.5b`).
@@ -124,6 +124,14 @@ def apply_transpeft(model: nn.Module, p_intra: float | Sequence[float] = 0.0, p_
     return model
 
 
+def reseed_drops(model: nn.Module, seed: int, step: int) -> None:
+    """Make the layer drops a function of (seed, step): every micro-batch of an optimizer step, in every process,
+    draws the same pattern (the released run's 4 processes, all seeded alike, drop the same layers for the whole global
+    batch of a step), and a resumed run repeats the drops of the uninterrupted one. Nothing happens without Trans-PEFT."""
+    if getattr(model, "transpeft_rng", None) is not None:
+        model.transpeft_rng.manual_seed(seed * 1_000_003 + step * 1_009)
+
+
 def remove_transpeft(model: nn.Module) -> nn.Module:
     """Switch Trans-PEFT off: back to the plain layers of model.py."""
     for layer in model.model.layers:
@@ -155,8 +163,11 @@ def analyze_drift(old: nn.Module, new: nn.Module, input_ids: torch.Tensor) -> li
         norm:  ‖n_new − n_old‖ / ‖n_old‖, n = per-output-channel L2 norm over all tokens (what the official code's
                activation tracker records).
     """
-    if old.config.hidden_size != new.config.hidden_size or len(old.model.layers) != len(new.model.layers):
-        raise ValueError("The two models differ in shape: the drift analysis compares two versions of one architecture.")
+    for field in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim"):
+        a, b = getattr(old.config, field), getattr(new.config, field)
+        if a != b:
+            raise ValueError(f"The two models differ in {field} ({a} vs {b}): the drift analysis compares two versions of one "
+                             "architecture and size.")
     captured = {}
 
     def keep(name):
@@ -259,18 +270,20 @@ def main(argv=None) -> None:
     a.add_argument("--out", default="runs/analysis", help="directory for analysis.json and drift.png")
     args = parser.parse_args(argv)
 
+    if args.max_tokens <= 0:
+        parser.error("--max-tokens must be a positive number of tokens")
     try:
+        lines = Path(args.text).read_text().splitlines() if args.text else DEFAULT_TEXT
+        lines = [line for line in lines if line.strip()]
+        if not lines:
+            raise ValueError(f"{args.text} has no text to feed the models.")
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
         old, new = load_model(args.old, dtype, args.device), load_model(args.new, dtype, args.device)
         tok = load_tokenizer(args.old)
-        lines = Path(args.text).read_text().splitlines() if args.text else DEFAULT_TEXT
+        encoded = [tok.encode(line)[: args.max_tokens] for line in lines]
+        per_line = [analyze_drift(old, new, torch.tensor([ids], device=args.device)) for ids in encoded]
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    lines = [line for line in lines if line.strip()]
-    if not lines:
-        sys.exit(f"error: {args.text} has no text to feed the models.")
-    encoded = [tok.encode(line)[: args.max_tokens] for line in lines]
-    per_line = [analyze_drift(old, new, torch.tensor([ids], device=args.device)) for ids in encoded]
     rows = []  # each number averaged over the input lines
     for i in range(len(per_line[0])):
         rows.append({"layer": i, **{k: sum(r[i][k] for r in per_line) / len(per_line) for k, _ in COLUMNS}})

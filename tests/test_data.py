@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from data import (IGNORE_INDEX, collate, extract_answer, extract_answer_with_rule, gold_answer, gsm8k_response, is_correct,
-                  load_examples, tokenize_example, train_prompt)
+                  load_examples, official_prediction, tokenize_example, train_prompt)
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "gsm8k"
 
@@ -25,7 +25,8 @@ def test_every_real_gold_answer_parses_and_scores():
     for e in examples:
         gold = gold_answer(e["answer"])
         assert gold == openai_reference(e["answer"])
-        assert is_correct(e["answer"], e["answer"])  # the reference solution itself, by the '#### ' rule
+        assert is_correct(e["answer"], e["answer"], "lenient")  # the reference solution itself, by the '#### ' rule
+        assert not is_correct(e["answer"], e["answer"], "official")  # the official rule reads "The answer is: " only
         response = gsm8k_response(e["answer"])  # and restyled for training, by the official rule
         assert "<<" not in response and extract_answer_with_rule(response) == (gold, "official")
 
@@ -50,11 +51,11 @@ def test_tricky_completions(completion, expected, rule):
     assert extract_answer_with_rule(completion) == ((None if expected is None else float(expected)), rule)
 
 
-def test_is_correct_compares_numbers_against_the_gold_marker():
+def test_lenient_scorer_compares_numbers_against_the_gold_marker():
     gold = "She has 2 + 70 = <<2+70=72>>72 clips.\n#### 72"
-    assert is_correct("... 72, altogether", gold) and is_correct("The answer is: 72.00", gold)
-    assert not is_correct("The answer is: 27", gold) and not is_correct("no idea", gold)
-    assert is_correct("a loss of -3", "#### -3") and is_correct("it costs $1,234", "#### 1,234")
+    assert is_correct("... 72, altogether", gold, "lenient") and is_correct("The answer is: 72.00", gold, "lenient")
+    assert not is_correct("The answer is: 27", gold, "lenient") and not is_correct("no idea", gold, "lenient")
+    assert is_correct("a loss of -3", "#### -3", "lenient") and is_correct("it costs $1,234", "#### 1,234", "lenient")
     assert extract_answer("The answer is: 3/4") == 1.0  # fractions are divided, then rounded by the official rule
 
 
@@ -95,3 +96,45 @@ def test_loading_errors(tmp_path):
         load_examples(str(tmp_path / "odd.jsonl"))
     (tmp_path / "meta.json").write_text(json.dumps([{"query": "q1", "response": "r1"}, {"query": "q2", "response": "r2"}]))
     assert load_examples(str(tmp_path / "meta.json"), max_samples=1) == [{"question": "q1", "response": "r1"}]
+
+
+# The official scorer, from its definition (Trans-PEFT math_infer/gsm8k_infer.py extract_answer_number + grader.py
+# math_equal): the text after the LAST "The answer is: ", stripped; the first match of [\-+]?\d*[\.,/]?\d+; "a/b"
+# -> round(a/b) (b "0" -> round(a)); else round(float(match without commas)), Python's half-to-even round; correct
+# iff pred == gold or isclose(x, pred, rel_tol=1e-4) for x in (gold/100, gold, gold*100).
+@pytest.mark.parametrize("completion, gold, official, lenient", [
+    ("The answer is: 72", 72, True, True),
+    ("The answer is: 1,234,567", 1234567, False, True),  # one separator only: reads 1,234
+    ("The answer is: 1,234,567", 1234, True, False),
+    ("The answer is: 12,5", 125, True, False),  # a comma anywhere is a thousands separator
+    ("The answer is: .5", 0, True, False),  # round(0.5) == 0 (half to even)
+    ("The answer is: 2.5", 2, True, True),  # both round after "The answer is: "
+    ("The answer is: 3.5", 4, True, True),
+    ("The answer is: 1 / 2", 1, True, False),  # the spaces end the match at "1"
+    ("The answer is: 3/4", 1, True, True),
+    ("The answer is: 7/0", 7, True, True),  # a zero denominator: the numerator, rounded
+    ("The answer is: 5000", 50, True, False),  # a percentage form: gold * 100
+    ("The answer is: 3", 300, True, False),  # gold / 100
+    ("The answer is: 0.5", 50, False, False),  # rounded to 0 first
+    ("The answer is: 123460", 123456, True, False),  # within rel_tol 1e-4 of a large answer
+    ("The answer is: 123470", 123456, False, False),
+    ("The answer is: 73", 72, False, False),
+    ("The answer is: 5. No wait. The answer is: 7", 7, True, True),  # the last phrase counts
+    ("The answer is: -3", -3, True, True),
+    ("The answer is: +4", 4, True, True),
+    ("The answer is: $18", 18, True, True),
+    ("So the total is 72.\n#### 72", 72, False, True),  # no "The answer is: ": wrong, officially
+    ("The answer is: seventy-two", 72, False, False),
+    ("The answer is:72", 72, False, True),  # the phrase needs its space
+])
+def test_official_and_lenient_scorers(completion, gold, official, lenient):
+    gold_text = f"reasoning\n#### {gold:,}"
+    assert is_correct(completion, gold_text, "official") == official
+    assert is_correct(completion, gold_text, "lenient") == lenient
+
+
+def test_official_prediction_is_an_integer_or_none():
+    assert official_prediction("The answer is: 3/4") == 1 and isinstance(official_prediction("The answer is: 2.6"), int)
+    assert official_prediction("no phrase 42") is None and official_prediction("The answer is: 5/00") is None
+    with pytest.raises(ValueError, match="Unknown scorer"):
+        is_correct("The answer is: 1", "#### 1", "strict")

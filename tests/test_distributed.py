@@ -28,7 +28,7 @@ def torchrun(argv, n=2, script="train.py"):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", script, *argv]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # a script outside the project imports it too
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, "\n".join(line for line in (r.stdout + r.stderr).splitlines() if "[rank" in line or "Error" in line)[-4000:]
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]  # the tail: a C++ abort's reason comes last, in no "Error" line
     return r
 
 
@@ -45,9 +45,10 @@ def assert_same_run(a, b):
 
 
 def test_ddp_with_dropping_equals_one_process(world):
-    """p_cross 0.5 on FFN LoRA: one forward per process per step in both runs, so the drops line up."""
+    """p_cross 0.5 on FFN LoRA: one drop pattern per step, so one process with 4 micro-batches of 1 trains as two
+    processes with one micro-batch of 2 each."""
     one, two = world["tmp"] / "one", world["tmp"] / "two"
-    train.main(args_for(world, one, 0.5, 4))
+    train.main(args_for(world, one, 0.5, 1))
     torchrun(args_for(world, two, 0.5, 2))
     assert_same_run(one, two)
     assert not (two / "checkpoint.pt.tmp").exists() and (two / "checkpoint.pt").exists()

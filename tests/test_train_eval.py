@@ -3,10 +3,12 @@ that eval.py loads, --resume after an interruption ends where the uninterrupted 
 one prompt at a time, and bad input is refused before any training."""
 
 import json
+import math
 import shutil
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 import eval as eval_cli
@@ -45,7 +47,8 @@ def test_short_run_learns_saves_and_resumes_identically(world):
     eval_cli.main(["--model", world["new"], "--adapter", str(a / "adapter"), "--data", world["data"], "--limit", "2",
                    "--max-new-tokens", "4", "--out", str(world["tmp"] / "e.jsonl")])
     records = [json.loads(line) for line in (world["tmp"] / "e.jsonl").read_text().splitlines()]
-    assert len(records) == 2 and set(records[0]) == {"question", "completion", "prediction", "rule", "gold", "correct"}
+    assert len(records) == 2 and set(records[0]) == {"question", "completion", "gold", "prediction_official", "prediction_lenient",
+                                                      "rule_lenient", "correct_official", "correct_lenient", "correct"}
 
     # interrupted after step 3 (checkpoints at 2 and 3), then resumed: the same adapter as the uninterrupted run
     b = world["tmp"] / "b"
@@ -171,3 +174,25 @@ def test_compiled_decoding_equals_eager_and_compiles_once(world, batch_size, spl
     assert compiled == eager and any(compiled)
     # batches of different prompt lengths, 7 steps each: one compiled graph serves all the steps
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("total, ratio", [(50, 0.03), (200, 0.05), (10, 0.0), (7, 0.5)])
+def test_lr_schedule_is_transformers_cosine_with_warmup(total, ratio):
+    """The HF Trainer of the official run: get_cosine_schedule_with_warmup, stepped after each optimizer step, so
+    optimizer step s uses lambda(s): lr 0 at the first step, warmup = ceil(ratio * total)."""
+    warmup = math.ceil(ratio * total)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=3e-4)
+    schedule = transformers.get_cosine_schedule_with_warmup(opt, warmup, total)
+    for step in range(total):
+        assert train.get_lr(step, total, 3e-4, warmup) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=1e-15), step
+        opt.step()
+        schedule.step()
+
+
+def test_logged_lr_is_the_schedule_of_the_run(world):
+    """The lr column of train_log.jsonl: warmup from 0 over ceil(0.25 * 8) = 2 steps, then cosine to 0 at step 8."""
+    out = world["tmp"] / "lr"
+    train.main(run_args(world, out, "--max-steps", "8", "--warmup-ratio", "0.25", "--lr", "1e-2"))
+    logged = [json.loads(line)["lr"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    expected = [0.0, 0.005] + [0.5e-2 * (1 + math.cos(math.pi * (s - 2) / 6)) for s in range(2, 8)]
+    assert logged == pytest.approx(expected, rel=1e-12, abs=1e-15)

@@ -1,0 +1,324 @@
+"""What users do by mistake never loses a run or mixes two, and bad input is refused in one sentence before any
+compute: unfinished runs, changed flags on --resume, interrupted saves, Ctrl-C, malformed data, checkpoints and
+adapters, impossible settings."""
+
+import json
+import shlex
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import eval as eval_cli
+import train
+import transpeft
+from lora import add_lora, load_lora, save_lora
+from model import load_model
+from test_train_eval import run_args
+
+
+def refused(argv, *phrases, main=train.main):
+    """main(argv) ends with one line (no traceback) holding every phrase."""
+    if main is eval_cli.main and "--out" not in argv:
+        argv = [*argv, "--out", str(TMP / "eval.jsonl")]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    message = str(e.value.code)
+    assert "\n" not in message.strip() and all(p in message for p in phrases), message
+    return message
+
+
+TMP = None  # set per test by the fixture below: where eval.py's per-example file goes
+
+
+@pytest.fixture(autouse=True)
+def eval_out(tmp_path):
+    global TMP
+    TMP = tmp_path
+
+
+def files(run_dir):
+    return {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+# -----------------------------------------------------------------------------------------------------------
+# No run is lost or mixed
+
+
+def test_an_unfinished_run_is_refused_without_resume_or_overwrite(world):
+    out = world["tmp"] / "run"
+    train.main(run_args(world, out, "--max-steps", "6", "--stop-after", "2"))
+    before = files(out)
+    refused(run_args(world, out, "--max-steps", "6"), "unfinished run", "--resume", "--overwrite")
+    assert files(out) == before  # the log and the checkpoint untouched
+
+
+def test_resume_refuses_changed_flags_and_keeps_args_json(world):
+    out = world["tmp"] / "run"
+    train.main(run_args(world, out, "--max-steps", "6", "--stop-after", "2"))
+    before = files(out)
+    refused(run_args(world, out, "--max-steps", "6", "--resume", "--lora-r", "8"), "--lora-r 4", "says 8")
+    refused(run_args(world, out, "--max-steps", "6", "--resume", "--lr", "1e-3"), "--lr 0.03", "0.001")
+    refused(run_args(world, out, "--max-steps", "7", "--resume"), "--max-steps 6", "says 7")
+    assert files(out) == before
+    # how it runs may change: here the evaluation's batch size
+    train.main(run_args(world, out, "--max-steps", "6", "--resume", "--eval-batch-size", "2"))
+    assert (out / "results.json").exists() and (out / "args.json").read_bytes() == before["args.json"]
+
+
+def test_overwrite_clears_the_old_run_first_and_stale_temporaries_go(world):
+    out = world["tmp"] / "run"
+    train.main(run_args(world, out, "--max-steps", "2"))
+    assert {"results.json", "eval-old.jsonl", "eval-new.jsonl", "adapter/adapter_model.safetensors"} <= set(files(out))
+    refused(run_args(world, out, "--max-steps", "2"), "finished run", "--overwrite")
+    # an --overwrite that stops early leaves nothing of the old run beside the new one
+    train.main(run_args(world, out, "--max-steps", "6", "--stop-after", "2", "--overwrite"))
+    assert set(files(out)) == {"args.json", "train_log.jsonl", "checkpoint.pt"}
+    # what a killed save leaves behind is removed on the next start
+    (out / "checkpoint.pt.tmp").write_bytes(b"half")
+    (out / "adapter.tmp").mkdir()
+    (out / "adapter.tmp" / "adapter_model.safetensors").write_bytes(b"half")
+    train.main(run_args(world, out, "--max-steps", "6", "--resume"))
+    assert not (out / "checkpoint.pt.tmp").exists() and not (out / "adapter.tmp").exists()
+
+
+def test_an_interrupted_adapter_save_leaves_the_old_adapter_whole(world, monkeypatch):
+    model = add_lora(load_model(world["old"]), r=2, alpha=4, targets=["q_proj"], verbose=False)
+    out = world["tmp"] / "adapter"
+    train.save_peft(model, out, world["old"])
+    before = files(out)
+
+    def killed(model, out_dir, **kw):  # the weights are written, then the process dies before the config
+        out_dir.mkdir(parents=True)
+        (out_dir / "adapter_model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.lora_lib, "save_lora", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_peft(model, out, world["old"])
+    assert files(out) == before
+
+
+def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(world, monkeypatch):
+    out = world["tmp"] / "run"
+    argv = run_args(world, out, "--max-steps", "6")
+    real_get_lr = train.get_lr
+
+    def get_lr(step, *a):
+        if step == 3:  # after the checkpoint of step 2 (--save-every 2)
+            raise KeyboardInterrupt
+        return real_get_lr(step, *a)
+
+    monkeypatch.setattr(train, "get_lr", get_lr)
+    message = refused(argv, f"{out / 'checkpoint.pt'}", "--resume")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(train, "get_lr", real_get_lr)
+    command = shlex.split(message.split("continue with: ")[1])
+    assert command[:2] == ["python", "train.py"]
+    train.main(command[2:])  # the printed command finishes the run
+    assert json.loads((out / "results.json").read_text())["transfer_new"]["total"] == 3
+
+
+def test_ctrl_c_before_any_checkpoint_says_so(world, monkeypatch):
+    monkeypatch.setattr(train, "get_lr", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    refused(run_args(world, world["tmp"] / "run", "--max-steps", "6"), "before the first checkpoint", "--overwrite")
+
+
+def test_divergence_before_any_checkpoint_does_not_advise_resume(world, monkeypatch):
+    import model as model_py
+
+    monkeypatch.setattr(model_py, "linear_cross_entropy", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    message = refused(run_args(world, world["tmp"] / "nan", "--max-steps", "4"), "no checkpoint was written yet")
+    assert "and --resume" not in message
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Bad data: named by file and line, before any compute
+
+
+def write_lines(path, *records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return str(path)
+
+
+GOOD = {"question": "What is 1 plus 1?", "answer": "1 + 1 = 2\n#### 2"}
+
+
+@pytest.mark.parametrize("line, phrase", [
+    ({"question": "q", "answer": "no final number here"}, "no '#### '"),
+    ({"question": "q", "answer": "It is two.\n#### two"}, "no number after '#### '"),
+    ({"question": "q", "answer": 2}, "'answer' is a int, not text"),
+    ('{"question": "q", "answer": ', "is not valid JSON"),
+    ("[1, 2]", "is a JSON list, not a record"),
+    ({"prompt": "q", "completion": "a"}, "has fields ['completion', 'prompt']"),
+])
+@pytest.mark.parametrize("flag", ["--eval-data", "--train-data"])
+def test_bad_records_are_named_by_file_and_line_before_anything_runs(world, monkeypatch, line, phrase, flag):
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("training started"))
+    data = write_lines(world["tmp"] / "bad.jsonl", GOOD, line)
+    out = world["tmp"] / "run"
+    refused(run_args(world, out, flag, data), f"bad.jsonl, line 2", phrase)
+    assert not out.exists()  # nothing written
+
+
+def test_json_data_must_be_a_list(world):
+    path = world["tmp"] / "data.json"
+    path.write_text(json.dumps({"data": [GOOD]}))
+    refused(run_args(world, world["tmp"] / "run", "--train-data", str(path)), "data.json holds a JSON dict", "list of records")
+
+
+def test_eval_cli_validates_data_and_out_before_decoding(world, monkeypatch):
+    monkeypatch.setattr(eval_cli, "evaluate", lambda *a, **k: pytest.fail("evaluation started"))
+    bad = write_lines(world["tmp"] / "bad.jsonl", GOOD, {"question": "q", "answer": "#### x"})
+    refused(["--model", world["old"], "--eval-data", bad], "bad.jsonl, line 2", "no number", main=eval_cli.main)
+    (world["tmp"] / "a_file").write_text("")
+    refused(["--model", world["old"], "--data", world["data"], "--out", str(world["tmp"] / "a_file" / "e.jsonl")],
+            "cannot be written", main=eval_cli.main)
+    refused(["--model", world["old"], "--data", world["data"], "--out", str(world["tmp"])], "is a directory", main=eval_cli.main)
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--eval-batch-size", "--max-new-tokens", "--limit"])
+def test_eval_cli_refuses_non_positive_numbers(world, capsys, flag):
+    with pytest.raises(SystemExit):
+        eval_cli.main(["--model", world["old"], flag, "0"])
+    assert "must be a positive number" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Bad checkpoints, adapters and settings
+
+
+def broken_copy(world, name, edit):
+    path = world["tmp"] / name
+    shutil.copytree(world["old"], path)
+    edit(path)
+    return str(path)
+
+
+def test_config_missing_a_field_is_named(world):
+    def drop_hidden(path):
+        cfg = json.loads((path / "config.json").read_text())
+        del cfg["hidden_size"]
+        (path / "config.json").write_text(json.dumps(cfg))
+
+    old = broken_copy(world, "nohidden", drop_hidden)
+    refused(run_args(world, world["tmp"] / "run", "--old", old), "config.json", "lacks hidden_size")
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 10, None])  # None: the real file cut in half
+def test_unreadable_weights_are_named(world, content):
+    def spoil(path):
+        f = path / "model.safetensors"
+        f.write_bytes(content if content is not None else f.read_bytes()[: f.stat().st_size // 2])
+
+    old = broken_copy(world, "spoiled", spoil)
+    refused(["--model", old, "--data", world["data"]], "model.safetensors is not a readable safetensors file", main=eval_cli.main)
+
+
+def test_sharded_index_may_not_leave_the_checkpoint(world):
+    def escape(path):
+        other = world["tmp"] / "other"
+        other.mkdir()
+        (path / "model.safetensors").rename(other / "model.safetensors")
+        (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "../other/model.safetensors"}}))
+
+    old = broken_copy(world, "escaping", escape)
+    refused(["--model", old, "--data", world["data"]], "outside the checkpoint directory", main=eval_cli.main)
+
+
+@pytest.mark.parametrize("content, phrase", [(b"", "not a readable PyTorch file"), (b"\x80\x04garbage", "not a readable PyTorch file"),
+                                             (None, "not a checkpoint written by train.py")])
+def test_bad_checkpoint_on_resume_is_named(world, content, phrase):
+    out = world["tmp"] / "run"
+    train.main(run_args(world, out, "--max-steps", "6", "--stop-after", "2"))
+    if content is None:
+        torch.save({"model": torch.zeros(2)}, out / "checkpoint.pt")  # a foreign checkpoint
+    else:
+        (out / "checkpoint.pt").write_bytes(content)
+    refused(run_args(world, out, "--max-steps", "6", "--resume"), str(out / "checkpoint.pt"), phrase)
+
+
+def saved_lora(world):
+    model = add_lora(load_model(world["old"]), r=2, alpha=4, targets=["q_proj"], verbose=False)
+    out = world["tmp"] / "lora"
+    save_lora(model, out)
+    return out
+
+
+def test_bad_adapter_files_are_named(world):
+    out = saved_lora(world)
+    (out / "adapter_model.safetensors").write_bytes(b"junk")
+    refused(["--model", world["new"], "--adapter", str(out), "--data", world["data"]], "adapter_model.safetensors is not a readable",
+            main=eval_cli.main)
+    (out / "adapter_config.json").write_text("{not json")
+    refused(["--model", world["new"], "--adapter", str(out), "--data", world["data"]], "adapter_config.json is not valid JSON",
+            main=eval_cli.main)
+
+
+def test_bottleneck_config_missing_keys_is_named(world):
+    from adapter import add_adapter, save_adapter
+
+    model = add_adapter(load_model(world["old"]), bottleneck=4, verbose=False)
+    out = world["tmp"] / "bottleneck"
+    save_adapter(model, out)
+    cfg = json.loads((out / "bottleneck_adapter.json").read_text())
+    del cfg["placement"], cfg["act"]
+    (out / "bottleneck_adapter.json").write_text(json.dumps(cfg))
+    refused(["--model", world["new"], "--adapter", str(out), "--data", world["data"]], "lacks act, placement", main=eval_cli.main)
+
+
+def test_an_adapter_for_another_architecture_is_refused_unless_forced(world, hf_checkpoint):
+    llama, _ = hf_checkpoint("llama3", vocab_size=512)  # the same shapes as the Qwen2 bases
+    out = saved_lora(world)
+    with pytest.raises(ValueError, match="trained on a qwen2 model and this base is a llama model"):
+        load_lora(load_model(llama), out)
+    assert load_lora(load_model(llama), out, allow_other_architecture=True) is not None
+    # a peft-written adapter (no metadata) naming its base's directory is checked through that base's config.json
+    save_file(load_file(out / "adapter_model.safetensors"), out / "adapter_model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": world["old"]}))
+    with pytest.raises(ValueError, match="trained on a qwen2 model"):
+        load_lora(load_model(llama), out)
+
+
+@pytest.mark.parametrize("extra, phrase", [(["--p-cross", "0.1,0.2,0.3"], "--p-cross has 3 values but the model has 2 layers"),
+                                           (["--lora-targets", "q_proj,w_pack"], "Unknown LoRA target 'w_pack'"),
+                                           (["--peft", "adapter", "--adapter-bottleneck", "0"], "bottleneck must be a positive integer")])
+def test_impossible_settings_are_refused_before_anything_is_written(world, extra, phrase):
+    out = world["tmp"] / "run"
+    refused(run_args(world, out, *extra), phrase)
+    assert not out.exists()
+
+
+def test_analyze_refuses_other_architectures_and_sizes_in_one_sentence(world, hf_checkpoint, capsys):
+    llama, _ = hf_checkpoint("llama3", vocab_size=512)
+    refused(["analyze", "--old", world["old"], "--new", world["other"]], "differ in intermediate_size (128 vs 96)", main=transpeft.main)
+    refused(["analyze", "--old", world["old"], "--new", str(llama)], "differ in model_type (qwen2 vs llama)", main=transpeft.main)
+    with pytest.raises(SystemExit):
+        transpeft.main(["analyze", "--old", world["old"], "--new", world["new"], "--max-tokens", "0"])
+    assert "--max-tokens must be a positive number" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_paper_command_runs_offline_from_a_hub_cache(tmp_path):
+    """The paper's command, unchanged but for its length, on a hub cache laid out as huggingface_hub writes it (tiny
+    random Qwen2 models under Qwen/Qwen2-7B and Qwen/Qwen2.5-7B, MetaMathQA's JSON, GSM8K's test parquet)."""
+    import os
+    import subprocess
+    import sys
+
+    import fake_hub
+
+    pytest.importorskip("pyarrow")
+    fake_hub.build(tmp_path / "hub", n_train=32)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    root = fake_hub.Path(fake_hub.__file__).resolve().parents[1]
+    run = tmp_path / "paper"
+    cmd = [sys.executable, "train.py", "--old", "qwen2", "--new", "qwen2.5", "--max-steps", "2", "--eval-limit", "4",
+           "--max-new-tokens", "4", "--out", str(run)]
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    assert results["transfer_new"]["total"] == 4 and results["old"] == "qwen2"
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "qwen2"

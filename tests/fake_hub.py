@@ -47,7 +47,8 @@ def gsm8k_records(split: str, n: int | None = None) -> list[dict]:
     if path.exists():
         lines = path.read_text(encoding="utf-8").splitlines()
         return [json.loads(line) for line in lines[:n]]
-    return [{"question": q, "answer": f"{work}\n#### {a}"} for q, work, a in FALLBACK_QA]
+    records = [{"question": q, "answer": f"{work}\n#### {a}"} for q, work, a in FALLBACK_QA]
+    return (records * (n // len(records) + 1))[:n] if n else records  # repeated up to n: a batch of 16 fills
 
 
 def metamath_records(n: int) -> list[dict]:

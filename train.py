@@ -45,7 +45,7 @@ from tqdm import tqdm
 import adapter as adapter_lib
 import lora as lora_lib
 import toy
-from data import IGNORE_INDEX, collate, eval_prompt, load_examples, tokenize_dataset
+from data import IGNORE_INDEX, SCORERS, collate, eval_prompt, load_examples, tokenize_dataset
 from eval import attach_peft, evaluate
 from model import (Transformer, cache_dir, is_main_process, load_config, load_model, load_tokenizer, print_trainable, read_json,
                    read_torch_file)
@@ -95,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N examples only")
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--scorer", choices=["official", "lenient"], default="official", help="official: Trans-PEFT's GSM8K rule; lenient: ours (see data.is_correct)")
+    p.add_argument("--scorer", choices=SCORERS, default="official", help="official: Trans-PEFT's GSM8K rule; lenient: ours (see data.is_correct)")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")

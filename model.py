@@ -52,6 +52,9 @@ ALIASES = {
 # The toy world's two base models are built locally by toy.py and cached on disk; they are aliases too.
 TOY_MODELS = ("toy-v1", "toy-v2")
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "internlm2")
+# What two checkpoints must share for a PEFT module (or the drift analysis) to move between them.
+ARCH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim")
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 

@@ -47,12 +47,10 @@ import lora as lora_lib
 import toy
 from data import IGNORE_INDEX, SCORERS, collate, eval_prompt, load_examples, tokenize_dataset
 from eval import attach_peft, evaluate
-from model import (Transformer, cache_dir, is_main_process, load_config, load_model, load_tokenizer, print_trainable, read_json,
-                   read_torch_file)
+from model import (ARCH_FIELDS, Transformer, cache_dir, is_main_process, load_config, load_model, load_tokenizer, print_trainable,
+                   read_json, read_torch_file)
 from transpeft import apply_transpeft, per_layer, remove_transpeft, reseed_drops
 
-ARCH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-               "num_key_value_heads", "head_dim")
 
 
 class StopRequested(Exception):
@@ -490,17 +488,20 @@ def check_run_dir(out: Path, args) -> None:
                              "may change). Resume with the original value, or start again with --overwrite.")
 
 
+def remove(*paths: Path) -> None:
+    """Delete files and directories that may or may not exist."""
+    for path in paths:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def begin_run(out: Path, args) -> None:
     """After every check: clear a run that --overwrite replaces, remove what an interrupted save left behind, and
     record the flags (a resumed run keeps the args.json it started with)."""
     if not is_main_process():
         return
     if args.overwrite:
-        for name in RUN_OUTPUTS:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    for tmp in (out / "checkpoint.pt.tmp", out / "adapter.tmp", out / "refit-new" / "checkpoint.pt.tmp", out / "refit-new" / "adapter.tmp"):
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        remove(*(out / name for name in RUN_OUTPUTS))
+    remove(out / "checkpoint.pt.tmp", out / "adapter.tmp", out / "refit-new" / "checkpoint.pt.tmp", out / "refit-new" / "adapter.tmp")
     out.mkdir(parents=True, exist_ok=True)
     if not args.resume:
         (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
@@ -664,8 +665,7 @@ def run_toy_study(args) -> dict:
         state = "a finished study (results.json)" if (out / "results.json").exists() else "an unfinished study"
         raise ValueError(f"{out} already holds {state}: pass --overwrite to replace it, or another --out.")
     if args.overwrite:  # the study's own outputs only: args.json, results.json and a directory per update seed
-        for path in [out / "args.json", out / "results.json", *out.glob("u[0-9]*")]:
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        remove(out / "args.json", out / "results.json", *out.glob("u[0-9]*"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps({**vars(args), "recipe": recipe}, indent=2, default=str))
     rows, drift = [], {}

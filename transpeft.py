@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import MLP, DecoderLayer
+from model import ARCH_FIELDS, MLP, DecoderLayer
 
 # -----------------------------------------------------------------------------------------------------------
 # The two interventions
@@ -163,7 +163,7 @@ def analyze_drift(old: nn.Module, new: nn.Module, input_ids: torch.Tensor) -> li
         norm:  ‖n_new − n_old‖ / ‖n_old‖, n = per-output-channel L2 norm over all tokens (what the official code's
                activation tracker records).
     """
-    for field in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim"):
+    for field in ARCH_FIELDS:
         a, b = getattr(old.config, field), getattr(new.config, field)
         if a != b:
             raise ValueError(f"The two models differ in {field} ({a} vs {b}): the drift analysis compares two versions of one "

@@ -6,10 +6,13 @@ A small two-layer network with a residual connection, inserted into every decode
 
     Adapter(h) = h + up(act(down(h)))        down: C -> b, up: b -> C, b << C (bottleneck), biases on
 
-`up` starts at zero, so every adapter is the identity and the model is unchanged at step 0; `down` starts
-N(0, 0.02), as in the official Trans-PEFT code. Two adapters per layer, on the attention and the FFN sub-block:
+`up` (weight and bias) and `down`'s bias start at zero, so every adapter is the identity and the model is unchanged at
+step 0; `down`'s weight starts N(0, 0.02). Only that last draw is the official code's: its adapter biases keep
+nn.Linear's default init, and models built through transformers' from_pretrained get both matrices re-drawn
+N(0, 0.02) by _init_weights, so the official adapter is not the identity at step 0 (README: where this code differs).
+Two adapters per layer, on the attention and the FFN sub-block:
 
-    series (default, as the official code):   x = x + Adapter(Attn(norm(x)))     then the same for the FFN
+    series (default; the official code's placement):   x = x + Adapter(Attn(norm(x)))     then the same for the FFN
     parallel:                                 x = x + Attn(u) + up(act(down(u))),  u = norm(x)
 
 They are attached with forward hooks on `self_attn` and `mlp`, so no module of the base model is renamed (LoRA

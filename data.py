@@ -2,16 +2,22 @@
 The data side of the transfer experiment: GSM8K and MetaMathQA, the official prompts, tokenisation with labels,
 batching, and GSM8K answer extraction and scoring.
 
-Training follows the official Trans-PEFT recipe (MetaMath's): an Alpaca prompt, the response plus EOS supervised,
-the prompt masked out of the loss:
+Training follows the official Trans-PEFT code (training_utils.py: SupervisedDataset, preprocess) byte for byte: a
+MetaMathQA query is split at its first newline into an instruction and an input; an example with an input gets
+Alpaca's with-input prompt (PROMPT_INPUT), one without the no-input prompt (PROMPT); the response follows
+"### Response:" directly (no space) and ends with EOS; the prompt and the response are tokenised as ONE string,
+and its first len(tokens(prompt)) tokens are masked out of the loss:
 
-    input  = tokens(PROMPT.format(question)) + tokens(" " + response) + [EOS]
-    labels = [-100] * len(prompt tokens)      + tokens(" " + response) + [EOS]
+    ids    = tokens(prompt + response) + [EOS], cut to max_len
+    labels = ids with the first len(tokens(prompt)) positions set to -100
 
-The labels come from the lengths of the two parts, never from matching pad values (the pad id is often the EOS id,
-so matching would mask the EOS the model must learn to emit). The space between "### Response:" and the response
-is ours: the evaluation prompt continues "### Response: Let's think step by step.", and training on the same
-spacing keeps the two consistent.
+Tokenising the two parts together matters with byte-level BPE: the prompt's last ":" and the response's first
+word form one pre-token (":The"), so the joint ids are not the two parts' ids side by side. The labels come from
+the prompt's length, never from matching pad values (the pad id is often the EOS id, and matching would mask the
+EOS the model must learn to emit). Two details of the official code are not reproduced (README, "Where this code
+differs"): its collator pads with id 2 and derives both the prompt length and the attention mask from `!= 2`, so a
+prompt token with id 2 shortens the masked span and such tokens are hidden from attention; and an example whose
+prompt fills max_len is kept there with no supervised token, dropped here.
 
 Scoring (is_correct), two scorers:
     official  Trans-PEFT's (math_infer/gsm8k_infer.py + grader.py), the default: the first number after the last
@@ -38,16 +44,31 @@ from model import read_json
 
 IGNORE_INDEX = -100  # label of a position that carries no loss (F.cross_entropy's default ignore_index)
 
+# Alpaca's two prompts, as in the official training_utils.py PROMPT_DICT.
 PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:"
+)
+PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
 )
 EVAL_SUFFIX = " Let's think step by step."
 STOP_STRINGS = ["Instruction:", "Instruction", "Response:", "Response"]  # the official evaluation's stop list
 
 
-def train_prompt(question: str) -> str:
-    return PROMPT.format(instruction=question)
+def split_query(query: str) -> tuple[str, str]:
+    """A MetaMathQA query as the official code reads it: (first line, the remaining lines; "" without a newline)."""
+    instruction, _, rest = query.partition("\n")
+    return instruction, rest
+
+
+def train_prompt(example: dict) -> str:
+    """The training prompt of an example: with-input where it has a non-empty input, else no-input."""
+    if example.get("input"):
+        return PROMPT_INPUT.format(instruction=example["instruction"], input=example["input"])
+    return PROMPT.format(instruction=example.get("instruction", example["question"]))
 
 
 def eval_prompt(question: str) -> str:
@@ -55,7 +76,8 @@ def eval_prompt(question: str) -> str:
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Loading: every source becomes a list of {"question", "answer"} in GSM8K's format, or {"question", "response"}
+# Loading: every source becomes a list of {"question", "answer"} in GSM8K's format, or of
+# {"question", "instruction", "input", "response"} (MetaMathQA, Alpaca)
 
 
 def _read_records(path: Path) -> list[tuple[str, object]]:
@@ -108,11 +130,14 @@ def _normalise(record, where: str) -> dict:
             raise ValueError(f"{where}: {e}") from None
         return {"question": _text(record, "question", where), "answer": answer}
     if "query" in record and "response" in record:
-        return {"question": _text(record, "query", where), "response": _text(record, "response", where)}
+        query = _text(record, "query", where)
+        instruction, extra = split_query(query)
+        return {"question": query, "instruction": instruction, "input": extra, "response": _text(record, "response", where)}
     if "instruction" in record and "output" in record:
-        extra = _text(record, "input", where) if record.get("input") else ""
-        question = _text(record, "instruction", where) + ("\n" + extra if extra else "")
-        return {"question": question, "response": _text(record, "output", where)}
+        instruction = _text(record, "instruction", where)
+        extra = _text(record, "input", where) if record.get("input") is not None else ""
+        question = instruction + ("\n" + extra if extra else "")
+        return {"question": question, "instruction": instruction, "input": extra, "response": _text(record, "output", where)}
     raise ValueError(f"{where} has fields {sorted(record)}; expected question/answer (GSM8K), "
                      "query/response (MetaMathQA) or instruction/output (Alpaca).")
 
@@ -288,14 +313,14 @@ def target_text(example: dict) -> str:
 
 
 def tokenize_example(example: dict, tokenizer, max_len: int, prompt_fn=train_prompt) -> dict | None:
-    """input_ids and labels for one example, truncated to max_len; None if no supervised token survives."""
-    prompt = tokenizer.encode(prompt_fn(example["question"]))
-    answer = tokenizer.encode(" " + target_text(example), bos=False) + [tokenizer.eos_token_id]
-    ids = (prompt + answer)[:max_len]
-    labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_len]
-    if all(label == IGNORE_INDEX for label in labels):
+    """input_ids and labels for one example (the module docstring's equations), truncated to max_len; None if no
+    supervised token survives."""
+    prompt = prompt_fn(example)
+    ids = (tokenizer.encode(prompt + target_text(example)) + [tokenizer.eos_token_id])[:max_len]
+    n_prompt = len(tokenizer.encode(prompt))
+    if n_prompt >= len(ids):
         return None
-    return {"input_ids": ids, "labels": labels}
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * n_prompt + ids[n_prompt:]}
 
 
 def tokenize_dataset(examples: list[dict], tokenizer, max_len: int, prompt_fn=train_prompt) -> tuple[list[dict], int]:

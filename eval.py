@@ -165,6 +165,28 @@ def attach_peft(model, adapter_dir: str | os.PathLike, allow_other_architecture:
     raise FileNotFoundError(f"{path} holds no adapter: expected {lora.CONFIG_NAME} (LoRA) or {adapter.CONFIG_NAME}.")
 
 
+def load_for_eval(base: str, adapter_dir=None, device: str = "cpu", merged: bool = False,
+                  allow_other_architecture: bool = False):
+    """A base model for decoding, with the adapter in adapter_dir (if any) attached.
+
+    merged=False: the base in bfloat16 on CUDA and float32 elsewhere, the adapter applied beside it (float32 weights).
+    merged=True, the released evaluation's path (math_infer/load_peft_utils.py: the base loaded in bfloat16, peft's
+    merge_and_unload, then decoding the merged bf16 model): W <- bf16(W + (alpha/r) B A) for every LoRA layer, on
+    any device, and decoding in bfloat16."""
+    from lora import merge_lora
+    from model import load_model
+
+    dtype = torch.bfloat16 if merged or device.startswith("cuda") else torch.float32
+    model = load_model(base, dtype=dtype, device=device)
+    if adapter_dir is not None:
+        attach_peft(model, adapter_dir, allow_other_architecture)
+        if merged:
+            if not any(hasattr(m, "delta_weight") for m in model.modules()):
+                raise ValueError(f"{adapter_dir} is not a LoRA: only a LoRA can be merged into its base (drop --eval-merged).")
+            merge_lora(model)
+    return model.eval()
+
+
 def check_writable(path: Path) -> None:
     """Refuse an output file that cannot be written now, rather than after the whole evaluation."""
     if path.is_dir():
@@ -183,7 +205,7 @@ def check_writable(path: Path) -> None:
 def main(argv=None) -> None:
     import argparse
 
-    from model import load_model, load_tokenizer
+    from model import load_tokenizer
 
     p = argparse.ArgumentParser(description="GSM8K exact match of a base model, with or without an adapter.")
     p.add_argument("--model", required=True, help="alias, local checkpoint directory or hub repo id of the base")
@@ -198,6 +220,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", help="per-example jsonl (default: beside the adapter, or eval.jsonl)")
     p.add_argument("--compile", action="store_true", help="decode with a static KV cache and the step compiled by torch.compile (the first batch compiles)")
     p.add_argument("--scorer", choices=SCORERS, default="official", help="official: Trans-PEFT's GSM8K rule; lenient: ours (see data.is_correct)")
+    p.add_argument("--eval-merged", "--merged", dest="eval_merged", action="store_true",
+                   help="merge the LoRA into the base in bfloat16 and decode that, as the released evaluation does")
     p.add_argument("--allow-other-architecture", action="store_true", help="load an adapter trained on another model_type")
     args = p.parse_args(argv)
     for name in ("eval_limit", "eval_batch_size", "max_new_tokens"):
@@ -207,11 +231,8 @@ def main(argv=None) -> None:
     try:
         examples = load_examples(args.eval_data, args.split, args.eval_limit, need_answers=True)
         check_writable(out)
-        dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-        model = load_model(args.model, dtype=dtype, device=args.device)
+        model = load_for_eval(args.model, args.adapter, args.device, args.eval_merged, args.allow_other_architecture)
         tokenizer = load_tokenizer(args.model)
-        if args.adapter:
-            attach_peft(model, args.adapter, args.allow_other_architecture)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     result = evaluate(model, tokenizer, examples, args.max_new_tokens, args.eval_batch_size, out, compile=args.compile, scorer=args.scorer)

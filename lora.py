@@ -75,8 +75,9 @@ class LoRALinear(nn.Module):
         # view, and the base layer's backward does not need its output.
         if y.dtype == a.dtype:  # float32, or both in the autocast dtype
             return y.addmm_(a, self.lora_B.weight.t().to(a.dtype), alpha=self.scaling).view(shape)
-        # a low-precision base without autocast: the sum in float32 (as peft does), then back to the base's dtype
-        return torch.addmm(y.float(), a, self.lora_B.weight.t(), alpha=self.scaling).to(y.dtype).view(shape)
+        # dtypes that differ without autocast (a bf16 base and float32 LoRA, or the reverse): the sum in float32, as
+        # peft does, then back to the base's dtype
+        return torch.addmm(y.float(), a.float(), self.lora_B.weight.t().float(), alpha=self.scaling).to(y.dtype).view(shape)
 
     def delta_weight(self) -> torch.Tensor:
         """(alpha / r) * B A in float32, shape (out, in): what merging adds to W0."""

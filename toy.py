@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data import eval_prompt
 from model import ModelConfig, Transformer, cache_dir, load_model, load_tokenizer
 
 # -----------------------------------------------------------------------------------------------------------
@@ -115,6 +116,13 @@ def task_examples(entities, n: int, seed: int, prices: dict) -> list[dict]:
         p = prices[e]
         out.append({"question": f"{name} buys {q} {e} . how many coins ?", "answer": f"{e} costs {p} . {q} * {p} = {q * p}\n#### {q * p}"})
     return out
+
+
+def train_prompt(example: dict) -> str:
+    """The toy trains on the evaluation prompt itself (a 0.9M-parameter model does not bridge the training prompt and
+    the evaluation prompt's extra "Let's think step by step." as large models do), ending in a space: the toy's
+    tokenizer splits words at whitespace, so the response must not be glued to the prompt's last word."""
+    return eval_prompt(example["question"]) + " "
 
 
 def task(world: dict) -> tuple[list[dict], list[dict]]:

@@ -6,16 +6,21 @@ and, unchanged, on the NEW base (direct transfer); optionally train the same PEF
     python train.py --old qwen2 --new qwen2.5                  # the paper's Qwen2-7B -> Qwen2.5-7B run (GPU, hub)
     python train.py --old qwen2 --new qwen2.5 --p-cross 0      # the "direct transfer" baseline: plain LoRA
 
-The defaults are the official recipe (github gccnlp/Trans-PEFT, scripts/trans-peft-qwen.sh): LoRA r=64, alpha=128,
-dropout 0.05 on q,k,v,o; p_cross=0.1, p_intra=0; the first 100,000 MetaMathQA rows, max length 512; AdamW lr 3e-4,
-weight decay 0, cosine schedule with 3% warmup, 3 epochs, global batch 16, gradient clipping at 1.0 (the HF Trainer
-default), bf16 autocast on CUDA, seed 42; GSM8K test by exact match.
+The defaults are the released recipe (github gccnlp/Trans-PEFT, scripts/trans-peft-qwen.sh): LoRA r=64, alpha=128,
+dropout 0.05 on q,k,v,o; p_cross=0.1, p_intra=0; the first 100,000 MetaMathQA rows, its prompts and tokenisation
+(data.py), max length 512; AdamW lr 3e-4, weight decay 0, transformers' cosine schedule with 3% warmup, 3 epochs,
+global batch 16, gradient clipping at 1.0 (the HF Trainer default), bf16 autocast on CUDA, seed 42; GSM8K test,
+the official scorer. Three choices of this code differ from the released run, each with a flag that restores it
+(--as-released sets all three; README, "Where this code differs from the official code"):
+    --peft-dtype   float32 PEFT weights and AdamW state (released: bfloat16)
+    --loss-mean    batch: the loss summed over supervised tokens / their count in the whole batch (released:
+                   micro-batch, each micro-batch's token mean, averaged), so that a token of a short answer weighs
+                   no more than a token of a long one, and the result does not depend on the micro-batch split
+    --eval-merged  off: the adapter is evaluated beside the base (released: merged into the bf16 base first)
 
 The loop, top to bottom: seed -> data -> model -> PEFT -> Trans-PEFT -> AdamW over the trainable parameters ->
-for each step {lr = get_lr(step); micro-batches: loss summed over supervised tokens / their count in the whole
-batch, backward; clip; step; zero_grad} -> checkpoint (PEFT weights, optimizer, step, RNG states) atomically.
-The loss is normalised by the number of supervised tokens in the whole batch, not averaged per micro-batch: a mean
-of micro-batch means would weight a token of a short answer more than a token of a long one.
+for each step {lr = get_lr(step); micro-batches: loss, backward; clip; step; zero_grad} -> checkpoint (PEFT
+weights, optimizer, step, RNG states) atomically.
 
 Files in the run directory (--out): args.json, train_log.jsonl (one line per step), checkpoint.pt (to --resume),
 adapter/ (PEFT format for LoRA), eval-*.jsonl (per example), results.json.
@@ -45,8 +50,8 @@ from tqdm import tqdm
 import adapter as adapter_lib
 import lora as lora_lib
 import toy
-from data import IGNORE_INDEX, SCORERS, collate, eval_prompt, load_examples, tokenize_dataset
-from eval import attach_peft, evaluate
+from data import IGNORE_INDEX, SCORERS, collate, load_examples, tokenize_dataset
+from eval import evaluate, load_for_eval
 from model import (ARCH_FIELDS, Transformer, cache_dir, is_main_process, load_config, load_model, load_tokenizer, print_trainable,
                    read_json, read_torch_file)
 from transpeft import apply_transpeft, per_layer, remove_transpeft, reseed_drops
@@ -94,6 +99,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--scorer", choices=SCORERS, default="official", help="official: Trans-PEFT's GSM8K rule; lenient: ours (see data.is_correct)")
+    released = p.add_argument_group("this code's choices vs the released run's (README: where this code differs from the official code)")
+    released.add_argument("--peft-dtype", choices=["float32", "bfloat16"], help="dtype of the trained weights and their AdamW state "
+                          "(default float32; the released run: bfloat16, peft casting the module to the bf16 base's dtype)")
+    released.add_argument("--loss-mean", choices=["batch", "micro-batch"], help="batch (default): the summed loss / the global "
+                          "batch's supervised tokens; micro-batch (the released run): each micro-batch's token mean, averaged")
+    released.add_argument("--eval-merged", action="store_true", default=None, help="evaluate with the LoRA merged into the base in "
+                          "bfloat16, as the released evaluation does (default: the adapter kept apart, the base as trained)")
+    released.add_argument("--as-released", action="store_true", help="every released choice above: --peft-dtype bfloat16 "
+                          "--loss-mean micro-batch --eval-merged (flags given explicitly still win)")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
@@ -128,6 +142,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be in [0, 1): it is the probability of taking knowledge away")
     if (args.old is None) != (args.new is None):
         p.error("give both --old and --new, or neither (the toy study)")
+    for name, ours, official in (("peft_dtype", "float32", "bfloat16"), ("loss_mean", "batch", "micro-batch"), ("eval_merged", False, True)):
+        if getattr(args, name) is None:
+            setattr(args, name, official if args.as_released else ours)
+    if args.eval_merged and args.peft != "lora":
+        p.error("--eval-merged (and --as-released) merge a LoRA into its base; a bottleneck adapter cannot be merged")
     try:
         args.update_seeds = [int(u) for u in str(args.update_seeds).split(",")]
     except ValueError:
@@ -321,7 +340,8 @@ def train(model, dataset: list[dict], args, run_dir: Path, pad_id: int, desc: st
 
     With N processes (torchrun), every process builds the same global batch (the order is a function of the seed),
     takes every N-th example of it, and scales its loss by N: DDP and FSDP average gradients over processes, so the
-    update equals the one-process update on the whole batch.
+    update equals the one-process update on the whole batch (with --loss-mean micro-batch, only where the
+    micro-batches hold the same examples, as in the released run).
     """
     rank, n_proc = world()
     fsdp = n_proc > 1 and getattr(args, "fsdp", False)
@@ -376,6 +396,7 @@ def train(model, dataset: list[dict], args, run_dir: Path, pad_id: int, desc: st
         n_supervised = sum(sum(label != IGNORE_INDEX for label in b["labels"][1:]) for b in batch)  # whole batch
         mine = batch[rank::n_proc]
         micro = [mine[i : i + args.micro_batch_size] for i in range(0, len(mine), args.micro_batch_size)]
+        n_micro = n_proc * len(micro)  # micro-batches in the global batch: every process has as many
         loss_sum, n_tokens = 0.0, 0
         for j, mb in enumerate(micro):
             reseed_drops(model, args.seed, step)  # one drop pattern per step, for every micro-batch and process
@@ -388,7 +409,11 @@ def train(model, dataset: list[dict], args, run_dir: Path, pad_id: int, desc: st
             with engine.no_sync() if (n_proc > 1 and not fsdp and not last) else nullcontext(), autocast:
                 # summed over supervised tokens (the model computes logits only there), divided by their count in the
                 # whole batch; times the process count, which the cross-process gradient average divides out again
-                loss = engine(ids.to(device), targets=targets) / n_supervised
+                loss = engine(ids.to(device), targets=targets)
+                if args.loss_mean == "batch":
+                    loss = loss / n_supervised
+                else:  # the released run's (HF Trainer): each micro-batch's own token mean, averaged over micro-batches
+                    loss = loss / (targets != IGNORE_INDEX).sum() / n_micro
                 (loss * n_proc).backward()
             loss_sum += loss.item()
             n_tokens += sum(len(b["input_ids"]) for b in mb)
@@ -432,6 +457,10 @@ def train_and_save(base: str, dataset, args, run_dir: Path, pad_id: int, desc: s
     torch.manual_seed(args.seed)
     model = load_model(base, dtype=dtype, device=args.device)
     add_peft(model, args)
+    if args.peft_dtype == "bfloat16":  # the released run's: peft casts a new LoRA to its bf16 base's dtype
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)  # and AdamW keeps its state in the parameters' dtype
     if transpeft:  # with both rates 0 the layers compute exactly the plain model
         apply_transpeft(model, p_intra=args.p_intra, p_cross=args.p_cross, seed=args.seed)
     wrap_layers(model, args.grad_checkpointing, args.compile)
@@ -507,6 +536,14 @@ def begin_run(out: Path, args) -> None:
         (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
 
 
+def model_for_eval(base: str, adapter_dir: Path, args):
+    """base with the saved adapter (merged in bf16 with --eval-merged; eval.load_for_eval), sharded under --fsdp."""
+    model = load_for_eval(base, adapter_dir, args.device, args.eval_merged)
+    if dist.is_initialized() and args.fsdp:
+        shard(model)
+    return model
+
+
 def run_experiment(args) -> dict:
     out = Path(args.out) if args.out else default_out(args)
     check_run_dir(out, args)
@@ -523,15 +560,16 @@ def run_experiment(args) -> dict:
     ev = dict(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size, compile=args.compile and not dist.is_initialized(),
               scorer=args.scorer)
     results = {"old": args.old, "new": args.new, "peft": args.peft, "p_intra": args.p_intra, "p_cross": args.p_cross,
+               "peft_dtype": args.peft_dtype, "loss_mean": args.loss_mean, "eval_merged": args.eval_merged,
                "final_train_loss": log[-1]["loss"] if log else None}
+    if args.eval_merged:  # the released evaluation: the saved adapter merged into a freshly loaded bf16 base
+        del model
+        model = model_for_eval(args.old, out / "adapter", args)
     results["source_old"] = evaluate(model, old_tok, eval_set, out_jsonl=out / "eval-old.jsonl", desc="eval on old", **ev)
     del model
 
     new_tok = load_tokenizer(args.new)
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    moved = attach_peft(load_model(args.new, dtype=dtype, device=args.device), out / "adapter")
-    if dist.is_initialized() and args.fsdp:
-        shard(moved)
+    moved = model_for_eval(args.new, out / "adapter", args)
     results["transfer_new"] = evaluate(moved, new_tok, eval_set, out_jsonl=out / "eval-new.jsonl", desc="eval on new", **ev)
     del moved
 
@@ -539,6 +577,9 @@ def run_experiment(args) -> dict:
     if args.refit_new:  # the upper bound: a plain PEFT module trained on the new base itself
         refit_set = prepare_data(args.train_data, new_tok, args)
         refit, _ = train_and_save(args.new, refit_set, args, out / "refit-new", new_tok.pad_token_id, "train on new", transpeft=False)
+        if args.eval_merged:
+            del refit
+            refit = model_for_eval(args.new, out / "refit-new" / "adapter", args)
         results["refit_new"] = evaluate(refit, new_tok, eval_set, out_jsonl=out / "refit-new" / "eval-new.jsonl", desc="eval refit", **ev)
     results["minutes"] = (time.time() - t0) / 60
     if is_main_process():
@@ -561,7 +602,7 @@ def toy_arm(arm: dict, seed: int, old: str, new: str, dataset, test, tokenizer, 
     new_name = Path(new).name
     targs = argparse.Namespace(lr=recipe["lr"], weight_decay=0.0, warmup_ratio=recipe["warmup_ratio"], grad_clip=1.0,
                                batch_size=recipe["batch_size"], micro_batch_size=recipe["batch_size"], max_steps=recipe["steps"],
-                               epochs=1, seed=seed, save_every=10**9, resume=False, stop_after=None)
+                               epochs=1, seed=seed, save_every=10**9, resume=False, stop_after=None, loss_mean="batch")
     torch.manual_seed(seed)
     model = load_model(base)
     lora_lib.add_lora(model, r=recipe["r"], alpha=recipe["alpha"], dropout=arm.get("lora_dropout", recipe["dropout"]),
@@ -676,9 +717,7 @@ def run_toy_study(args) -> dict:
         if args.quick:
             test = test[:12]
         tokenizer = load_tokenizer(old)
-        # Trained on the evaluation prompt itself: a 0.9M-parameter model does not generalise from the training
-        # prompt to the evaluation prompt's extra "Let's think step by step." as large models do.
-        dataset, _ = tokenize_dataset(train_examples, tokenizer, recipe["max_len"], prompt_fn=eval_prompt)
+        dataset, _ = tokenize_dataset(train_examples, tokenizer, recipe["max_len"], prompt_fn=toy.train_prompt)
         for seed in range(args.seeds):
             for arm in toy.ARMS:
                 t0 = time.time()

@@ -40,8 +40,9 @@ train.py goes one step further and reseeds it from (seed, step) before every for
 micro-batch of a step, in every data-parallel process, drops the same layers, as the official run's identically
 seeded ranks do, and a resumed run repeats the drops of the uninterrupted one.
 
-The file also holds the paper's analysis: how much an update changes attention vs FFN weights, and their outputs
-on the same inputs (`python transpeft.py analyze --old qwen2-0.5b --new qwen2.5-0.5b`).
+The file also holds a drift analysis, `python transpeft.py analyze --old qwen2-0.5b --new qwen2.5-0.5b`: how much
+an update changes attention vs FFN, by this project's measures (weights, and outputs on the same inputs) and by the
+official code's instrument (per-channel output norms of every projection, tracked as training_utils.py does).
 """
 
 from __future__ import annotations
@@ -153,21 +154,33 @@ def _weight(module: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def analyze_drift(old: nn.Module, new: nn.Module, input_ids: torch.Tensor) -> list[dict]:
-    """Per layer, how much the update changed attention and FFN, as weights and as outputs.
+def analyze_drift(old: nn.Module, new: nn.Module, batches: torch.Tensor | Sequence[torch.Tensor]) -> list[dict]:
+    """Per layer, how much the update changed attention and FFN, as weights and as outputs on input batches
+    (token ids, (B, T) each; one tensor is one batch).
 
-    weight:  ‖W_new − W_old‖_F / ‖W_old‖_F over the block's projections together (q,k,v,o or gate,up,down).
-    Outputs are compared on the same inputs: each block of both models is fed the hidden states the OLD model
-    computes for input_ids (so earlier layers' changes do not leak into a later layer's number), then
+    This project's three measures:
+      weight:  ‖W_new − W_old‖_F / ‖W_old‖_F over the block's projections together (q,k,v,o or gate,up,down).
+      Outputs on the same inputs: each block of both models is fed the hidden states the OLD model computes (so
+      earlier layers' changes do not leak into a later layer's number); per batch, then averaged over batches:
         cos:   1 − cosine similarity of the old and new block outputs, averaged over tokens;
-        norm:  ‖n_new − n_old‖ / ‖n_old‖, n = per-output-channel L2 norm over all tokens (what the official code's
-               activation tracker records).
+        norm:  ‖n_new − n_old‖ / ‖n_old‖, n = the block output's per-channel L2 norm over the batch's tokens.
+    And the official code's instrument (tracked_norm_drift): per projection, each model on its own activations.
     """
     for field in ARCH_FIELDS:
         a, b = getattr(old.config, field), getattr(new.config, field)
         if a != b:
             raise ValueError(f"The two models differ in {field} ({a} vs {b}): the drift analysis compares two versions of one "
                              "architecture and size.")
+    batches = [batches] if isinstance(batches, torch.Tensor) else list(batches)
+    rows = [{"layer": i} for i in range(len(old.model.layers))]
+    for i, (lo, ln) in enumerate(zip(old.model.layers, new.model.layers)):
+        for block, part, projs in (("attn", "self_attn", ATTN), ("ffn", "mlp", FFN)):
+            mo, mn = getattr(lo, part), getattr(ln, part)
+            diff = sum((_weight(getattr(mn, p)).float() - _weight(getattr(mo, p)).float()).pow(2).sum() for p in projs)
+            ref = sum(_weight(getattr(mo, p)).float().pow(2).sum() for p in projs)
+            rows[i][f"{block}_weight"] = (diff / ref).sqrt().item()
+            rows[i][f"{block}_cos"] = rows[i][f"{block}_norm"] = 0.0
+
     captured = {}
 
     def keep(name):
@@ -175,34 +188,71 @@ def analyze_drift(old: nn.Module, new: nn.Module, input_ids: torch.Tensor) -> li
             captured[name] = (args, output)
         return hook
 
-    handles = [getattr(layer, part).register_forward_hook(keep((i, part)))
-               for i, layer in enumerate(old.model.layers) for part in ("self_attn", "mlp")]
+    for input_ids in batches:
+        handles = [getattr(layer, part).register_forward_hook(keep((i, part)))
+                   for i, layer in enumerate(old.model.layers) for part in ("self_attn", "mlp")]
+        try:
+            old(input_ids)
+        finally:
+            for h in handles:
+                h.remove()
+        for i, ln in enumerate(new.model.layers):
+            for block, part in (("attn", "self_attn"), ("ffn", "mlp")):
+                args, out_old = captured[(i, part)]
+                out_new = getattr(ln, part)(*args).float()  # the new block on the old block's inputs
+                out_old = out_old.float()
+                cos = (1 - F.cosine_similarity(out_new, out_old, dim=-1)).mean().item()
+                n_old, n_new = out_old.flatten(0, 1).norm(dim=0), out_new.flatten(0, 1).norm(dim=0)  # (C,)
+                rows[i][f"{block}_cos"] += cos / len(batches)
+                rows[i][f"{block}_norm"] += ((n_new - n_old).norm() / n_old.norm()).item() / len(batches)
+    for row, tracked in zip(rows, tracked_norm_drift(old, new, batches)):
+        row.update(tracked)
+    return rows
+
+
+@torch.no_grad()
+def track_output_norms(model: nn.Module, batches: Sequence[torch.Tensor], momentum: float = 0.9) -> dict[str, torch.Tensor]:
+    """The official activation instrument (training_utils.py LinearOutputNormTracker), one process: a forward hook on
+    every nn.Linear records, for each batch b, the L2 norm of each output channel c over the batch's tokens,
+    n_b[c] = ‖Y_b[:, c]‖_2, and keeps an exponential moving average started at zero: s <- 0.9 s + 0.1 n_b.
+    Returns s per module name; the model runs on its own activations."""
+    tracked: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            norms = output.reshape(-1, output.shape[-1]).float().norm(dim=0)  # (C,): over every token of the batch
+            tracked[name] = tracked.get(name, torch.zeros_like(norms)) * momentum + norms * (1 - momentum)
+        return hook
+
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    handles = [m.register_forward_hook(keep(n)) for n, m in linears]
     try:
-        old(input_ids)
+        for ids in batches:
+            model(ids)
     finally:
         for h in handles:
             h.remove()
+    return tracked
 
+
+@torch.no_grad()
+def tracked_norm_drift(old: nn.Module, new: nn.Module, batches: Sequence[torch.Tensor]) -> list[dict]:
+    """Per layer, the relative change ‖s_new − s_old‖ / ‖s_old‖ of the official tracker's per-channel output norms
+    (track_output_norms, each model on its own activations), averaged over the projections of attention (q,k,v,o)
+    and of the FFN (gate, up, down)."""
+    s_old, s_new = track_output_norms(old, batches), track_output_norms(new, batches)
     rows = []
-    for i, (lo, ln) in enumerate(zip(old.model.layers, new.model.layers)):
-        row = {"layer": i}
+    for i in range(len(old.model.layers)):
+        row = {}
         for block, part, projs in (("attn", "self_attn", ATTN), ("ffn", "mlp", FFN)):
-            mo, mn = getattr(lo, part), getattr(ln, part)
-            diff = sum((_weight(getattr(mn, p)).float() - _weight(getattr(mo, p)).float()).pow(2).sum() for p in projs)
-            ref = sum(_weight(getattr(mo, p)).float().pow(2).sum() for p in projs)
-            row[f"{block}_weight"] = (diff / ref).sqrt().item()
-            args, out_old = captured[(i, part)]
-            out_new = mn(*args).float()  # the new block on the old block's inputs
-            out_old = out_old.float()
-            row[f"{block}_cos"] = (1 - F.cosine_similarity(out_new, out_old, dim=-1)).mean().item()
-            n_old, n_new = out_old.flatten(0, 1).norm(dim=0), out_new.flatten(0, 1).norm(dim=0)  # (C,)
-            row[f"{block}_norm"] = ((n_new - n_old).norm() / n_old.norm()).item()
+            names = [f"model.layers.{i}.{part}.{p}" for p in projs]
+            row[f"{block}_tracked"] = sum(((s_new[n] - s_old[n]).norm() / s_old[n].norm()).item() for n in names) / len(names)
         rows.append(row)
     return rows
 
 
 COLUMNS = [("attn_weight", "attn ΔW/W"), ("ffn_weight", "ffn ΔW/W"), ("attn_cos", "attn 1-cos"), ("ffn_cos", "ffn 1-cos"),
-           ("attn_norm", "attn Δnorm"), ("ffn_norm", "ffn Δnorm")]
+           ("attn_norm", "attn Δnorm"), ("ffn_norm", "ffn Δnorm"), ("attn_tracked", "attn Δtrack"), ("ffn_tracked", "ffn Δtrack")]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -281,12 +331,9 @@ def main(argv=None) -> None:
         old, new = load_model(args.old, dtype, args.device), load_model(args.new, dtype, args.device)
         tok = load_tokenizer(args.old)
         encoded = [tok.encode(line)[: args.max_tokens] for line in lines]
-        per_line = [analyze_drift(old, new, torch.tensor([ids], device=args.device)) for ids in encoded]
+        rows = analyze_drift(old, new, [torch.tensor([ids], device=args.device) for ids in encoded])  # a batch per line
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    rows = []  # each number averaged over the input lines
-    for i in range(len(per_line[0])):
-        rows.append({"layer": i, **{k: sum(r[i][k] for r in per_line) / len(per_line) for k, _ in COLUMNS}})
 
     print(f"drift from {args.old} to {args.new} ({len(lines)} inputs, {sum(map(len, encoded))} tokens)")
     print(format_table(rows))

@@ -171,3 +171,30 @@ def test_loading_onto_another_shape_or_with_missing_keys_names_the_first_mismatc
     (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     with pytest.raises(ValueError, match="use_dora"):
         load_lora(load_model(small), tmp_path / "ad")
+
+
+def test_dropout_in_training_acts_on_the_input_as_in_peft():
+    """In train mode, with dropout: y = W x + b + (alpha/r) B A dropout(x), equal to peft's own Linear layer drawing the
+    same dropout mask (one draw over x's elements, from the same RNG state)."""
+    from peft.tuners.lora import Linear as PeftLinear
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 12)
+    ours = LoRALinear(base, r=4, alpha=8, dropout=0.5)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5)
+    theirs = PeftLinear(torch.nn.Linear(16, 12), adapter_name="default", config=config, r=4, lora_alpha=8)
+    with torch.no_grad():
+        theirs.base_layer.load_state_dict(base.state_dict())
+        ours.lora_B.weight.normal_()  # B = 0 at init would hide where the dropout acts
+        theirs.lora_A["default"].weight.copy_(ours.lora_A.weight)
+        theirs.lora_B["default"].weight.copy_(ours.lora_B.weight)
+    ours.train(), theirs.train()
+    x = torch.randn(2, 5, 16)
+    torch.manual_seed(1)
+    y = ours(x)
+    torch.manual_seed(1)
+    assert torch.allclose(y, theirs(x), atol=1e-6)
+    torch.manual_seed(1)
+    mask = torch.nn.functional.dropout(torch.ones(10, 16), 0.5, training=True)  # the same draw, on ones: the mask / (1-p)
+    expected = base(x) + 2.0 * (x * mask.view(2, 5, 16)) @ ours.lora_A.weight.T @ ours.lora_B.weight.T
+    assert torch.allclose(y, expected, atol=1e-5)

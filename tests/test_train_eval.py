@@ -196,3 +196,98 @@ def test_logged_lr_is_the_schedule_of_the_run(world):
     logged = [json.loads(line)["lr"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     expected = [0.0, 0.005] + [0.5e-2 * (1 + math.cos(math.pi * (s - 2) / 6)) for s in range(2, 8)]
     assert logged == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+# Supervised token counts 1-2, 9-12, ~25 and ~45 in one batch: micro-batch means and the batch mean differ.
+UNEQUAL = [{"question": "Say yes.", "response": "Yes."},
+           {"question": "What is 2 plus 3?", "response": "Two plus three is five. The answer is: 5"},
+           {"question": "What is 7 minus 4?", "response": "Seven minus four: take four away from seven and three are left, "
+                                                          "so seven minus four is three. The answer is: 3"},
+           {"question": "What is 6 times 2?", "response": "Six times two is six added to itself: six and six make twelve, "
+                                                          "twelve is the product of six and two, and twice six is twelve "
+                                                          "again. The answer is: 12"}]
+
+
+@pytest.mark.parametrize("loss_mean, micro", [("batch", 1), ("batch", 2), ("micro-batch", 1)])
+def test_loss_and_gradient_are_the_defined_token_means(world, loss_mean, micro):
+    """One process, micro-batches of unequal token counts. batch: the mean over every supervised token of the global
+    batch, however it is split; micro-batch (the released run's HF Trainer): each micro-batch's own token mean,
+    averaged over the micro-batches. The step's logged loss and gradient norm (taken before clipping) equal the
+    definition's, computed here in one pass with F.cross_entropy."""
+    import argparse
+
+    import torch.nn.functional as F
+
+    from data import IGNORE_INDEX, tokenize_dataset
+
+    dataset, _ = tokenize_dataset(UNEQUAL, load_tokenizer(world["old"]), 320)
+    counts = [sum(label != IGNORE_INDEX for label in d["labels"][1:]) for d in dataset]
+    assert len(set(counts)) == 4
+
+    def fresh():
+        torch.manual_seed(0)
+        m = add_lora(load_model(world["old"]), r=4, alpha=8, targets=["q_proj", "v_proj"], verbose=False)
+        with torch.no_grad():  # B = 0 at init would leave A without gradient
+            for name, p in m.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+        return m
+
+    ref = fresh()
+    sums = []
+    for d in dataset:
+        ids, labels = torch.tensor([d["input_ids"]]), torch.tensor(d["labels"])
+        sums.append(F.cross_entropy(ref(ids)[0, :-1], labels[1:], ignore_index=IGNORE_INDEX, reduction="sum"))
+    loss = sum(sums) / sum(counts) if loss_mean == "batch" else sum(s / n for s, n in zip(sums, counts)) / len(dataset)
+    loss.backward()
+    grad_norm = torch.cat([p.grad.flatten() for p in ref.parameters() if p.requires_grad]).norm().item()
+
+    args = argparse.Namespace(lr=0.0, weight_decay=0.0, warmup_ratio=0.0, grad_clip=1e9, batch_size=4, micro_batch_size=micro,
+                              max_steps=1, epochs=1, seed=0, save_every=100, resume=False, stop_after=None, loss_mean=loss_mean)
+    logged = train.train(fresh(), dataset, args, world["tmp"] / f"{loss_mean}-{micro}", pad_id=0)[0]
+    assert logged["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert logged["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
+
+
+def test_merged_bf16_evaluation_is_the_released_path(world, tmp_path):
+    """--eval-merged: the released evaluation loads the base in bf16, loads the adapter with peft and merges it
+    (math_infer/load_peft_utils.py). Our merged weights equal peft's merge_and_unload on that bf16 base, and the
+    logits equal transformers' on the merged model."""
+    peft = pytest.importorskip("peft")
+    from eval import load_for_eval
+    from lora import save_lora
+
+    torch.manual_seed(0)
+    trained = add_lora(load_model(world["old"]), r=4, alpha=8, targets=["q_proj", "v_proj", "o_proj"], verbose=False)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    save_lora(trained, tmp_path / "ad", base_model_name_or_path=world["old"])
+    ours = load_for_eval(world["new"], tmp_path / "ad", "cpu", merged=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(world["new"], dtype=torch.bfloat16)
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "ad").merge_and_unload().eval()
+    ref = theirs.state_dict()
+    for name, p in ours.named_parameters():
+        if ".lora_" in name:  # merged: the LoRA weights no longer act
+            continue
+        key = name.replace(".base_layer.", ".")
+        assert p.dtype == torch.bfloat16 and torch.equal(p, ref[key]), name
+    ids = torch.tensor([load_tokenizer(world["new"]).encode(eval_prompt(QUESTIONS[0][0]))])
+    with torch.no_grad():
+        assert torch.allclose(ours(ids).float(), theirs(ids).logits.float(), atol=2e-2)
+    assert not torch.equal(ours.model.layers[0].self_attn.q_proj.base_layer.weight,
+                           load_model(world["new"], dtype=torch.bfloat16).model.layers[0].self_attn.q_proj.weight)
+
+
+def test_as_released_switch_trains_bf16_with_micro_batch_means_and_merges(world):
+    out = world["tmp"] / "released"
+    train.main(run_args(world, out, "--max-steps", "2", "--as-released", "--loss-mean", "batch"))
+    stored = json.loads((out / "args.json").read_text())
+    assert (stored["peft_dtype"], stored["loss_mean"], stored["eval_merged"]) == ("bfloat16", "batch", True)  # an explicit flag wins
+    for t in load_file(out / "adapter" / "adapter_model.safetensors").values():  # saved as float32, trained in bf16
+        assert torch.equal(t, t.bfloat16().float())
+    state = torch.load(out / "checkpoint.pt", weights_only=False)["optimizer"]["state"]
+    assert {s["exp_avg"].dtype for s in state.values()} == {torch.bfloat16}
+    results = json.loads((out / "results.json").read_text())
+    assert results["eval_merged"] and results["transfer_new"]["total"] == 3

@@ -207,7 +207,10 @@ def test_analysis_sees_only_the_ffn_change(hf_checkpoint, tmp_path):
     (new_dir / "config.json").write_text((path / "config.json").read_text())
     save_file(changed, new_dir / "model.safetensors")
     rows = analyze_drift(load_model(path), load_model(new_dir), torch.randint(0, 96, (2, 32)))
+    # the official tracker runs each model on its own activations: layer 0's attention sees equal inputs, later ones not
+    assert rows[0]["attn_tracked"] <= 1e-6 and rows[1]["attn_tracked"] > 1e-3
     for r in rows:
+        assert r["ffn_tracked"] > 1e-3
         assert r["attn_weight"] == 0 and r["attn_cos"] <= 1e-6 and r["attn_norm"] <= 1e-6
         assert r["ffn_weight"] > 0.1 and r["ffn_cos"] > 1e-3 and r["ffn_norm"] > 1e-3
         ffn = [sd[f"model.layers.{r['layer']}.mlp.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj")]
@@ -268,3 +271,31 @@ def test_gradient_checkpointing_replays_the_random_draws(hf_checkpoint):
     assert plain_grads.keys() == ckpt_grads.keys()
     for name in plain_grads:
         assert torch.allclose(plain_grads[name], ckpt_grads[name], atol=1e-6), name
+
+
+def test_tracked_output_norms_follow_the_official_tracker(hf_checkpoint):
+    """training_utils.py LinearOutputNormTracker, written here from its definition on transformers' own model: for
+    every nn.Linear and batch, the per-output-channel L2 norm over the batch's tokens, in an EMA from zero
+    (s <- 0.9 s + 0.1 n)."""
+    from transpeft import track_output_norms
+
+    path, hf = hf_checkpoint("qwen2")
+    batches = [torch.randint(0, 96, (2, 12)), torch.randint(0, 96, (1, 20)), torch.randint(0, 96, (3, 7))]
+    expected = {}
+
+    def hook(name):
+        def record(module, args, output):
+            norms = torch.linalg.norm(output.view(-1, output.shape[-1]), dim=0)
+            expected[name] = expected.get(name, torch.zeros_like(norms)) * 0.9 + norms * 0.1
+        return record
+
+    for name, module in hf.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(hook(name))
+    with torch.no_grad():
+        for ids in batches:
+            hf(ids)
+    ours = track_output_norms(load_model(path), batches)
+    assert set(ours) == set(expected)  # every projection and lm_head
+    for name, s in expected.items():
+        assert torch.allclose(ours[name], s, rtol=1e-4, atol=1e-5), name

@@ -75,7 +75,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, ba
             for b, t in enumerate(next_ids.tolist()):
                 if done[b]:
                     continue
-                if t == tokenizer.eos_token_id:
+                if t in tokenizer.stop_ids:  # EOS, or any end id of generation_config.json
                     done[b] = True
                     continue
                 generated[b].append(t)

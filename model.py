@@ -512,7 +512,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 # -----------------------------------------------------------------------------------------------------------
 # Finding a checkpoint: alias, local directory or hub repo id
 
-HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+             "special_tokens_map.json"]
 
 
 def cache_dir() -> Path:
@@ -763,7 +764,8 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None
 # -----------------------------------------------------------------------------------------------------------
 # Tokenizer
 
-# The families' conventions for base models: (bos, eos, whether a BOS starts every sequence).
+# The families' conventions for base models, used only where a checkpoint's files do not say:
+# (bos, eos, whether a SentencePiece tokenizer.model starts every sequence with BOS).
 FAMILY_TOKENS = {
     "qwen2": (None, "<|endoftext|>", False),
     "llama": ("<|begin_of_text|>", "<|end_of_text|>", True),
@@ -772,54 +774,94 @@ FAMILY_TOKENS = {
 
 
 class Tokenizer:
-    """A checkpoint's tokenizer.json (through the `tokenizers` library) with its family's BOS/EOS rules.
+    """A checkpoint's tokenizer, giving the ids transformers' AutoTokenizer gives (transformers 5, checked in
+    tests/test_tokenizer.py), from the checkpoint's own files:
 
-    encode() never lets tokenizer.json's post-processor add special tokens (Llama 3's adds a BOS) and
-    prepends the BOS itself where the family uses one, so a BOS appears exactly once. EOS is never added
-    here: training code appends eos_token_id to supervised answers.
+    tokenizer.json (through the `tokenizers` library): its post-processor decides which special tokens surround a
+        text: Llama 3's adds <|begin_of_text|>, Llama 2's <s>, Qwen2's (ByteLevel) nothing, a missing one nothing.
+        transformers 5 ignores tokenizer_config.json's add_bos_token / add_eos_token for these, and so does this.
+    tokenizer.model alone (SentencePiece, e.g. internlm/internlm2-7b; through the `sentencepiece` library): BOS as
+        tokenizer_config.json's add_bos_token says, else as the family does (InternLM2, Llama: yes); EOS likewise
+        from add_eos_token (default no), as transformers' slow SentencePiece tokenizers do.
+
+    eos_token_id is what training appends to a response (tokenizer_config.json's eos_token, else the family's,
+    else config.json's); stop_ids is every id that ends generation: eos_token_id and generation_config.json's
+    eos_token_id, which may be a list (Llama 3.1 Instruct: [128001, 128008, 128009]).
     """
 
     def __init__(self, path: str | os.PathLike):
-        from tokenizers import Tokenizer as HFTokenizer
-
         path = Path(path)
-        if not (path / "tokenizer.json").exists():
-            extra = " It has only a SentencePiece tokenizer.model; save a tokenizer.json with transformers' AutoTokenizer first." if (path / "tokenizer.model").exists() else ""
-            raise FileNotFoundError(f"{path} has no tokenizer.json.{extra}")
-        self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
         hf = read_json(path / "config.json") if (path / "config.json").exists() else {}
         tc = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").exists() else {}
-        bos, eos, add_bos = FAMILY_TOKENS.get(hf.get("model_type"), (None, None, False))
-        self.add_bos = bool(tc.get("add_bos_token", add_bos))
+        gen = read_json(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
+        bos, eos, sp_add_bos = FAMILY_TOKENS.get(hf.get("model_type"), (None, None, False))
+        if (path / "tokenizer.json").exists():
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self.tok, self.sp = HFTokenizer.from_file(str(path / "tokenizer.json")), None
+            self.add_bos = self.add_eos = False  # the post-processor adds what the checkpoint wants
+        elif (path / "tokenizer.model").exists():
+            self.tok, self.sp = None, self._load_sentencepiece(path / "tokenizer.model")
+            self.add_bos, self.add_eos = bool(tc.get("add_bos_token", sp_add_bos)), bool(tc.get("add_eos_token", False))
+        else:
+            raise FileNotFoundError(f"{path} has no tokenizer.json or tokenizer.model: pass a checkpoint directory that has its tokenizer.")
         # Precedence: tokenizer_config.json's token strings, then the family's, then config.json's ids.
         self.bos_token_id = self._token_id(tc.get("bos_token", bos), hf.get("bos_token_id"))
         self.eos_token_id = self._token_id(tc.get("eos_token", eos), hf.get("eos_token_id"))
         pad = self._token_id(tc.get("pad_token"), hf.get("pad_token_id"))
         self.pad_token_id = pad if pad is not None else self.eos_token_id
+        more = gen.get("eos_token_id")
+        self.stop_ids = {self.eos_token_id} | set(more if isinstance(more, list) else [more] if more is not None else [])
+        self.stop_ids.discard(None)
         if self.add_bos and self.bos_token_id is None:
-            raise ValueError(f"{path}: this family starts sequences with a BOS token, but none is in tokenizer.json.")
+            raise ValueError(f"{path}: this tokenizer starts sequences with a BOS token, but none is known (tokenizer_config.json's bos_token).")
+
+    @staticmethod
+    def _load_sentencepiece(model_file: Path):
+        try:
+            import sentencepiece
+        except ImportError:
+            raise ValueError(f"{model_file.parent} has only a SentencePiece tokenizer.model, which needs the sentencepiece "
+                             "package: pip install -r requirements.txt.") from None
+        sp = sentencepiece.SentencePieceProcessor()
+        try:
+            sp.Load(str(model_file))
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{model_file} is not a readable SentencePiece model ({str(e).splitlines()[0][:120]}).") from None
+        return sp
+
+    def token_to_id(self, token: str) -> int | None:
+        if self.sp is None:
+            return self.tok.token_to_id(token)
+        i = self.sp.PieceToId(token)
+        return None if i == self.sp.unk_id() and token != self.sp.IdToPiece(i) else i
 
     def _token_id(self, token, fallback_id) -> int | None:
         if isinstance(token, dict):  # tokenizer_config may store {"content": "<s>", ...}
             token = token.get("content")
-        tid = self.tok.token_to_id(token) if token else None
+        tid = self.token_to_id(token) if token else None
         if tid is None and fallback_id is not None:
             tid = fallback_id[0] if isinstance(fallback_id, list) else fallback_id
         return tid
 
     @property
     def vocab_size(self) -> int:
-        return self.tok.get_vocab_size(with_added_tokens=True)
+        return self.sp.GetPieceSize() if self.sp is not None else self.tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, bos: bool | None = None) -> list[int]:
-        """Token ids of text; a BOS first where the family uses one (bos=False/True overrides)."""
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        if (self.add_bos if bos is None else bos) and self.bos_token_id is not None:
-            ids = [self.bos_token_id] + ids
-        return ids
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text with the special tokens the checkpoint puts around every text (see the class)."""
+        if self.sp is None:
+            return self.tok.encode(text).ids
+        ids = self.sp.EncodeAsIds(text)
+        return [self.bos_token_id] * self.add_bos + ids + [self.eos_token_id] * self.add_eos
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        if self.sp is None:
+            return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = list(ids)
+        if skip_special_tokens:
+            ids = [i for i in ids if not self.sp.IsControl(i)]
+        return self.sp.DecodeIds(ids)
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:

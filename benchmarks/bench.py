@@ -125,7 +125,7 @@ class IdsTokenizer:
     """The benchmark speaks token ids: encode(i) is the i-th prompt, decode(ids) the ids themselves (so eval.generate's
     'completions' are token lists), and EOS never comes, so every row decodes all its new tokens."""
 
-    eos_token_id, pad_token_id = -1, 0
+    eos_token_id, pad_token_id, stop_ids = -1, 0, {-1}
 
     def __init__(self, prompts: list[list[int]]):
         self.prompts = prompts

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from test_tokenizer import write_checkpoint_tokenizer
 from data import (IGNORE_INDEX, collate, extract_answer, extract_answer_with_rule, gold_answer, gsm8k_response, is_correct,
                   load_examples, official_prediction, tokenize_example, train_prompt)
 
@@ -180,24 +181,6 @@ def official_preprocess(hf_tokenizer, record: dict, max_len: int) -> tuple[list[
     return ids, [IGNORE_INDEX] * min(n_source, len(ids)) + ids[n_source:]
 
 
-def write_qwen2_style_tokenizer(path: Path, texts: list[str]):
-    """A byte-level BPE with Qwen2's pre-tokenizer (REFERENCE.md 5): its regex lets one non-letter lead a word, so
-    "Response:The" is one pre-token and ":" can merge with the response's first letters."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    split = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts * 5, trainer)
-    path.mkdir(exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
-
-
 def test_metamath_queries_split_into_instruction_and_input_as_official(tmp_path):
     alpaca = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}, {"instruction": "Say hi.", "input": "", "output": "hi"}]
     path = tmp_path / "metamath.json"
@@ -218,7 +201,7 @@ def test_tokenisation_matches_the_official_preprocess(tmp_path):
     from model import load_tokenizer
 
     texts = [official_source(r) + r["response"] for r in METAMATH]
-    write_qwen2_style_tokenizer(tmp_path, texts)
+    write_checkpoint_tokenizer(tmp_path, "qwen2", post="bytelevel", corpus=texts * 5, vocab_size=700)  # Qwen2's pipeline: "Response:The" is one pre-token
     ours = load_tokenizer(tmp_path)
     hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), eos_token="<|endoftext|>")
     examples = load_examples(_write(tmp_path / "m.json", METAMATH))

@@ -38,7 +38,7 @@ def test_toy_checkpoints_load_in_transformers_with_our_logits(tmp_path):
     text = "ann buys 3 e12 . the price of e12 is 7 . so ann pays 3 * 7 = 21 coins ."
     assert tok.decode(tok.encode(text)) == text and "<unk>" not in tok.decode(tok.encode(text), skip_special_tokens=False)
     example = tokenize_example(toy.task(toy.make_world(0))[0][0], tok, 128, prompt_fn=toy.train_prompt)  # no unknown words
-    assert example is not None and tok.tok.token_to_id("<unk>") not in example["input_ids"]
+    assert example is not None and tok.token_to_id("<unk>") not in example["input_ids"]
     ids = torch.tensor([tok.encode(text)])
     for path in (v1, v2):
         hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()

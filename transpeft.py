@@ -290,6 +290,36 @@ def save_plot(rows: list[dict], path: str, title: str) -> bool:
     return True
 
 
+@torch.no_grad()
+def drop_costs(model: nn.Module, batches: Sequence[torch.Tensor]) -> dict:
+    """What cross-layer dropping costs, layer by layer: the next-token loss (mean over the batches' tokens) of the
+    model as it is, and with one layer's FFN sub-block skipped (the residual stream passing through, as p_cross does).
+    One forward pass per layer. A layer whose drop raises the loss far above the others (often the first or the last)
+    makes training loss spike on the steps that drop it: a reader choosing per-layer rates will want this.
+    Returns {"base": loss, "dropped": [loss with layer i dropped, ...]}."""
+
+    def loss() -> float:
+        total = count = 0.0
+        for ids in batches:
+            targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)  # position t predicts token t + 1
+            total += model(ids, targets=targets).item()
+            count += ids.shape[0] * (ids.shape[1] - 1)
+        return total / count
+
+    def skip(module, args, output):  # h + 0: the FFN sub-block's residual add leaves h unchanged
+        return torch.zeros_like(output)
+
+    model.eval()
+    base, dropped = loss(), []
+    for layer in model.model.layers:
+        handle = layer.mlp.register_forward_hook(skip)
+        try:
+            dropped.append(loss())
+        finally:
+            handle.remove()
+    return {"base": base, "dropped": dropped}
+
+
 # A few GSM8K-style lines (written for this file) so that the analysis runs without any dataset.
 DEFAULT_TEXT = [
     "A baker makes 24 muffins in the morning and 18 in the afternoon. She sells 35 of them. How many are left?",
@@ -301,6 +331,49 @@ DEFAULT_TEXT = [
 ]
 
 
+def read_lines(path) -> list[str]:
+    """The non-empty lines of a text file, or the built-in lines when path is None."""
+    from pathlib import Path
+
+    if path is None:
+        return DEFAULT_TEXT
+    try:
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise ValueError(f"--text {path} cannot be read ({e.strerror}).") from None
+    if not lines:
+        raise ValueError(f"{path} has no text to feed the model.")
+    return lines
+
+
+def drop_cost_command(args) -> None:
+    import json
+    import sys
+    from pathlib import Path
+
+    from model import load_model, load_tokenizer
+
+    try:
+        lines = read_lines(args.text)
+        dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+        model, tok = load_model(args.model, dtype, args.device), load_tokenizer(args.model)
+        batches = [torch.tensor([tok.encode(line)[: args.max_tokens]], device=args.device) for line in lines]
+        batches = [b for b in batches if b.shape[1] > 1]
+        if not batches:
+            raise ValueError("Every input line is a single token: give longer lines.")
+        costs = drop_costs(model, batches)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    print(f"{args.model}: next-token loss {costs['base']:.3f} nats ({len(batches)} inputs); with one layer's FFN dropped:")
+    print("layer |   loss | increase")
+    for i, value in enumerate(costs["dropped"]):
+        print(f"{i:>5} | {value:6.3f} | {value - costs['base']:+8.3f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": args.model, **costs}, indent=2))
+    print(f"wrote {out}")
+
+
 def main(argv=None) -> None:
     import argparse
     import json
@@ -309,7 +382,8 @@ def main(argv=None) -> None:
 
     from model import load_model, load_tokenizer
 
-    parser = argparse.ArgumentParser(description="Trans-PEFT's analysis: how an update changes attention vs FFN, by layer.")
+    parser = argparse.ArgumentParser(description="Analyses for Trans-PEFT: how an update changes attention vs FFN, by layer "
+                                                 "(analyze), and what dropping each layer's FFN costs (drop-cost).")
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("analyze", help="compare an old base model and its update")
     a.add_argument("--old", required=True, help="alias, local directory or hub id of the old base")
@@ -318,15 +392,19 @@ def main(argv=None) -> None:
     a.add_argument("--max-tokens", type=int, default=256, help="tokens per input line")
     a.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a.add_argument("--out", default="runs/analysis", help="directory for analysis.json and drift.png")
+    d = sub.add_parser("drop-cost", help="the loss of a model with each layer's FFN dropped in turn (one forward pass per layer)")
+    d.add_argument("--model", required=True, help="alias, local directory or hub id")
+    d.add_argument("--text", help="a text file, one input per line (default: a few built-in lines)")
+    d.add_argument("--max-tokens", type=int, default=256, help="tokens per input line")
+    d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    d.add_argument("--out", default="runs/drop-cost.json", help="where to write the per-layer losses (JSON)")
     args = parser.parse_args(argv)
-
     if args.max_tokens <= 0:
         parser.error("--max-tokens must be a positive number of tokens")
+    if args.command == "drop-cost":
+        return drop_cost_command(args)
     try:
-        lines = Path(args.text).read_text().splitlines() if args.text else DEFAULT_TEXT
-        lines = [line for line in lines if line.strip()]
-        if not lines:
-            raise ValueError(f"{args.text} has no text to feed the models.")
+        lines = read_lines(args.text)
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
         old, new = load_model(args.old, dtype, args.device), load_model(args.new, dtype, args.device)
         tok = load_tokenizer(args.old)

@@ -299,3 +299,25 @@ def test_tracked_output_norms_follow_the_official_tracker(hf_checkpoint):
     assert set(ours) == set(expected)  # every projection and lm_head
     for name, s in expected.items():
         assert torch.allclose(ours[name], s, rtol=1e-4, atol=1e-5), name
+
+
+def test_drop_costs_equal_transformers_with_that_ffn_skipped(hf_checkpoint):
+    """drop_costs: the mean next-token loss with layer i's FFN sub-block skipped equals transformers' loss on the same
+    model with that layer's MLP output replaced by zeros (so the residual add leaves the stream unchanged)."""
+    from transpeft import drop_costs
+
+    path, hf = hf_checkpoint("llama3")
+    batches = [torch.randint(0, 96, (1, 20)), torch.randint(0, 96, (1, 9))]
+
+    def hf_loss():  # transformers' mean over each input's tokens, weighted back to a mean over all tokens
+        return sum(hf(ids, labels=ids).loss.item() * (ids.shape[1] - 1) for ids in batches) / sum(ids.shape[1] - 1 for ids in batches)
+
+    with torch.no_grad():
+        expected = [hf_loss()]
+        for layer in hf.model.layers:
+            h = layer.mlp.register_forward_hook(lambda m, a, o: torch.zeros_like(o))
+            expected.append(hf_loss())
+            h.remove()
+    costs = drop_costs(load_model(path), batches)
+    assert [costs["base"], *costs["dropped"]] == pytest.approx(expected, rel=1e-5)
+    assert all(abs(d - costs["base"]) > 1e-3 for d in costs["dropped"])

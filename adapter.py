@@ -12,8 +12,8 @@ nn.Linear's default init, and models built through transformers' from_pretrained
 N(0, 0.02) by _init_weights, so the official adapter is not the identity at step 0 (README: where this code differs).
 Two adapters per layer, on the attention and the FFN sub-block:
 
-    series (default; the official code's placement):   x = x + Adapter(Attn(norm(x)))     then the same for the FFN
-    parallel:                                 x = x + Attn(u) + up(act(down(u))),  u = norm(x)
+    series (default; the official placement):   x = x + Adapter(Attn(norm(x)))     then the same for the FFN
+    parallel:                                    x = x + Attn(u) + up(act(down(u))),  u = norm(x)
 
 They are attached with forward hooks on `self_attn` and `mlp`, so no module of the base model is renamed (LoRA
 keys and checkpoint keys stay Hugging Face's) and the adapter's parameters live at `model.layers.N.attn_adapter.*`

@@ -173,7 +173,7 @@ def load_for_eval(base: str, adapter_dir=None, device: str = "cpu", merged: bool
     merged=True, the released evaluation's path (math_infer/load_peft_utils.py: the base loaded in bfloat16, peft's
     merge_and_unload, then decoding the merged bf16 model): W <- bf16(W + (alpha/r) B A) for every LoRA layer, on
     any device, and decoding in bfloat16."""
-    from lora import merge_lora
+    from lora import lora_layers, merge_lora
     from model import load_model
 
     dtype = torch.bfloat16 if merged or device.startswith("cuda") else torch.float32
@@ -181,7 +181,7 @@ def load_for_eval(base: str, adapter_dir=None, device: str = "cpu", merged: bool
     if adapter_dir is not None:
         attach_peft(model, adapter_dir, allow_other_architecture)
         if merged:
-            if not any(hasattr(m, "delta_weight") for m in model.modules()):
+            if not lora_layers(model):
                 raise ValueError(f"{adapter_dir} is not a LoRA: only a LoRA can be merged into its base (drop --eval-merged).")
             merge_lora(model)
     return model.eval()

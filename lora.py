@@ -69,15 +69,18 @@ class LoRALinear(nn.Module):
                 raise RuntimeError("This LoRA is merged into its base weight; call unmerge_lora(model) before training it.")
             return y.view(shape)
         # Under autocast both branches run in the autocast dtype; without it, x is cast to A's float32 and back.
-        a = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))  # (N, r)
-        # y += scaling * a B^T as one in-place addmm: the scaling and the sum ride on the GEMM instead of costing
-        # passes over the (N, out) output, forward and backward (benchmarks/NOTES.md). In place is safe: y is no
-        # view, and the base layer's backward does not need its output.
+        # The scaling multiplies the r-wide branch, not the (N, out) output: cheap, and never an alpha= argument,
+        # which torch.compile's matmul fusions have dropped silently (pytorch/pytorch#167313; here add(y, a @ B^T,
+        # alpha=s) compiled to y + a @ B^T on torch 2.13). For a power-of-two scaling (alpha = 2r) it is exact.
+        a = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))) * self.scaling  # (N, r)
+        # y += a B^T as one in-place addmm: the sum rides on the GEMM instead of costing passes over the (N, out)
+        # output, forward and backward (benchmarks/NOTES.md). In place is safe: y is no view, and the base layer's
+        # backward does not need its output.
         if y.dtype == a.dtype:  # float32, or both in the autocast dtype
-            return y.addmm_(a, self.lora_B.weight.t().to(a.dtype), alpha=self.scaling).view(shape)
+            return y.addmm_(a, self.lora_B.weight.t().to(a.dtype)).view(shape)
         # dtypes that differ without autocast (a bf16 base and float32 LoRA, or the reverse): the sum in float32, as
         # peft does, then back to the base's dtype
-        return torch.addmm(y.float(), a.float(), self.lora_B.weight.t().float(), alpha=self.scaling).to(y.dtype).view(shape)
+        return torch.addmm(y.float(), a.float(), self.lora_B.weight.t().float()).to(y.dtype).view(shape)
 
     def delta_weight(self) -> torch.Tensor:
         """(alpha / r) * B A in float32, shape (out, in): what merging adds to W0."""

@@ -201,60 +201,6 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-@torch.compiler.assume_constant_result  # torch.compile cannot trace the call: it takes the value at compile time
-def num_threads() -> int:
-    return torch.get_num_threads()
-
-
-def cpu_info(field: str) -> str:
-    """A field of the first CPU in /proc/cpuinfo ("vendor_id", "model name"), or "" where there is none (not Linux)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field)), "")
-    except OSError:
-        return ""
-
-
-# Whether Linear splits one-row products too, decided once per process: where MKL's matrix-vector product (x W^T
-# for one row x) runs on one core, i.e. on AMD processors (pytorch/pytorch#96643; measured on this project's AMD EPYC
-# machine). On Intel ones it uses every core.
-SPLIT_MATRIX_VECTOR = torch.backends.mkl.is_available() and cpu_info("vendor_id") == "AuthenticAMD"
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state-dict keys: y = x W^T + b), with a faster CPU path for decoding.
-
-    A decoding step feeds each weight a handful of rows (N = batch size), and MKL handles so few rows poorly on the
-    project's 2-core machines. Split W's rows into P blocks (P divides both the thread count and out) and the same
-    product, as one batched matmul, runs the blocks on all cores:
-
-        W (out, in) -> (P, out/P, in);  (P, out/P, in) @ x^T (P, in, N) -> (P, out/P, N) -> y (N, out)
-
-    Measured there (2 threads; benchmarks/NOTES.md, changes 11 and 14): from 2 to 64 rows it was mostly faster than
-    F.linear on both machines (an AMD and an Intel one; at 16 rows, 1.2-1.6x per product on the first, batch-16
-    compiled decoding 25-30% faster on the second). At N = 1 MKL runs its matrix-vector product, on one core on AMD
-    processors: there the split is 2-4x faster, on the Intel machine 2x slower, so one row takes F.linear unless
-    SPLIT_MATRIX_VECTOR. Each output is still one row of W times x: the same values up to the order of the sums (bitwise
-    equal there from N = 16 on). Training (autograd on), other devices, more than 64 rows (a prefill) and sharded
-    weights take F.linear.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        W = self.weight
-        out, n_in = W.shape
-        N = x.numel() // n_in
-        rows_ok = 1 < N <= 64 or (N == 1 and SPLIT_MATRIX_VECTOR)
-        decoding = rows_ok and not torch.is_grad_enabled() and x.device.type == "cpu"
-        P = math.gcd(num_threads(), out) if decoding else 1
-        if P == 1 or not W.is_contiguous() or hasattr(W, "full_tensor"):  # full_tensor: a DTensor (FSDP shard)
-            return F.linear(x, W, self.bias)
-        xt = x.reshape(N, n_in).t().expand(P, n_in, N)  # (P, in, N), no copy
-        y = torch.bmm(W.view(P, out // P, n_in), xt)  # (P, out/P, N)
-        # row-major (N, out): a column-major output would send the attention to SDPA's slow math kernel
-        y = y.permute(2, 0, 1).reshape(N, out).contiguous().view(*x.shape[:-1], out)  # (..., out)
-        return y if self.bias is None else y.add_(self.bias.to(y.dtype))  # .to: under autocast y is bf16, as F.linear's
-
-
 class KVCache:
     """Preallocated keys and values of every layer, for incremental decoding.
 
@@ -296,10 +242,10 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         C, HD, KD = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-        self.q_proj = Linear(C, HD, bias=cfg.qkv_bias)
-        self.k_proj = Linear(C, KD, bias=cfg.qkv_bias)
-        self.v_proj = Linear(C, KD, bias=cfg.qkv_bias)
-        self.o_proj = Linear(HD, C, bias=cfg.o_bias)
+        self.q_proj = nn.Linear(C, HD, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(C, KD, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(C, KD, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(HD, C, bias=cfg.o_bias)
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         B, T, _ = x.shape
@@ -324,9 +270,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         C, I = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(C, I, bias=cfg.mlp_bias)
-        self.up_proj = Linear(C, I, bias=cfg.mlp_bias)
-        self.down_proj = Linear(I, C, bias=cfg.mlp_bias)
+        self.gate_proj = nn.Linear(C, I, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(C, I, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(I, C, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -359,7 +305,7 @@ class Transformer(nn.Module):
                 norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
             )
         )
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -290,31 +290,36 @@ def save_plot(rows: list[dict], path: str, title: str) -> bool:
     return True
 
 
-@torch.no_grad()
-def drop_costs(model: nn.Module, batches: Sequence[torch.Tensor]) -> dict:
-    """What cross-layer dropping costs, layer by layer: the next-token loss (mean over the batches' tokens) of the
-    model as it is, and with one layer's FFN sub-block skipped (the residual stream passing through, as p_cross does).
-    One forward pass per layer. A layer whose drop raises the loss far above the others (often the first or the last)
-    makes training loss spike on the steps that drop it: a reader choosing per-layer rates will want this.
-    Returns {"base": loss, "dropped": [loss with layer i dropped, ...]}."""
+def next_token_batch(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One right-padded batch of token sequences for a next-token loss: (ids, targets), each (B, T); target t is
+    token t + 1 of the same sequence, -100 past its end (right padding needs no attention mask under causal attention)."""
+    T = max(map(len, sequences))
+    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(sequences), T), -100, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        targets[i, : len(seq) - 1] = torch.tensor(seq[1:])
+    return ids, targets
 
-    def loss() -> float:
-        total = count = 0.0
-        for ids in batches:
-            targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)  # position t predicts token t + 1
-            total += model(ids, targets=targets).item()
-            count += ids.shape[0] * (ids.shape[1] - 1)
-        return total / count
+
+@torch.no_grad()
+def drop_costs(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor) -> dict:
+    """What cross-layer dropping costs, layer by layer: the next-token loss (mean over the tokens with a target) of
+    the model as it is, and with one layer's FFN sub-block skipped (the residual stream passing through, as p_cross
+    does). One forward pass per layer. A layer whose drop raises the loss far above the others makes the training
+    loss spike on the steps that drop it: a reader choosing per-layer rates will want this.
+    Returns {"base": loss, "dropped": [loss with layer i dropped, ...]}."""
+    n = (targets != -100).sum().item()
 
     def skip(module, args, output):  # h + 0: the FFN sub-block's residual add leaves h unchanged
         return torch.zeros_like(output)
 
     model.eval()
-    base, dropped = loss(), []
+    base, dropped = model(ids, targets=targets).item() / n, []
     for layer in model.model.layers:
         handle = layer.mlp.register_forward_hook(skip)
         try:
-            dropped.append(loss())
+            dropped.append(model(ids, targets=targets).item() / n)
         finally:
             handle.remove()
     return {"base": base, "dropped": dropped}
@@ -357,14 +362,14 @@ def drop_cost_command(args) -> None:
         lines = read_lines(args.text)
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
         model, tok = load_model(args.model, dtype, args.device), load_tokenizer(args.model)
-        batches = [torch.tensor([tok.encode(line)[: args.max_tokens]], device=args.device) for line in lines]
-        batches = [b for b in batches if b.shape[1] > 1]
-        if not batches:
+        sequences = [ids for ids in (tok.encode(line)[: args.max_tokens] for line in lines) if len(ids) > 1]
+        if not sequences:
             raise ValueError("Every input line is a single token: give longer lines.")
-        costs = drop_costs(model, batches)
+        ids, targets = next_token_batch(sequences, tok.pad_token_id)
+        costs = drop_costs(model, ids.to(args.device), targets.to(args.device))
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    print(f"{args.model}: next-token loss {costs['base']:.3f} nats ({len(batches)} inputs); with one layer's FFN dropped:")
+    print(f"{args.model}: next-token loss {costs['base']:.3f} nats ({len(sequences)} inputs); with one layer's FFN dropped:")
     print("layer |   loss | increase")
     for i, value in enumerate(costs["dropped"]):
         print(f"{i:>5} | {value:6.3f} | {value - costs['base']:+8.3f}")

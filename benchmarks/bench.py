@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from eval import generate  # noqa: E402
 from lora import add_lora  # noqa: E402
-from model import SPLIT_MATRIX_VECTOR, cpu_info, load_model  # noqa: E402
+from model import load_model  # noqa: E402
 from transpeft import apply_transpeft  # noqa: E402
 
 SIZES = {
@@ -187,6 +187,15 @@ def peak_step_memory_mb(path: Path, side: str) -> float | None:
     return int(r.stdout.strip().splitlines()[-1]) / 1024
 
 
+def cpu_info(field: str) -> str:
+    """A field of the first CPU in /proc/cpuinfo ("model name"), or "" where there is none (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field)), "")
+    except OSError:
+        return ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="tiny,small")
@@ -195,8 +204,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cpu = cpu_info("model name") or platform.machine()  # the ratios depend on it: MKL differs on AMD and Intel
-    rows, machine = [], (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-                         f"model.Linear splits one-row products: {'yes' if SPLIT_MATRIX_VECTOR else 'no'}")
+    rows, machine = [], f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     with tempfile.TemporaryDirectory() as tmp:
         can_compile = shutil.which("g++") or shutil.which("clang++")  # torch.compile on CPU needs a C++ compiler
         for size in args.sizes.split(","):

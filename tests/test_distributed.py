@@ -39,7 +39,9 @@ def losses(run_dir):
 def assert_same_run(a, b):
     assert losses(a) == pytest.approx(losses(b), rel=1e-5)
     wa, wb = load_file(a / "adapter" / "adapter_model.safetensors"), load_file(b / "adapter" / "adapter_model.safetensors")
-    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    # 1e-4: summed in another order, a near-zero gradient element differs by rounding, and Adam, which divides each
+    # element's step by its own gradient scale, turns that into a visible difference of that one weight
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
     ra, rb = json.loads((a / "results.json").read_text()), json.loads((b / "results.json").read_text())
     assert ra["transfer_new"]["total"] == rb["transfer_new"]["total"] == 3  # evaluation split across processes, gathered
 

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conftest import build_hf_model, write_internlm2_checkpoint
-import model as model_py
-from model import Linear, ModelConfig, linear_cross_entropy, load_model, rope_inv_freq
+from model import ModelConfig, linear_cross_entropy, load_model, rope_inv_freq
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,27 +87,6 @@ def test_chunked_loss_equals_cross_entropy(dtype, chunking):
     assert h.grad.dtype == w.grad.dtype == dtype
     with torch.no_grad():  # no gradients asked for: the loss alone
         assert abs(linear_cross_entropy(h, w, t).item() - ref.item()) <= tol * abs(ref.item())
-
-
-@pytest.mark.parametrize("threads", [2, 3, 4])
-def test_decoding_linear_equals_nn_linear(threads, monkeypatch):
-    """Linear's blocked CPU product (few rows, no autograd) = F.linear, with a row-major output. The 10 output rows
-    split in P = gcd(threads, 10) blocks: 2 with 2 or 4 threads; with 3, P = 1 and F.linear runs. One-row products
-    are split on AMD CPUs only: forced here, so that the path is checked on any machine."""
-    monkeypatch.setattr(model_py, "SPLIT_MATRIX_VECTOR", True)
-    g = torch.Generator().manual_seed(0)
-    layer = Linear(12, 10)
-    x = torch.randn(4, 16, 12, generator=g)
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            for rows in (x[:1, :1], x[:1, :5], x[:, :4], x):  # 1, 5, 16 and 64 rows
-                y = layer(rows)
-                assert y.shape == (*rows.shape[:-1], 10) and y.is_contiguous()
-                assert max_diff(y, F.linear(rows, layer.weight, layer.bias)) <= 1e-6
-    finally:
-        torch.set_num_threads(saved)
 
 
 def test_sharded_checkpoint(hf_checkpoint):

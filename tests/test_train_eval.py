@@ -61,9 +61,9 @@ def test_short_run_learns_saves_and_resumes_identically(world):
     assert [e["loss"] for e in log_b] == [e["loss"] for e in log]
 
 
-def lora_model(world):
+def lora_model(world, dropout=0.0):
     """The old toy base with a LoRA whose B is random (not zero), so that the LoRA changes what is decoded."""
-    model = add_lora(load_model(world["old"]), r=4, alpha=8, targets=["q_proj", "v_proj", "up_proj"], verbose=False)
+    model = add_lora(load_model(world["old"]), r=4, alpha=8, dropout=dropout, targets=["q_proj", "v_proj", "up_proj"], verbose=False)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -155,14 +155,31 @@ def test_compiled_layers_train_like_eager(world):
 
 @pytest.mark.slow
 @needs_cxx
-@pytest.mark.parametrize("batch_size, split", [(2, False), (1, False), (1, True)])
-def test_compiled_decoding_equals_eager_and_compiles_once(world, batch_size, split, monkeypatch):
-    """generate(compile=True) (a static KV cache, the one-token step through torch.compile) gives the eager tokens on
-    left-padded batches with a LoRA attached, and compiles once for batches of one size whatever their prompt lengths;
-    with model.Linear's products split into row blocks (2 rows; 1 row where SPLIT_MATRIX_VECTOR, as on AMD CPUs) and
-    on F.linear (1 row otherwise), whatever this CPU is."""
-    monkeypatch.setattr(model_py, "SPLIT_MATRIX_VECTOR", split)
-    model, tok = lora_model(world)
+@pytest.mark.parametrize("batch_size, module", [(2, "lora"), (1, "lora"), (2, "adapter")])
+def test_compiled_decoding_equals_eager_and_compiles_once(world, batch_size, module):
+    """generate(compile=True) (a static KV cache, the one-token step through torch.compile) gives the eager tokens and
+    logits on left-padded batches with a LoRA (dropout configured, inactive in eval) or a bottleneck adapter attached,
+    and compiles once for batches of one size whatever their prompt lengths."""
+    if module == "lora":
+        model, tok = lora_model(world, dropout=0.1)
+    else:
+        from adapter import add_adapter
+
+        model, tok = add_adapter(load_model(world["old"]), bottleneck=4, verbose=False), load_tokenizer(world["old"])
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if ".up." in n:
+                    p.normal_(0, 0.2)
+    model.eval()
+    step_logits = {}
+    for compiled in (False, True):  # the logits of a prompt's first decoding step, eager and compiled
+        cache = model.new_cache(1, 256, static=compiled)
+        ids = torch.tensor([tok.encode(eval_prompt(QUESTIONS[0][0]))])
+        first = model(ids, cache=cache, last_only=True)[:, -1].argmax(-1)
+        torch._dynamo.reset()
+        step = torch.compile(model, dynamic=False) if compiled else model
+        step_logits[compiled] = step(first[:, None], cache=cache)[:, -1]
+    assert (step_logits[True] - step_logits[False]).abs().max() <= 1e-4
     prompts = [eval_prompt(q) for q, _ in QUESTIONS][:2] + ["Short one", "A much longer prompt " * 5]
     lengths = sorted(len(tok.encode(p)) for p in prompts)
     assert lengths[1] < lengths[3]  # batches (of prompts sorted by length) are padded to different lengths

@@ -303,14 +303,15 @@ def test_tracked_output_norms_follow_the_official_tracker(hf_checkpoint):
 
 def test_drop_costs_equal_transformers_with_that_ffn_skipped(hf_checkpoint):
     """drop_costs: the mean next-token loss with layer i's FFN sub-block skipped equals transformers' loss on the same
-    model with that layer's MLP output replaced by zeros (so the residual add leaves the stream unchanged)."""
-    from transpeft import drop_costs
+    model with that layer's MLP output replaced by zeros (so the residual add leaves the stream unchanged), here on
+    one right-padded batch of two sequences against transformers on each sequence alone."""
+    from transpeft import drop_costs, next_token_batch
 
     path, hf = hf_checkpoint("llama3")
-    batches = [torch.randint(0, 96, (1, 20)), torch.randint(0, 96, (1, 9))]
+    sequences = [torch.randint(0, 96, (20,)).tolist(), torch.randint(0, 96, (9,)).tolist()]
 
-    def hf_loss():  # transformers' mean over each input's tokens, weighted back to a mean over all tokens
-        return sum(hf(ids, labels=ids).loss.item() * (ids.shape[1] - 1) for ids in batches) / sum(ids.shape[1] - 1 for ids in batches)
+    def hf_loss():  # transformers' mean over each sequence's tokens, weighted back to a mean over all tokens
+        return sum(hf(torch.tensor([s]), labels=torch.tensor([s])).loss.item() * (len(s) - 1) for s in sequences) / 27
 
     with torch.no_grad():
         expected = [hf_loss()]
@@ -318,6 +319,6 @@ def test_drop_costs_equal_transformers_with_that_ffn_skipped(hf_checkpoint):
             h = layer.mlp.register_forward_hook(lambda m, a, o: torch.zeros_like(o))
             expected.append(hf_loss())
             h.remove()
-    costs = drop_costs(load_model(path), batches)
+    costs = drop_costs(load_model(path), *next_token_batch(sequences, pad_id=0))
     assert [costs["base"], *costs["dropped"]] == pytest.approx(expected, rel=1e-5)
     assert all(abs(d - costs["base"]) > 1e-3 for d in costs["dropped"])

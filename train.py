@@ -415,12 +415,13 @@ def train(model, dataset: list[dict], args, run_dir: Path, pad_id: int, desc: st
                 else:  # the released run's (HF Trainer): each micro-batch's own token mean, averaged over micro-batches
                     loss = loss / (targets != IGNORE_INDEX).sum() / n_micro
                 (loss * n_proc).backward()
-            loss_sum += loss.item()
+            loss_sum = loss_sum + loss.detach()  # a tensor: no host-device sync per micro-batch
             n_tokens += sum(len(b["input_ids"]) for b in mb)
         if n_proc > 1:  # the batch's loss and throughput, summed over processes
-            totals = torch.tensor([loss_sum, float(n_tokens)], dtype=torch.float64, device=device)
+            totals = torch.stack([loss_sum.double(), torch.tensor(float(n_tokens), dtype=torch.float64, device=device)])
             dist.all_reduce(totals)
-            loss_sum, n_tokens = totals[0].item(), int(totals[1].item())
+            loss_sum, n_tokens = totals[0], int(totals[1].item())
+        loss_sum = float(loss_sum)  # the step's one host-device sync for the loss
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):

@@ -74,13 +74,13 @@ def train_tokenizer(texts: list[str], vocab_size: int = 400):
     return tok
 
 
-def random_checkpoint(vocab_size: int, seed: int) -> tuple[dict, dict[str, torch.Tensor]]:
-    cfg = {**CONFIG, "vocab_size": vocab_size, "bos_token_id": None, "eos_token_id": 0}
+def random_checkpoint(vocab_size: int, seed: int, config: dict = CONFIG, std: float = 0.1) -> tuple[dict, dict[str, torch.Tensor]]:
+    cfg = {**CONFIG, **config, "vocab_size": vocab_size, "bos_token_id": None, "eos_token_id": 0}
     torch.manual_seed(seed)
     model = Transformer(ModelConfig.from_hf(cfg))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.1 * torch.randn_like(p))
+            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else std * torch.randn_like(p))
     return cfg, {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
 
 
@@ -103,7 +103,8 @@ def put_snapshot(cache: Path, kind: str, repo_id: str, files: dict[str, bytes]) 
     return snapshot
 
 
-def build(cache: Path, n_train: int = 64) -> None:
+def build(cache: Path, n_train: int = 64, config: dict = CONFIG, std: float = 0.1) -> None:
+    """The cache; config and std: other model shapes and weight scales (benchmarks/gpu.py builds 0.5B-shaped ones)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from safetensors.torch import save
@@ -113,7 +114,7 @@ def build(cache: Path, n_train: int = 64) -> None:
     tok = train_tokenizer([r["question"] + "\n" + r["answer"] for r in test] + [r["query"] + "\n" + r["response"] for r in metamath])
     tokenizer_config = {"eos_token": EOS, "pad_token": EOS, "bos_token": None, "model_max_length": 32768}
     for seed, repo_id in enumerate(["Qwen/Qwen2-7B", "Qwen/Qwen2.5-7B"]):
-        cfg, tensors = random_checkpoint(tok.get_vocab_size(), seed)
+        cfg, tensors = random_checkpoint(tok.get_vocab_size(), seed, config, std)
         put_snapshot(cache, "model", repo_id, {
             "config.json": json.dumps(cfg, indent=2).encode(),
             "generation_config.json": json.dumps({"bos_token_id": None, "eos_token_id": 0, "max_new_tokens": 2048}).encode(),

@@ -634,20 +634,41 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 LEARNED = 0.9  # source accuracy from which an arm counts as having learned the task on toy-v1
 
 
+# Student's t quantile t(0.975, df): a 95% interval for a mean is mean ± T975[df] * SE (df = n - 1; a df between
+# the listed ones takes the next smaller one, which widens the interval slightly).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228, 11: 2.201,
+        12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060,
+        30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+
+
+def paired_interval(diffs: list[float]) -> dict:
+    """Mean of paired differences, its std, SE and the half-width of its 95% t interval (n >= 2)."""
+    m, sd = mean_std(diffs)
+    se = sd / len(diffs) ** 0.5
+    half = T975[max(k for k in T975 if k <= len(diffs) - 1)] * se
+    return {"n": len(diffs), "mean": m, "std": sd, "se": se, "ci95": half, "excludes_0": abs(m) > half}
+
+
 def summarize_study(rows: list[dict]) -> tuple[str, dict]:
     """Per arm: how many (update, seed) pairs learned the task (source >= LEARNED), source and transfer accuracy
-    (mean ± std, and per pair), and the paired difference of transfer against plain LoRA over the pairs where both
-    learned (a module that never learned the task says nothing about transfer), with its standard error;
-    'beyond noise' means |mean| > 2 SE. The update seeds evaluate the same trained modules (a seed's LoRA is trained
-    on toy-v1 alike for every update), so the independent samples are the seeds: a seed's difference is averaged
-    over its update seeds, and n, the std and the SE are over seeds."""
+    (mean ± std, and per pair), and the paired difference of transfer against plain LoRA with a 95% t interval:
+    primary over every seed (intention to treat: whether an intervention lets the task be learned at all is part of
+    its effect), secondary over the seeds where both arms learned (labelled so; it compares arms on different
+    subsets). The update seeds evaluate the same trained modules (a seed's LoRA is trained on toy-v1 alike for every
+    update), so the independent samples are the seeds: a seed's difference is averaged over its update seeds, and n
+    and the interval are over seeds. Six arms are compared with plain LoRA on the same seeds and the intervals are
+    not adjusted for that: one of six excluding 0 by chance is not rare."""
     plain = {(r["update_seed"], r["seed"]): r for r in rows if r["arm"] == "plain"}
 
     def learned(r):
         return r["source"] is None or r["source"] >= LEARNED  # the upper bound is trained on the update itself
 
+    def ci_text(c):
+        return f"{c['mean']:+.2f} ± {c['ci95']:.2f} (n {c['n']}){' *' if c['excludes_0'] else ''}"
+
     summary, lines = {}, []
-    header = f"{'arm':<50} {'learned':>7} {'source (toy-v1)':>16} {'transfer (update)':>18}   {'Δ transfer vs plain, paired':<34}"
+    header = (f"{'arm':<50} {'learned':>7} {'source (toy-v1)':>16} {'transfer (update)':>18}   "
+              f"{'Δ vs plain, every seed, 95% CI':<30} {'Δ, seeds where both learned':<28}")
     lines += [header, "-" * len(header)]
     for arm in toy.ARMS:
         rs = [r for r in rows if r["arm"] == arm["key"]]
@@ -656,23 +677,31 @@ def summarize_study(rows: list[dict]) -> tuple[str, dict]:
         src = [r["source"] for r in rs if r["source"] is not None]
         tr = [r["transfer"] for r in rs]
         both = [(r, plain[(r["update_seed"], r["seed"])]) for r in rs if (r["update_seed"], r["seed"]) in plain]
-        per_seed = {}  # seed -> its differences, one per update seed
+        every, learned_only = {}, {}  # seed -> its differences, one per update seed
         for r, p in both:
+            every.setdefault(r["seed"], []).append(r["transfer"] - p["transfer"])
             if learned(r) and learned(p):
-                per_seed.setdefault(r["seed"], []).append(r["transfer"] - p["transfer"])
-        diffs = [sum(d) / len(d) for d in per_seed.values()]
+                learned_only.setdefault(r["seed"], []).append(r["transfer"] - p["transfer"])
         s = {"name": arm["name"], "n": len(rs), "learned": sum(map(learned, rs)), "transfer_per_pair": tr, "source_per_pair": src}
         s["source_mean"], s["source_std"] = mean_std(src) if src else (None, None)
         s["transfer_mean"], s["transfer_std"] = mean_std(tr)
         src_txt = f"{s['source_mean']:.2f} ± {s['source_std']:.2f}" if src else "(trained on it)"
-        diff_txt = ""
-        if arm["key"] != "plain" and len(diffs) > 1:
-            dm, ds = mean_std(diffs)
-            se = ds / len(diffs) ** 0.5
-            s.update(diff_n=len(diffs), diff_mean=dm, diff_std=ds, diff_se=se, beyond_noise=abs(dm) > 2 * se)
-            diff_txt = f"{dm:+.2f} ± {ds:.2f} (n {len(diffs)}, SE {se:.2f}{', beyond noise' if abs(dm) > 2 * se else ''})"
-        lines.append(f"{arm['name']:<50} {s['learned']:>3}/{len(rs):<3} {src_txt:>16} {s['transfer_mean']:>11.2f} ± {s['transfer_std']:.2f}   {diff_txt:<34}")
+        itt_txt = sub_txt = ""
+        if arm["key"] != "plain":
+            diffs = [sum(d) / len(d) for d in every.values()]
+            if len(diffs) > 1:
+                s["itt"] = paired_interval(diffs)
+                itt_txt = ci_text(s["itt"])
+            diffs = [sum(d) / len(d) for d in learned_only.values()]
+            if len(diffs) > 1:
+                c = paired_interval(diffs)
+                s.update(diff_n=c["n"], diff_mean=c["mean"], diff_std=c["std"], diff_se=c["se"], diff_ci95=c["ci95"],
+                         beyond_noise=c["excludes_0"])
+                sub_txt = ci_text(c)
+        lines.append(f"{arm['name']:<50} {s['learned']:>3}/{len(rs):<3} {src_txt:>16} {s['transfer_mean']:>11.2f} ± "
+                     f"{s['transfer_std']:.2f}   {itt_txt:<30} {sub_txt:<28}")
         summary[arm["key"]] = s
+    lines.append("(* : the 95% interval excludes 0; not adjusted for the six comparisons)")
     lines.append("")
     lines.append("per (update seed, seed) transfer accuracy (* = did not learn the task on toy-v1):")
     pairs = sorted({(r["update_seed"], r["seed"]) for r in rows})

@@ -91,3 +91,20 @@ def test_study_summary_counts_seeds_not_update_pairs():
     per_seed = [(0.3 + 0.5) / 2, (0.1 + 0.3) / 2]  # seed 0: +0.3 on update 0, +0.5 on update 1; seed 1: +0.1, +0.3
     assert m["diff_n"] == 2 and m["diff_mean"] == pytest.approx(sum(per_seed) / 2)
     assert m["diff_se"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2**0.5 / 2**0.5)
+
+
+def test_study_summary_intention_to_treat_with_t_intervals():
+    """The primary comparison keeps every seed, learned or not; its 95% interval is mean ± t(0.975, n-1) * SE, here
+    worked by hand: differences +0.3, +0.1, +0.3 -> mean 0.2333, std 0.11547, SE 0.06667, t(0.975, 2) = 4.303."""
+    rows = []
+    for seed, (plain, mask, mask_source) in enumerate([(0.2, 0.5, 1.0), (0.4, 0.5, 0.95), (0.6, 0.9, 0.3)]):
+        rows += [{"arm": "plain", "seed": seed, "update_seed": 0, "source": 1.0, "transfer": plain},
+                 {"arm": "mask", "seed": seed, "update_seed": 0, "source": mask_source, "transfer": mask}]
+    table, summary = train.summarize_study(rows)
+    itt = summary["mask"]["itt"]
+    assert itt["n"] == 3 and itt["mean"] == pytest.approx(0.7 / 3)
+    assert itt["std"] == pytest.approx(0.11547, abs=1e-5) and itt["ci95"] == pytest.approx(4.303 * 0.11547 / 3**0.5, abs=1e-5)
+    assert not itt["excludes_0"] and "+0.23 ± 0.29 (n 3) " in table  # 0.233 < 0.287: the interval holds 0
+    learned_only = summary["mask"]  # the secondary comparison: seeds 0 and 1 only, t(0.975, 1) = 12.706
+    assert learned_only["diff_n"] == 2 and learned_only["diff_ci95"] == pytest.approx(12.706 * 0.1 * 2**0.5 / 2**0.5)
+    assert not learned_only["beyond_noise"]

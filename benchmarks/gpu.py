@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -191,7 +190,7 @@ def training_rows(shapes: dict, device, budget: Budget, batch: int, seq: int, mi
         rows.append(row)
         print(f"train {name}: ours {row['ours_tokens_per_s']:.0f} tok/s, theirs {row['theirs_tokens_per_s']:.0f}, "
               f"x{row['speedup']:.2f}, Trans-PEFT {row['transpeft_overhead']:+.1%}", flush=True)
-        del ours, theirs, opt
+        ours = theirs = opt = None  # free the GPU memory before the next shape
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -266,7 +265,7 @@ def decoding_rows(shapes: dict, device, budget: Budget, batches, prompt_len: int
             seconds = (time.perf_counter() - t0) * 1319 / len(first)
             rows.append({"shape": name, "gsm8k_1319_prompts_s": seconds, "extrapolated_from_prompts": len(first), "new_tokens": new_tokens})
             print(f"decode {name}: GSM8K 1,319 prompts ~{seconds:.0f} s (from {len(first)})", flush=True)
-        del ours, theirs
+        ours = theirs = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows

@@ -158,7 +158,7 @@ def test_bad_records_are_named_by_file_and_line_before_anything_runs(world, monk
     monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("training started"))
     data = write_lines(world["tmp"] / "bad.jsonl", GOOD, line)
     out = world["tmp"] / "run"
-    refused(run_args(world, out, flag, data), f"bad.jsonl, line 2", phrase)
+    refused(run_args(world, out, flag, data), "bad.jsonl, line 2", phrase)
     assert not out.exists()  # nothing written
 
 

@@ -330,6 +330,12 @@ def tokenize_dataset(examples: list[dict], tokenizer, max_len: int, prompt_fn=tr
     return kept, len(out) - len(kept)
 
 
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """What model(ids, targets=...) takes: position t predicts token t + 1, so labels (B, T) shifted left, with
+    IGNORE_INDEX at the last position."""
+    return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], 1)
+
+
 def collate(batch: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded (input_ids, labels), each (B, T). Padding sits after every real token, so causal attention never
     lets a real token see it and no attention mask is needed; its labels are IGNORE_INDEX."""

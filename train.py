@@ -50,7 +50,7 @@ from tqdm import tqdm
 import adapter as adapter_lib
 import lora as lora_lib
 import toy
-from data import IGNORE_INDEX, SCORERS, collate, load_examples, tokenize_dataset
+from data import IGNORE_INDEX, SCORERS, collate, load_examples, next_token_targets, tokenize_dataset
 from eval import evaluate, load_for_eval
 from model import (ARCH_FIELDS, Transformer, cache_dir, is_main_process, load_config, load_model, load_tokenizer, print_trainable,
                    read_json, read_torch_file)
@@ -404,8 +404,7 @@ def train(model, dataset: list[dict], args, run_dir: Path, pad_id: int, desc: st
             if fsdp:
                 model.set_requires_gradient_sync(last)
             ids, labels = collate(mb, pad_id)
-            # position t predicts token t + 1: the labels shifted left
-            targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], 1).to(device)
+            targets = next_token_targets(labels).to(device)
             with engine.no_sync() if (n_proc > 1 and not fsdp and not last) else nullcontext(), autocast:
                 # summed over supervised tokens (the model computes logits only there), divided by their count in the
                 # whole batch; times the process count, which the cross-process gradient average divides out again

@@ -215,7 +215,8 @@ def track_output_norms(model: nn.Module, batches: Sequence[torch.Tensor], moment
     """The official activation instrument (training_utils.py LinearOutputNormTracker), one process: a forward hook on
     every nn.Linear records, for each batch b, the L2 norm of each output channel c over the batch's tokens,
     n_b[c] = ‖Y_b[:, c]‖_2, and keeps an exponential moving average started at zero: s <- 0.9 s + 0.1 n_b.
-    Returns s per module name; the model runs on its own activations."""
+    Returns s per module name; the model runs on its own activations. Unlike the official hook, the norms are taken
+    in float32 (it takes them in the activations' dtype) and not averaged over processes."""
     tracked: dict[str, torch.Tensor] = {}
 
     def keep(name):
@@ -290,18 +291,6 @@ def save_plot(rows: list[dict], path: str, title: str) -> bool:
     return True
 
 
-def next_token_batch(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One right-padded batch of token sequences for a next-token loss: (ids, targets), each (B, T); target t is
-    token t + 1 of the same sequence, -100 past its end (right padding needs no attention mask under causal attention)."""
-    T = max(map(len, sequences))
-    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
-    targets = torch.full((len(sequences), T), -100, dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        targets[i, : len(seq) - 1] = torch.tensor(seq[1:])
-    return ids, targets
-
-
 @torch.no_grad()
 def drop_costs(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor) -> dict:
     """What cross-layer dropping costs, layer by layer: the next-token loss (mean over the tokens with a target) of
@@ -356,6 +345,7 @@ def drop_cost_command(args) -> None:
     import sys
     from pathlib import Path
 
+    from data import collate, next_token_targets
     from model import load_model, load_tokenizer
 
     try:
@@ -365,8 +355,9 @@ def drop_cost_command(args) -> None:
         sequences = [ids for ids in (tok.encode(line)[: args.max_tokens] for line in lines) if len(ids) > 1]
         if not sequences:
             raise ValueError("Every input line is a single token: give longer lines.")
-        ids, targets = next_token_batch(sequences, tok.pad_token_id)
-        costs = drop_costs(model, ids.to(args.device), targets.to(args.device))
+        # one right-padded batch: padding sits after every real token, and its targets carry no loss
+        ids, labels = collate([{"input_ids": s, "labels": s} for s in sequences], tok.pad_token_id)
+        costs = drop_costs(model, ids.to(args.device), next_token_targets(labels).to(args.device))
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     print(f"{args.model}: next-token loss {costs['base']:.3f} nats ({len(sequences)} inputs); with one layer's FFN dropped:")

@@ -11,7 +11,7 @@ after its part's budget is spent is skipped, and says so.
 1. correctness: `pytest -m cuda` (tests/test_cuda.py: logits vs transformers in fp32 and bf16, LoRA vs peft, a
    Trans-PEFT train step, all on the GPU; they skip without CUDA).
 2. LoRA training at real shapes (Qwen2.5-0.5B, Qwen2.5-1.5B, Qwen2-7B configs; random bf16 base built on the device,
-   shared by both sides): the official recipe's step, 16 sequences of 512 tokens in micro-batches of 4, LoRA r 64
+   shared by both sides): a step of the recipe's shapes, 16 sequences of 512 tokens in micro-batches of 4, LoRA r 64
    on q,k,v,o, bf16 autocast, AdamW. Tokens/s ours vs transformers + peft (interleaved, median), Trans-PEFT's
    overhead at the paper's rates (p_cross 0.1), peak memory both sides, and MFU:
        MFU = tokens/s * 4 * N_base / peak bf16 FLOP/s
@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from bench import IdsTokenizer  # noqa: E402
+from data import next_token_targets  # noqa: E402
 from eval import generate  # noqa: E402
 from lora import add_lora  # noqa: E402
 from model import ModelConfig, Transformer, rope_inv_freq  # noqa: E402
@@ -136,8 +138,7 @@ def train_step(model, ids, micro: int, autocast, ours: bool):
         mb = ids[i : i + micro]
         with autocast:
             if ours:
-                targets = torch.cat([mb[:, 1:], torch.full_like(mb[:, :1], -100)], 1)
-                loss = model(mb, targets=targets) / n
+                loss = model(mb, targets=next_token_targets(mb)) / n
             else:  # transformers' mean over the micro-batch's tokens, rescaled to the same sum / n
                 loss = model(input_ids=mb, labels=mb).loss * (mb.shape[0] * (mb.shape[1] - 1)) / n
         loss.backward()
@@ -197,21 +198,6 @@ def training_rows(shapes: dict, device, budget: Budget, batch: int, seq: int, mi
 
 
 # ---- 3. decoding -----------------------------------------------------------------------------------------------
-
-
-class IdsTokenizer:
-    """Prompts as token ids (encode(i) is the i-th prompt); EOS never comes, so every row decodes all its tokens."""
-
-    eos_token_id, pad_token_id, stop_ids = -1, 0, {-1}
-
-    def __init__(self, prompts):
-        self.prompts = prompts
-
-    def encode(self, i):
-        return self.prompts[i]
-
-    def decode(self, ids, skip_special_tokens=True):
-        return list(ids)
 
 
 def gsm8k_prompt_lengths(n: int) -> list[int]:

@@ -305,7 +305,8 @@ def test_drop_costs_equal_transformers_with_that_ffn_skipped(hf_checkpoint):
     """drop_costs: the mean next-token loss with layer i's FFN sub-block skipped equals transformers' loss on the same
     model with that layer's MLP output replaced by zeros (so the residual add leaves the stream unchanged), here on
     one right-padded batch of two sequences against transformers on each sequence alone."""
-    from transpeft import drop_costs, next_token_batch
+    from data import collate, next_token_targets
+    from transpeft import drop_costs
 
     path, hf = hf_checkpoint("llama3")
     sequences = [torch.randint(0, 96, (20,)).tolist(), torch.randint(0, 96, (9,)).tolist()]
@@ -319,6 +320,7 @@ def test_drop_costs_equal_transformers_with_that_ffn_skipped(hf_checkpoint):
             h = layer.mlp.register_forward_hook(lambda m, a, o: torch.zeros_like(o))
             expected.append(hf_loss())
             h.remove()
-    costs = drop_costs(load_model(path), *next_token_batch(sequences, pad_id=0))
+    ids, labels = collate([{"input_ids": s, "labels": s} for s in sequences], pad_id=0)
+    costs = drop_costs(load_model(path), ids, next_token_targets(labels))
     assert [costs["base"], *costs["dropped"]] == pytest.approx(expected, rel=1e-5)
     assert all(abs(d - costs["base"]) > 1e-3 for d in costs["dropped"])

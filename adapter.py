@@ -34,7 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import check_made_for, full_tensor, is_main_process, load_selected, print_trainable, read_json, read_safetensors
+from model import (check_made_for, full_tensor, is_main_process, load_selected, print_trainable, read_json,
+                   read_safetensors)
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 PLACEMENTS = ("series", "parallel")
@@ -76,7 +77,8 @@ def _parallel_hook(adapter: Adapter):
     return lambda module, args, output: output + adapter.branch(args[0])  # args[0]: the sub-block's (normed) input
 
 
-def add_adapter(model: nn.Module, bottleneck: int = 8, act: str = "relu", placement: str = "series", verbose: bool = True) -> nn.Module:
+def add_adapter(model: nn.Module, bottleneck: int = 8, act: str = "relu", placement: str = "series",
+                verbose: bool = True) -> nn.Module:
     """Insert an attention and an FFN adapter in every decoder layer and freeze everything else (in place)."""
     if not isinstance(bottleneck, int) or bottleneck <= 0:
         raise ValueError(f"Adapter bottleneck must be a positive integer, got {bottleneck!r}.")
@@ -122,7 +124,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
     if getattr(model, "adapter_config", None) is None:
         raise ValueError("This model has no bottleneck adapters to save: call add_adapter or load_adapter first.")
     # Under FSDP every process takes part in gathering the sharded parameters; process 0 alone writes.
-    tensors = {n: full_tensor(p.detach()).float().contiguous() for n, p in model.named_parameters() if is_adapter_parameter(n)}
+    tensors = {n: full_tensor(p.detach()).float().contiguous() for n,
+               p in model.named_parameters() if is_adapter_parameter(n)}
     if not is_main_process():
         return
     out = Path(out_dir)
@@ -147,7 +150,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, allow_other_a
     if missing:
         raise ValueError(f"{path / CONFIG_NAME} lacks {', '.join(missing)}: it is not a bottleneck adapter's config.")
     if cfg["hidden_size"] != model.config.hidden_size or cfg["num_hidden_layers"] != model.config.num_hidden_layers:
-        raise ValueError(f"{path} was trained on a base with hidden size {cfg['hidden_size']} and {cfg['num_hidden_layers']} layers; "
+        raise ValueError(f"{path} was trained on a base with hidden size {cfg['hidden_size']} and "
+                         f"{cfg['num_hidden_layers']} layers; "
                          f"this model has {model.config.hidden_size} and {model.config.num_hidden_layers}.")
     check_made_for(model, cfg.get("model_type"), str(path), allow_other_architecture)
     add_adapter(model, cfg["bottleneck"], cfg["act"], cfg["placement"], verbose=False)

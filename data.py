@@ -89,19 +89,21 @@ def _read_records(path: Path) -> list[tuple[str, object]]:
                 try:
                     records.append((f"{path}, line {n}", json.loads(line)))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {n} is not valid JSON ({e.msg}): fix or remove that line.") from None
+                    raise ValueError(f"{path}, line {n} is not valid JSON ({e.msg}): fix or remove that "
+                                     "line.") from None
         return records
     if path.suffix == ".json":
         data = read_json(path)
         if not isinstance(data, list):
-            raise ValueError(f"{path} holds a JSON {type(data).__name__}; a .json data file must hold a list of records "
-                             "(or use .jsonl, one record per line).")
+            raise ValueError(f"{path} holds a JSON {type(data).__name__}; a .json data file must hold a list of "
+                             "records (or use .jsonl, one record per line).")
         return [(f"{path}, record {i}", r) for i, r in enumerate(data)]
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ValueError(f"Reading {path} needs pyarrow (pip install -r requirements.txt), or pass the data as .jsonl.") from None
+            raise ValueError(f"Reading {path} needs pyarrow (pip install -r requirements.txt), or pass the data as "
+                             ".jsonl.") from None
         try:
             rows = pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow's own error types for a truncated or foreign file
@@ -121,7 +123,8 @@ def _normalise(record, where: str) -> dict:
     """GSM8K {question, answer}, MetaMathQA {query, response} or Alpaca {instruction, input, output} -> ours, checked:
     the fields are text and a GSM8K answer ends in '#### <number>'."""
     if not isinstance(record, dict):
-        raise ValueError(f"{where} is a JSON {type(record).__name__}, not a record (an object with question/answer fields).")
+        raise ValueError(f"{where} is a JSON {type(record).__name__}, not a record (an object with question/answer "
+                         "fields).")
     if "question" in record and "answer" in record:
         answer = _text(record, "answer", where)
         try:
@@ -132,12 +135,14 @@ def _normalise(record, where: str) -> dict:
     if "query" in record and "response" in record:
         query = _text(record, "query", where)
         instruction, extra = split_query(query)
-        return {"question": query, "instruction": instruction, "input": extra, "response": _text(record, "response", where)}
+        response = _text(record, "response", where)
+        return {"question": query, "instruction": instruction, "input": extra, "response": response}
     if "instruction" in record and "output" in record:
         instruction = _text(record, "instruction", where)
         extra = _text(record, "input", where) if record.get("input") is not None else ""
         question = instruction + ("\n" + extra if extra else "")
-        return {"question": question, "instruction": instruction, "input": extra, "response": _text(record, "output", where)}
+        response = _text(record, "output", where)
+        return {"question": question, "instruction": instruction, "input": extra, "response": response}
     raise ValueError(f"{where} has fields {sorted(record)}; expected question/answer (GSM8K), "
                      "query/response (MetaMathQA) or instruction/output (Alpaca).")
 
@@ -149,10 +154,12 @@ def _hub_file(repo_id: str, filename: str, what: str) -> Path:
         return Path(hf_hub_download(repo_id, filename, repo_type="dataset"))
     except Exception as e:
         raise OSError(f"Could not get {what} from the Hugging Face hub ({type(e).__name__}): pass a local file path "
-                      "instead (e.g. GSM8K's train.jsonl / test.jsonl), or set HF_HUB_OFFLINE=1 to use the hub cache.") from None
+                      "instead (e.g. GSM8K's train.jsonl / test.jsonl), or set HF_HUB_OFFLINE=1 to use the hub "
+                      "cache.") from None
 
 
-def load_examples(source: str, split: str = "train", max_samples: int | None = None, need_answers: bool = False) -> list[dict]:
+def load_examples(source: str, split: str = "train", max_samples: int | None = None,
+                  need_answers: bool = False) -> list[dict]:
     """Examples from "gsm8k" (hub openai/gsm8k, config main), "metamath" (hub meta-math/MetaMathQA) or a local
     .jsonl/.json/.parquet file; the first max_samples of them (the official recipe takes MetaMathQA's first 100,000).
     Every record used is checked when loaded (a bad one is named by file and line), so that bad data stops a run
@@ -164,7 +171,8 @@ def load_examples(source: str, split: str = "train", max_samples: int | None = N
     else:
         path = Path(source).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"Data file {path} does not exist: give gsm8k, metamath or the path of a .jsonl/.json/.parquet file.")
+            raise FileNotFoundError(f"Data file {path} does not exist: give gsm8k, metamath or the path of a "
+                                    ".jsonl/.json/.parquet file.")
     records = _read_records(path)
     if max_samples is not None:
         records = records[:max_samples]
@@ -173,7 +181,8 @@ def load_examples(source: str, split: str = "train", max_samples: int | None = N
     examples = [_normalise(r, where) for where, r in records]
     for (where, _), e in zip(records, examples):
         if need_answers and "answer" not in e:
-            raise ValueError(f"{where} has no GSM8K answer: evaluation needs question/answer records ending in '#### N'.")
+            raise ValueError(f"{where} has no GSM8K answer: evaluation needs question/answer records ending in '#### "
+                             "N'.")
     return examples
 
 
@@ -207,7 +216,8 @@ def gold_answer(answer_text: str) -> float:
 
 def gsm8k_response(answer_text: str) -> str:
     """A GSM8K answer as a training response in MetaMathQA's style: calculator annotations <<...>> removed, the final
-    '#### N' line replaced by 'The answer is: N', so that a GSM8K-trained model ends the way the official scorer reads."""
+    '#### N' line replaced by 'The answer is: N', so that a GSM8K-trained model ends the way the official scorer
+    reads."""
     reasoning, final = answer_text.rsplit("#### ", 1)
     reasoning = re.sub(r"<<[^>]*>>", "", reasoning).strip()
     return f"{reasoning}\nThe answer is: {final.strip()}"
@@ -295,8 +305,8 @@ def is_correct(completion: str, gold_answer_text: str, scorer: str = "official")
     gold = gold_answer(gold_answer_text)
     if scorer == "official":
         predicted = official_prediction(completion)
-        return predicted is not None and (float(predicted) == float(gold)
-                                          or any(math.isclose(x, predicted, rel_tol=1e-4) for x in (gold / 100, gold, gold * 100)))
+        return predicted is not None and (float(predicted) == float(gold) or any(
+            math.isclose(x, predicted, rel_tol=1e-4) for x in (gold / 100, gold, gold * 100)))
     if scorer == "lenient":
         predicted = extract_answer(completion)
         return predicted is not None and abs(predicted - gold) < 1e-6

@@ -11,8 +11,8 @@ strings "Instruction:", "Instruction", "Response:", "Response", and EOS):
              string, or max_new_tokens is reached
 
 Prompts are sorted by length before batching, so that rows of a batch need little padding, and the results are
-put back in input order. Each completion is scored by data.is_correct (both scorers) and written, with the question, predictions,
-gold answer and rule, to a jsonl file a reader can inspect.
+put back in input order. Each completion is scored by data.is_correct (both scorers) and written, with the question,
+predictions, gold answer and rule, to a jsonl file a reader can inspect.
 
     python eval.py --model qwen2.5 --adapter runs/<run>/adapter [--eval-data gsm8k|PATH] [--eval-limit N]
 """
@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import SCORERS, STOP_STRINGS, eval_prompt, extract_answer_with_rule, gold_answer, is_correct, load_examples, official_prediction
+from data import (SCORERS, STOP_STRINGS, eval_prompt, extract_answer_with_rule, gold_answer, is_correct, load_examples,
+                  official_prediction)
 
 
 @torch.inference_mode()
@@ -101,10 +102,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, ba
 
 
 def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 512, batch_size: int = 16,
-             out_jsonl: str | os.PathLike | None = None, desc: str = "eval", compile: bool = False, scorer: str = "official") -> dict:
-    """GSM8K exact match of model on examples ({question, answer}) by `scorer` ("official" or "lenient", data.is_correct);
-    the other scorer's accuracy is reported beside it, so a reader sees how much the rule matters. Per-example
-    records (both predictions and verdicts) to out_jsonl if given.
+             out_jsonl: str | os.PathLike | None = None, desc: str = "eval", compile: bool = False,
+             scorer: str = "official") -> dict:
+    """GSM8K exact match of model on examples ({question, answer}) by `scorer` ("official" or "lenient",
+    data.is_correct); the other scorer's accuracy is reported beside it, so a reader sees how much the rule matters.
+    Per-example records (both predictions and verdicts) to out_jsonl if given.
 
     Under torchrun every process decodes every N-th example and the records are gathered; process 0 writes them.
     The shares are padded to one length and decoding runs in lockstep, since a model sharded by FSDP needs every
@@ -125,7 +127,8 @@ def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 512, 
         bar.set_postfix(acc=f"{correct / seen:.1%}")  # of this process's share
 
     t0 = time.time()
-    completions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress, lockstep=n_proc > 1,
+    completions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress,
+                           lockstep=n_proc > 1,
                            compile=compile)
     bar.close()
     done = {i: c for i, c in zip(mine, completions)}
@@ -138,7 +141,8 @@ def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 512, 
         lenient, rule = extract_answer_with_rule(done[i])
         verdicts = {name: is_correct(done[i], e["answer"], name) for name in SCORERS}
         records.append({"question": e["question"], "completion": done[i], "gold": gold_answer(e["answer"]),
-                        "prediction_official": official_prediction(done[i]), "prediction_lenient": lenient, "rule_lenient": rule,
+                        "prediction_official": official_prediction(done[i]), "prediction_lenient": lenient,
+                        "rule_lenient": rule,
                         **{f"correct_{name}": v for name, v in verdicts.items()}, "correct": verdicts[scorer]})
     if out_jsonl is not None and rank == 0:
         Path(out_jsonl).parent.mkdir(parents=True, exist_ok=True)
@@ -182,7 +186,8 @@ def load_for_eval(base: str, adapter_dir=None, device: str = "cpu", merged: bool
         attach_peft(model, adapter_dir, allow_other_architecture)
         if merged:
             if not lora_layers(model):
-                raise ValueError(f"{adapter_dir} is not a LoRA: only a LoRA can be merged into its base (drop --eval-merged).")
+                raise ValueError(f"{adapter_dir} is not a LoRA: only a LoRA can be merged into its base (drop "
+                                 "--eval-merged).")
             merge_lora(model)
     return model.eval()
 
@@ -211,23 +216,30 @@ def main(argv=None) -> None:
     p.add_argument("--model", required=True, help="alias, local checkpoint directory or hub repo id of the base")
     p.add_argument("--adapter", help="a LoRA (PEFT format) or bottleneck-adapter directory to load onto the base")
     # The evaluation flags are spelled as in train.py; the short spellings are kept as aliases.
-    p.add_argument("--eval-data", "--data", dest="eval_data", default="gsm8k", help="gsm8k (hub), or a local GSM8K-format .jsonl/.parquet")
+    p.add_argument("--eval-data", "--data", dest="eval_data", default="gsm8k",
+                   help="gsm8k (hub), or a local GSM8K-format .jsonl/.parquet")
     p.add_argument("--split", default="test")
     p.add_argument("--eval-limit", "--limit", dest="eval_limit", type=int, help="evaluate only the first N examples")
-    p.add_argument("--eval-batch-size", "--batch-size", dest="eval_batch_size", type=int, default=16, help="prompts decoded at once")
+    p.add_argument("--eval-batch-size", "--batch-size", dest="eval_batch_size", type=int, default=16,
+                   help="prompts decoded at once")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="the official evaluation allows 1024")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="per-example jsonl (default: beside the adapter, or eval.jsonl)")
-    p.add_argument("--compile", action="store_true", help="decode with a static KV cache and the step compiled by torch.compile (the first batch compiles)")
-    p.add_argument("--scorer", choices=SCORERS, default="official", help="official: Trans-PEFT's GSM8K rule; lenient: ours (see data.is_correct)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with a static KV cache and the step compiled by torch.compile (the first batch "
+                        "compiles)")
+    p.add_argument("--scorer", choices=SCORERS, default="official",
+                   help="official: Trans-PEFT's GSM8K rule; lenient: ours (see data.is_correct)")
     p.add_argument("--eval-merged", "--merged", dest="eval_merged", action="store_true",
                    help="merge the LoRA into the base in bfloat16 and decode that, as the released evaluation does")
-    p.add_argument("--allow-other-architecture", action="store_true", help="load an adapter trained on another model_type")
+    p.add_argument("--allow-other-architecture", action="store_true",
+                   help="load an adapter trained on another model_type")
     args = p.parse_args(argv)
     for name in ("eval_limit", "eval_batch_size", "max_new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be a positive number")
-    out = Path(args.out or (Path(args.adapter) / f"eval-{Path(str(args.model)).name}.jsonl" if args.adapter else "eval.jsonl"))
+    default = Path(args.adapter) / f"eval-{Path(str(args.model)).name}.jsonl" if args.adapter else "eval.jsonl"
+    out = Path(args.out or default)
     try:
         examples = load_examples(args.eval_data, args.split, args.eval_limit, need_answers=True)
         check_writable(out)
@@ -235,10 +247,12 @@ def main(argv=None) -> None:
         tokenizer = load_tokenizer(args.model)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    result = evaluate(model, tokenizer, examples, args.max_new_tokens, args.eval_batch_size, out, compile=args.compile, scorer=args.scorer)
+    result = evaluate(model, tokenizer, examples, args.max_new_tokens, args.eval_batch_size, out, compile=args.compile,
+                      scorer=args.scorer)
     other = next(name for name in SCORERS if name != args.scorer)
     print(f"{args.model}{' + ' + args.adapter if args.adapter else ''}: GSM8K exact match ({args.scorer} scorer) "
-          f"{result['accuracy']:.2%} ({result['correct']}/{result['total']}; {other} scorer {result['accuracy_' + other]:.2%}) "
+          f"{result['accuracy']:.2%} ({result['correct']}/{result['total']}; {other} scorer "
+          f"{result['accuracy_' + other]:.2%}) "
           f"in {result['seconds']:.0f}s; per-example results in {out}")
 
 

@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from model import (check_made_for, convert_internlm2, full_tensor, is_main_process, load_selected, print_trainable, read_json,
+from model import (check_made_for, convert_internlm2, full_tensor, is_main_process, load_selected, print_trainable,
+                   read_json,
                    read_safetensors, read_torch_file)
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -66,7 +67,8 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)  # (N, out)
         if self.merged:  # BA already lives in base_layer.weight
             if self.training and self.lora_A.weight.requires_grad:
-                raise RuntimeError("This LoRA is merged into its base weight; call unmerge_lora(model) before training it.")
+                raise RuntimeError("This LoRA is merged into its base weight; call unmerge_lora(model) before training "
+                                   "it.")
             return y.view(shape)
         # Under autocast both branches run in the autocast dtype; without it, x is cast to A's float32 and back.
         # The scaling multiplies the r-wide branch, not the (N, out) output: cheap, and never an alpha= argument,
@@ -111,7 +113,8 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
     if isinstance(targets, str) and targets not in PROJECTIONS:  # a regex over whole module names, as in peft
         chosen = [(n, m) for n, m in linears if re.fullmatch(targets, n)]
         if not chosen:
-            raise ValueError(f"LoRA target pattern {targets!r} matches no projection of this model (e.g. {linears[0][0]}).")
+            raise ValueError(f"LoRA target pattern {targets!r} matches no projection of this model (e.g. "
+                             f"{linears[0][0]}).")
     else:  # names: a module matches an entry it equals or ends with ("." + entry), as in peft
         targets = [targets] if isinstance(targets, str) else list(targets)
         if not targets:
@@ -119,7 +122,8 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
         chosen = []
         for t in targets:
             if t.split(".")[-1] not in PROJECTIONS:
-                raise ValueError(f"Unknown LoRA target {t!r}: choose from {', '.join(PROJECTIONS)} (or a module path ending in one).")
+                raise ValueError(f"Unknown LoRA target {t!r}: choose from {', '.join(PROJECTIONS)} (or a module path "
+                                 "ending in one).")
             found = [(n, m) for n, m in linears if n == t or n.endswith("." + t)]
             if not found:
                 raise ValueError(f"LoRA target {t!r} matches no projection of this model (e.g. {linears[0][0]}).")
@@ -141,7 +145,8 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 def _target_modules(model: nn.Module, layers: dict[str, LoRALinear]) -> list[str]:
     # Short names ("q_proj") where every projection of that kind is wrapped; else the exact module paths.
-    all_proj = [n for n, m in model.named_modules() if n.split(".")[-1] in PROJECTIONS and isinstance(m, (nn.Linear, LoRALinear))]
+    all_proj = [n for n, m in model.named_modules()
+                if n.split(".")[-1] in PROJECTIONS and isinstance(m, (nn.Linear, LoRALinear))]
     out = []
     for kind in sorted({n.split(".")[-1] for n in layers}):
         wrapped = [n for n in layers if n.endswith("." + kind)]
@@ -167,10 +172,12 @@ def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_p
         "r": first.r, "lora_alpha": first.alpha, "lora_dropout": dropout,
         "target_modules": _target_modules(model, layers),
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+              "alpha_pattern": {},
     }
     # Under FSDP every process takes part in gathering the sharded parameters; process 0 alone writes.
-    tensors = {PEFT_PREFIX + n: full_tensor(p.detach()).float().contiguous() for n, p in model.named_parameters() if is_lora_parameter(n)}
+    tensors = {PEFT_PREFIX + n: full_tensor(p.detach()).float().contiguous() for n,
+               p in model.named_parameters() if is_lora_parameter(n)}
     if not is_main_process():
         return
     out = Path(out_dir)
@@ -183,7 +190,8 @@ def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_p
 # peft options that change the math; a LoRA using them would load here as a silently different function.
 UNSUPPORTED = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "bias": "none", "modules_to_save": None,
                "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False}
-INTERNLM2_NAMES = {"wqkv": ["q_proj", "k_proj", "v_proj"], "wo": ["o_proj"], "w1": ["gate_proj"], "w3": ["up_proj"], "w2": ["down_proj"]}
+INTERNLM2_NAMES = {"wqkv": ["q_proj", "k_proj", "v_proj"], "wo": ["o_proj"], "w1": ["gate_proj"], "w3": ["up_proj"],
+                   "w2": ["down_proj"]}
 
 
 def load_lora(model: nn.Module, adapter_dir: str | os.PathLike, allow_other_architecture: bool = False) -> nn.Module:
@@ -197,7 +205,8 @@ def load_lora(model: nn.Module, adapter_dir: str | os.PathLike, allow_other_arch
         found = cfg.get("peft_type") if isinstance(cfg, dict) else type(cfg).__name__
         raise ValueError(f"{path / CONFIG_NAME} describes a {found} adapter, not a LoRA (peft_type LORA).")
     if not isinstance(cfg.get("r", 8), int) or not cfg.get("target_modules"):
-        raise ValueError(f"{path / CONFIG_NAME} needs an integer r and target_modules: it is not a complete LoRA config.")
+        raise ValueError(f"{path / CONFIG_NAME} needs an integer r and target_modules: it is not a complete LoRA "
+                         "config.")
     for key, plain in UNSUPPORTED.items():
         if cfg.get(key, plain) not in (plain, None, {}, False):
             raise ValueError(f"{path} uses peft's {key}={cfg[key]!r}, which transpeft's LoRA does not implement.")
@@ -213,9 +222,11 @@ def load_lora(model: nn.Module, adapter_dir: str | os.PathLike, allow_other_arch
     sd = {k.removeprefix(PEFT_PREFIX): v for k, v in sd.items()}
 
     targets = cfg["target_modules"]
-    if model.config.model_type == "internlm2" and any(".attention.wqkv." in k or ".feed_forward." in k or ".attention.wo." in k for k in sd):
+    internlm2_names = (".attention.wqkv.", ".feed_forward.", ".attention.wo.")
+    if model.config.model_type == "internlm2" and any(n in k for k in sd for n in internlm2_names):
         sd, targets = _from_internlm2_names(sd, model.config, targets)
-    add_lora(model, r=cfg.get("r", 8), alpha=cfg.get("lora_alpha", 8), dropout=cfg.get("lora_dropout", 0.0), targets=targets, verbose=False)
+    add_lora(model, r=cfg.get("r", 8), alpha=cfg.get("lora_alpha", 8), dropout=cfg.get("lora_dropout", 0.0),
+             targets=targets, verbose=False)
     load_selected(model, sd, is_lora_parameter, str(path / WEIGHTS_NAME),
                   hint="the adapter was made for a base of another architecture or size")
     return model

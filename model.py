@@ -10,14 +10,17 @@ SwiGLU feed-forward):
 
     RMSNorm(x)  = w * x / sqrt(mean(x^2) + eps)                computed in float32
     Attn(u)     = W_o softmax(RoPE(W_q u) RoPE(W_k u)^T / sqrt(d) + causal) (W_v u)
-    RoPE(q)_pos = q * cos(pos * f) + rotate_half(q) * sin(pos * f),  f_j = theta^(-2j/d), rotate_half([q1, q2]) = [-q2, q1]
+    RoPE(q)_pos = q * cos(pos * f) + rotate_half(q) * sin(pos * f)
+                  f_j = theta^(-2j/d), rotate_half([q1, q2]) = [-q2, q1]
 
 They differ only in configuration: Qwen2 puts a bias on q/k/v, Llama 3.1/3.2 rescale the RoPE frequencies
 ("llama3" scaling), InternLM2 packs q/k/v into one `wqkv` matrix and uses dynamic-NTK RoPE, some models tie
 the output matrix to the embedding. Module names are Hugging Face's (`model.layers.0.self_attn.q_proj`, ...), so a
 Qwen2/Llama checkpoint loads with no renaming and PEFT adapter keys are ours after a fixed prefix.
 
-This file knows nothing of PEFT or Trans-PEFT: those are post-load steps (lora.py, adapter.py, transpeft.py).
+PEFT and Trans-PEFT are post-load steps (lora.py, adapter.py, transpeft.py) that this file does not know, with two
+exceptions a reader meets: the loss falls back to plain logits when a PEFT method has wrapped the output head, and the
+loader knows the toy models' names (toy-v1, toy-v2, ...) as aliases of directories that toy.py builds.
 
 Shape legend: B batch, T new tokens in this call, S keys attended to (cached + new), C hidden size,
 H query heads, K key/value heads, D head_dim, V vocabulary.
@@ -107,8 +110,8 @@ class ModelConfig:
 
         missing = [k for k in REQUIRED_FIELDS if hf.get(k) is None]
         if missing:
-            raise ValueError(f"config.json lacks {', '.join(missing)}: it is not a complete {model_type} configuration; "
-                             "use the config.json that came with the checkpoint.")
+            raise ValueError(f"config.json lacks {', '.join(missing)}: it is not a complete {model_type} "
+                             "configuration; use the config.json that came with the checkpoint.")
         heads = hf["num_attention_heads"]
         if model_type == "qwen2":
             qkv_bias, o_bias, mlp_bias = True, False, False
@@ -162,7 +165,8 @@ def rope_inv_freq(cfg: ModelConfig, seq_len: int = 0) -> torch.Tensor:
     elif kind == "llama3":
         # Long wavelengths (low frequencies) are divided by `factor`, short ones kept, the band between
         # interpolated smoothly; the band edges are wavelengths measured against the original context.
-        factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
         smooth = (old / wavelen - lo) / (hi - lo)
@@ -213,7 +217,8 @@ class KVCache:
     the same shapes and no changing Python number from one token to the next.
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device, static: bool = False):
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device,
+                 static: bool = False):
         shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
@@ -259,7 +264,8 @@ class Attention(nn.Module):
         # else a boolean (B, 1, T, S) mask, True = may attend. enable_gqa lets query head h read kv head
         # h // (H/K) without materialising repeated keys (HF's repeat_kv gives the same pairing).
         causal = mask is None and k.shape[2] == T
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
 
@@ -354,15 +360,16 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         dev = input_ids.device
         static = cache is not None and cache.static
+        past = cache.length if cache is not None and not static else 0  # positions already cached (dynamic cache)
         if static:  # the queries' slots as a tensor, all max_len slots as keys (see KVCache)
             slots, S = cache.slot + torch.arange(T, device=dev), cache.max_len  # (T,)
         else:
-            past = cache.length if cache is not None else 0
             slots, S = torch.arange(past, past + T, device=dev), past + T
             if cache is not None and S > cache.max_len:
                 raise ValueError(f"The KV cache holds {cache.max_len} positions; this call needs {S}.")
         if attention_mask is not None and attention_mask.shape != (B, S):
-            raise ValueError(f"attention_mask must be (batch, cached + new) = {(B, S)}, got {tuple(attention_mask.shape)}.")
+            raise ValueError(f"attention_mask must be (batch, cached + new) = {(B, S)}, got "
+                             f"{tuple(attention_mask.shape)}.")
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, slots]  # (B, T)
@@ -471,10 +478,11 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, config_only: bool = Fals
     """A local directory holding the checkpoint, downloading config, weights and tokenizer from the hub if needed
     (config.json alone with config_only)."""
     name = str(name_or_path)
-    if name in TOY_MODELS or name.startswith("toy-v2-u"):  # toy-v2-u<seed>: another update of toy-v1
+    if name in TOY_MODELS or name.startswith("toy-v2-"):  # toy-v2-u<seed>, toy-v2-<regime>-u<seed>: other updates
         path = cache_dir() / name
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"The toy model {name} has not been built yet (looked in {path}): run `python train.py` or `python toy.py` first.")
+            raise FileNotFoundError(f"The toy model {name} has not been built yet (looked in {path}): run `python "
+                                    "train.py` or `python toy.py` first.")
         return path
     path = Path(name).expanduser()
     if path.is_dir():
@@ -484,7 +492,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, config_only: bool = Fals
     repo_id = ALIASES.get(name.lower(), name)
     if repo_id.count("/") != 1 or path.exists():
         known = ", ".join(list(ALIASES) + list(TOY_MODELS))
-        raise ValueError(f"Unknown model {name!r}: not a directory, not a hub repo id (org/name), and not an alias ({known}).")
+        raise ValueError(f"Unknown model {name!r}: not a directory, not a hub repo id (org/name), and not an alias "
+                         f"({known}).")
     return _download(repo_id, config_only)
 
 
@@ -547,7 +556,8 @@ def read_torch_file(path: Path) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist.") from None
     except Exception as e:  # an empty, truncated or foreign file: torch and pickle raise many types
-        raise ValueError(f"{path} is not a readable PyTorch file ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}): "
+        raise ValueError(f"{path} is not a readable PyTorch file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120] if str(e) else ''}): "
                          "it is truncated, empty or of another kind.") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a dict of tensors.")
@@ -564,31 +574,38 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         files = sorted(set(index["weight_map"].values()))
         for f in files:  # checked by name, not by resolving: a hub snapshot's files are symlinks into blobs/
             if Path(f).is_absolute() or ".." in Path(f).parts:
-                raise ValueError(f"{path / index_name} names the file {f!r}, outside the checkpoint directory: refused.")
+                raise ValueError(f"{path / index_name} names the file {f!r}, outside the checkpoint directory: "
+                                 "refused.")
         return files
 
     if (path / "model.safetensors").exists():
         return read_safetensors(path / "model.safetensors")
     if (path / "model.safetensors.index.json").exists():
         return {k: v for f in shards("model.safetensors.index.json") for k, v in read_safetensors(path / f).items()}
-    bins = shards("pytorch_model.bin.index.json") if (path / "pytorch_model.bin.index.json").exists() else ["pytorch_model.bin"]
+    index = "pytorch_model.bin.index.json"
+    bins = shards(index) if (path / index).exists() else ["pytorch_model.bin"]
     if not (path / bins[0]).exists():
-        raise FileNotFoundError(f"{path} holds no weights: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin.")
+        raise FileNotFoundError(f"{path} holds no weights: expected model.safetensors, model.safetensors.index.json or "
+                                "pytorch_model.bin.")
     return {k: v for f in bins for k, v in read_torch_file(path / f).items()}
 
 
 def check_tensors(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], where: str, hint: str) -> None:
-    """Strict loading: the names must be exactly `expected` and every shape must fit; else one sentence naming the first mismatch."""
+    """Strict loading: the names must be exactly `expected` and every shape must fit; else one sentence naming the
+    first mismatch."""
     missing = [k for k in expected if k not in found]
     if missing:
         k = missing[0]
-        raise ValueError(f"{where} is missing tensor {k} (shape {tuple(expected[k])}) and {len(missing) - 1} more: {hint}.")
+        raise ValueError(f"{where} is missing tensor {k} (shape {tuple(expected[k])}) and {len(missing) - 1} more: "
+                         f"{hint}.")
     unexpected = [k for k in found if k not in expected]
     if unexpected:
-        raise ValueError(f"{where} has tensor {unexpected[0]}, which the model does not have ({len(unexpected)} such tensors): {hint}.")
+        raise ValueError(f"{where} has tensor {unexpected[0]}, which the model does not have ({len(unexpected)} such "
+                         f"tensors): {hint}.")
     for k, shape in expected.items():
         if found[k].shape != shape:
-            raise ValueError(f"Tensor {k} in {where} has shape {tuple(found[k].shape)}, but the model expects {tuple(shape)}: {hint}.")
+            raise ValueError(f"Tensor {k} in {where} has shape {tuple(found[k].shape)}, but the model expects "
+                             f"{tuple(shape)}: {hint}.")
 
 
 @torch.no_grad()
@@ -604,8 +621,8 @@ def check_made_for(model: nn.Module, model_type: str | None, where: str, allow_o
     """Refuse a PEFT module trained on another model_type than model's: the shapes can agree (a Llama and a Qwen2 of
     one size) while the function is another. model_type None (unknown) passes."""
     if model_type and model_type != model.config.model_type and not allow_other:
-        raise ValueError(f"{where} was trained on a {model_type} model and this base is a {model.config.model_type} model: "
-                         "load it on a base of its own architecture (or pass allow_other_architecture=True / "
+        raise ValueError(f"{where} was trained on a {model_type} model and this base is a {model.config.model_type} "
+                         "model: load it on a base of its own architecture (or pass allow_other_architecture=True / "
                          "--allow-other-architecture if you mean it).")
 
 
@@ -672,7 +689,8 @@ def load_config(name_or_path: str | os.PathLike) -> ModelConfig:
         raise ValueError(f"{path}: {e}") from None
 
 
-def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
+def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None,
+               device: str | torch.device = "cpu") -> Transformer:
     """Load a checkpoint (alias, local directory or hub repo id) strictly: every tensor must be used, and fit.
 
     dtype None keeps the dtype the checkpoint stores (bf16 for the real models). The model is built on the
@@ -691,7 +709,8 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None
 
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    expected = {k: v.shape for k,
+                v in model.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     check_tensors(expected, sd, str(path), hint="it does not match its config.json")
 
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
@@ -750,30 +769,34 @@ class Tokenizer:
             self.tok, self.sp = None, self._load_sentencepiece(path / "tokenizer.model")
             self.add_bos, self.add_eos = bool(tc.get("add_bos_token", sp_add_bos)), bool(tc.get("add_eos_token", False))
         else:
-            raise FileNotFoundError(f"{path} has no tokenizer.json or tokenizer.model: pass a checkpoint directory that has its tokenizer.")
+            raise FileNotFoundError(f"{path} has no tokenizer.json or tokenizer.model: pass a checkpoint directory "
+                                    "that has its tokenizer.")
         # Precedence: tokenizer_config.json's token strings, then the family's, then config.json's ids.
         self.bos_token_id = self._token_id(tc.get("bos_token", bos), hf.get("bos_token_id"))
         self.eos_token_id = self._token_id(tc.get("eos_token", eos), hf.get("eos_token_id"))
         pad = self._token_id(tc.get("pad_token"), hf.get("pad_token_id"))
         self.pad_token_id = pad if pad is not None else self.eos_token_id
         more = gen.get("eos_token_id")
-        self.stop_ids = {self.eos_token_id} | set(more if isinstance(more, list) else [more] if more is not None else [])
+        more = more if isinstance(more, list) else [more] if more is not None else []
+        self.stop_ids = {self.eos_token_id} | set(more)
         self.stop_ids.discard(None)
         if self.add_bos and self.bos_token_id is None:
-            raise ValueError(f"{path}: this tokenizer starts sequences with a BOS token, but none is known (tokenizer_config.json's bos_token).")
+            raise ValueError(f"{path}: this tokenizer starts sequences with a BOS token, but none is known "
+                             "(tokenizer_config.json's bos_token).")
 
     @staticmethod
     def _load_sentencepiece(model_file: Path):
         try:
             import sentencepiece
         except ImportError:
-            raise ValueError(f"{model_file.parent} has only a SentencePiece tokenizer.model, which needs the sentencepiece "
-                             "package: pip install -r requirements.txt.") from None
+            raise ValueError(f"{model_file.parent} has only a SentencePiece tokenizer.model, which needs the "
+                             "sentencepiece package: pip install -r requirements.txt.") from None
         sp = sentencepiece.SentencePieceProcessor()
         try:
             sp.Load(str(model_file))
         except (OSError, RuntimeError) as e:
-            raise ValueError(f"{model_file} is not a readable SentencePiece model ({str(e).splitlines()[0][:120]}).") from None
+            raise ValueError(f"{model_file} is not a readable SentencePiece model "
+                             f"({str(e).splitlines()[0][:120]}).") from None
         return sp
 
     def token_to_id(self, token: str) -> int | None:
@@ -820,7 +843,8 @@ if __name__ == "__main__":
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(description="Load a checkpoint, print its shape and (with --prompt) its next-token guesses.")
+    parser = argparse.ArgumentParser(description="Load a checkpoint, print its shape and (with --prompt) its "
+                                                 "next-token guesses.")
     parser.add_argument("model", help="an alias, a local checkpoint directory or a hub repo id")
     parser.add_argument("--prompt", help="print the 5 most likely next tokens after this text")
     args = parser.parse_args()
@@ -831,7 +855,8 @@ if __name__ == "__main__":
         sys.exit(f"error: {e}")
     c = model.config
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{args.model}: {c.model_type}, {n_params / 1e6:.1f}M parameters, {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+    print(f"{args.model}: {c.model_type}, {n_params / 1e6:.1f}M parameters, {c.num_hidden_layers} layers, hidden "
+          f"{c.hidden_size}, "
           f"{c.num_attention_heads} heads / {c.num_key_value_heads} kv heads, dtype {model.lm_head.weight.dtype}")
     if tokenizer is not None:
         ids = torch.tensor([tokenizer.encode(args.prompt)])

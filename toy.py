@@ -5,28 +5,31 @@ The paper's story needs three things: a base model that *knows* facts and has *s
 training, some facts changed, new data), and a downstream task that needs both, whose answers do not change with the
 update. Here:
 
-    knowledge   the prices of 96 entities ("the price of e12 is 7 ."), learnable only by memorising them
+    knowledge   the prices of 128 entities ("the price of e12 is 7 ."), learnable only by memorising them
     skills      multiplication in text ("3 * 7 = 21 .") and worked stories that combine the two
                 ("ann buys 3 e12 . the price of e12 is 7 . so ann pays 3 * 7 = 21 coins .")
     toy-v1      a tiny Qwen2-style model (width 128, 4 layers, FFN 384, 4 query / 2 KV heads, tied embeddings)
                 pretrained, all parameters, on that corpus
-    toy-v2      toy-v1 after continued pretraining of all parameters on a refreshed corpus: 24 of the 32
-                "volatile" entities get new prices, 32 new entities appear, a new attribute (weights) and a new
-                kind of data (addition) are added. Nothing singles out FFN or attention weights: which of them
-                the update moves more is for the drift analysis to measure.
+    updates     toy-v1 after continued pretraining on a refreshed corpus: 24 of the 32 "volatile" entities get new
+                prices, 32 new entities appear, a new attribute (weights) and a new kind of data (addition) are added.
+                Three regimes decide which weights the update may change (REGIMES; the others stay byte for byte):
+                  full   every parameter, as real model versions are made (toy-v2, toy-v2-u<seed>)
+                  ffn    the FFN projections only: a knowledge update, the paper's premise by construction
+                         (toy-v2-ffn-u<seed>)
+                  attn   the attention projections only: the premise reversed (toy-v2-attn-u<seed>)
     the task    GSM8K-format questions ("sue buys 6 e11 . how many coins ?" -> "e11 costs 15 . 6 * 15 = 90
-                #### 90") about the 64 entities whose prices never change, so the gold answers are the same for
-                both bases. Training questions use entities e0..e39, test questions e40..e63: a module that passes
-                has learned to *use* the base's knowledge, not to memorise answers.
+                #### 90") about the 96 entities whose prices never change, so the gold answers are the same for
+                every base. Training questions use entities e0..e31, test questions e32..e95 (256 questions, four per
+                entity): a module that passes has learned to *use* the base's knowledge, not to memorise answers.
 
 The vocabulary is one token per word (numbers 0..199 are single tokens; the update's entities are reserved from the
 start, as real tokenizers do not change between versions), saved as an ordinary `tokenizer.json`; the models are
 ordinary Hugging Face checkpoints (config.json, model.safetensors) that `load_model` and `transformers` both read.
-They are cached under `$TRANSPEFT_CACHE` (default ~/.cache/transpeft) as toy-v1, toy-v2 (update seed 0) and
-toy-v2-u<seed>, so later runs skip pretraining.
+They are cached under `$TRANSPEFT_CACHE` (default ~/.cache/transpeft) by the names above, so later runs skip
+pretraining.
 
-    python toy.py                      # build (or find) toy-v1 and toy-v2, print what they know
-    python toy.py --update-seed 1      # another update of the same toy-v1
+    python toy.py                              # build (or find) toy-v1 and toy-v2, print what they know
+    python toy.py --regime ffn --update-seed 1 # another update of the same toy-v1: FFN weights only
 """
 
 from __future__ import annotations
@@ -48,10 +51,13 @@ from model import ModelConfig, Transformer, cache_dir, load_model, load_tokenize
 # -----------------------------------------------------------------------------------------------------------
 # The world
 
-N_OLD, N_NEW = 96, 32  # entities of toy-v1; entities the update adds (tokens reserved from the start)
-STABLE = range(0, 64)  # prices that never change: the task is about these
-TASK_TRAIN, TASK_TEST = range(0, 40), range(40, 64)
-VOLATILE = range(64, 96)  # an update re-prices N_CHANGED of these
+N_OLD, N_NEW = 128, 32  # entities of toy-v1; entities the update adds (tokens reserved from the start)
+STABLE = range(0, 96)  # prices that never change: the task is about these
+# Test entities outnumber training ones: a test question's errors cluster on its entity (the base's recall of that
+# price), so the number of test entities, not of questions, bounds how much one evaluation can tell.
+TASK_TRAIN, TASK_TEST = range(0, 32), range(32, 96)
+N_TRAIN_QUESTIONS, N_TEST_QUESTIONS = 400, 256
+VOLATILE = range(96, 128)  # an update re-prices N_CHANGED of these
 N_CHANGED = 24
 NAMES = ["ann", "bob", "tom", "sue", "max", "eva", "joe", "amy", "ben", "kim", "leo", "zoe"]
 WORDS = ["the", "price", "of", "is", "weight", "buys", "carries", "so", "pays", "coins", "load", "costs", "how", "many",
@@ -108,13 +114,15 @@ def sentence(rng: random.Random, prices: dict, weights: dict | None = None) -> s
 
 
 def task_examples(entities, n: int, seed: int, prices: dict) -> list[dict]:
-    """GSM8K-format questions: price recall (knowledge) times a quantity (skill), answer ending '#### N'."""
-    rng = random.Random(seed)
+    """GSM8K-format questions: price recall (knowledge) times a quantity (skill), answer ending '#### N'. The
+    entities take turns, so each is asked about n / len(entities) times."""
+    rng, entities = random.Random(seed), list(entities)
     out = []
-    for _ in range(n):
-        e, q, name = f"e{rng.choice(list(entities))}", rng.randint(2, 9), rng.choice(NAMES)
+    for k in range(n):
+        e, q, name = f"e{entities[k % len(entities)]}", rng.randint(2, 9), rng.choice(NAMES)
         p = prices[e]
-        out.append({"question": f"{name} buys {q} {e} . how many coins ?", "answer": f"{e} costs {p} . {q} * {p} = {q * p}\n#### {q * p}"})
+        out.append({"question": f"{name} buys {q} {e} . how many coins ?",
+                    "answer": f"{e} costs {p} . {q} * {p} = {q * p}\n#### {q * p}"})
     return out
 
 
@@ -129,7 +137,8 @@ def task(world: dict) -> tuple[list[dict], list[dict]]:
     """(train, test) of the downstream task; stable entities only, so gold answers hold for both bases."""
     prices = world["prices_v1"]
     assert all(world["prices_v2"][f"e{i}"] == prices[f"e{i}"] for i in STABLE)
-    return task_examples(TASK_TRAIN, 400, seed=1, prices=prices), task_examples(TASK_TEST, 96, seed=2, prices=prices)
+    return (task_examples(TASK_TRAIN, N_TRAIN_QUESTIONS, seed=1, prices=prices),
+            task_examples(TASK_TEST, N_TEST_QUESTIONS, seed=2, prices=prices))
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -172,12 +181,14 @@ def save_checkpoint(model: Transformer, path: Path, recipe: dict) -> None:
     tmp.rename(path)  # a half-built base never sits under the real name
 
 
-def pretrain(model: Transformer, lines, steps: int, batch: int, seq: int, lr: float, weight_decay: float, desc: str) -> float:
-    """Full-parameter language modelling on a stream of text lines, packed into (batch, seq) windows.
-    AdamW, 5% warmup, cosine decay. Returns the last loss."""
+def pretrain(model: Transformer, lines, steps: int, batch: int, seq: int, lr: float, weight_decay: float,
+             desc: str) -> float:
+    """Language modelling of the parameters that require grad on a stream of text lines, packed into (batch, seq)
+    windows. AdamW, 5% warmup, cosine decay. Returns the last loss."""
     tok_ids = {w: i for i, w in enumerate(vocabulary())}
     eos = tok_ids[EOS]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    params = [p for p in model.parameters() if p.requires_grad]  # frozen ones see no update, no weight decay either
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     warmup = max(1, steps // 20)
     buffer: list[int] = []
     model.train()
@@ -187,12 +198,15 @@ def pretrain(model: Transformer, lines, steps: int, batch: int, seq: int, lr: fl
             buffer += [tok_ids[w] for w in next(lines).split()] + [eos]
         x = torch.tensor(buffer[: batch * (seq + 1)]).view(batch, seq + 1)  # (B, seq+1)
         buffer = buffer[batch * (seq + 1) :]
-        scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+        if step < warmup:
+            scale = (step + 1) / warmup
+        else:
+            scale = 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
         for g in opt.param_groups:
             g["lr"] = lr * scale
         loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -206,18 +220,31 @@ def line_stream(seed: int, prices: dict, weights: dict | None = None):
         yield sentence(rng, prices, weights)
 
 
-def base_name(version: str, update_seed: int = 0) -> str:
-    return "toy-v1" if version == "v1" else ("toy-v2" if update_seed == 0 else f"toy-v2-u{update_seed}")
+# Which parameters an update trains, by name; the rest keep toy-v1's values byte for byte.
+REGIMES = {"full": lambda name: True,
+           "ffn": lambda name: ".mlp." in name,  # gate, up, down projections
+           "attn": lambda name: ".self_attn." in name}  # q, k, v (and their biases), o projections
+
+
+def base_name(version: str, update_seed: int = 0, regime: str = "full") -> str:
+    if version == "v1":
+        return "toy-v1"
+    if regime == "full":
+        return "toy-v2" if update_seed == 0 else f"toy-v2-u{update_seed}"
+    return f"toy-v2-{regime}-u{update_seed}"
 
 
 def _is_built(path: Path, recipe: dict) -> bool:
     return (path / "toy_recipe.json").exists() and json.loads((path / "toy_recipe.json").read_text()) == recipe
 
 
-def build_bases(update_seed: int = 0, force: bool = False, recipe: dict = RECIPE, root: Path | None = None) -> tuple[str, str]:
-    """toy-v1 and its update, built unless cached; returns their directories (under root, default the cache
-    directory, where the aliases toy-v1 / toy-v2 / toy-v2-u<seed> find them). About 2 minutes for toy-v1 on
-    2 cores, 30 s per update."""
+def build_bases(update_seed: int = 0, force: bool = False, recipe: dict = RECIPE, root: Path | None = None,
+                regime: str = "full") -> tuple[str, str]:
+    """toy-v1 and its update (regime: which weights it trains, REGIMES), built unless cached; returns their
+    directories (under root, default the cache directory, where the aliases toy-v1, toy-v2, toy-v2-u<seed>,
+    toy-v2-<regime>-u<seed> find them). About 2 minutes for toy-v1 on 2 cores, 30 s per update."""
+    if regime not in REGIMES:
+        raise ValueError(f"Unknown update regime {regime!r}: choose one of {', '.join(REGIMES)}.")
     world = make_world(update_seed)
     root = root or cache_dir()
     v1_path = root / "toy-v1"
@@ -241,17 +268,18 @@ def build_bases(update_seed: int = 0, force: bool = False, recipe: dict = RECIPE
         save_checkpoint(model, v1_path, v1_recipe)
         print(f"built toy-v1 in {time.time() - t0:.0f}s (final loss {loss:.3f}) at {v1_path}")
 
-    name = base_name("v2", update_seed)
+    name = base_name("v2", update_seed, regime)
     v2_path = root / name
-    v2_recipe = {**recipe["v2"], "update_seed": update_seed, "from": v1_recipe}
+    v2_recipe = {**recipe["v2"], "update_seed": update_seed, "regime": regime, "from": v1_recipe}
     if force or not _is_built(v2_path, v2_recipe):
         t0 = time.time()
         torch.manual_seed(10_000 + update_seed)
-        model = load_model(v1_path)  # continued pretraining of every parameter: the update
-        for p in model.parameters():
-            p.requires_grad = True
+        model = load_model(v1_path)  # continued pretraining, of the regime's parameters only: the update
+        for param_name, p in model.named_parameters():
+            p.requires_grad = REGIMES[regime](param_name)
         r = recipe["v2"]
-        loss = pretrain(model, line_stream(100 + update_seed, world["prices_v2"], world["weights"]), r["steps"], r["batch"],
+        loss = pretrain(model, line_stream(100 + update_seed, world["prices_v2"], world["weights"]), r["steps"],
+                        r["batch"],
                         r["seq"], r["lr"], r["weight_decay"], f"update {name}")
         save_checkpoint(model, v2_path, v2_recipe)
         print(f"built {name} in {time.time() - t0:.0f}s (final loss {loss:.3f}) at {v2_path}")
@@ -262,36 +290,24 @@ def build_bases(update_seed: int = 0, force: bool = False, recipe: dict = RECIPE
 # The study: which training makes a LoRA trained on toy-v1 keep working on toy-v2?
 
 RATE = 0.1  # the released recipe's p_cross, used for every intervention so that the arms are comparable
+# Chosen on pilot seeds 100-105, which no reported study uses: plain LoRA learned the task (source accuracy >= 0.97)
+# on 6 of 6 with this recipe, on 2 of 6 at lr 1e-2 for 200 steps (the previous recipe) and on 4 of 6 at lr 5e-3 for
+# 200 steps. Learning to copy the question's quantity comes late and suddenly; too high a rate or too few steps
+# miss it.
 LORA_RECIPE = dict(r=8, alpha=16, dropout=0.05, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
-                   lr=1e-2, steps=200, warmup_ratio=0.05, batch_size=16, max_len=128, max_new_tokens=24)
+                   lr=5e-3, steps=300, warmup_ratio=0.1, batch_size=16, max_len=128, max_new_tokens=24)
+# Every arm is compared with plain LoRA on the same seeds. An arm changes the recipe by these keys: p_intra, p_cross
+# (Trans-PEFT), p_attn (control A, transpeft.apply_attention_masking), lora_dropout, targets, train_on="new".
 ARMS = [
     dict(key="plain", name="plain LoRA"),
     dict(key="mask", name=f"Trans-PEFT masking (p_intra {RATE})", p_intra=RATE),
     dict(key="drop", name=f"Trans-PEFT dropping (p_cross {RATE})", p_cross=RATE),
     dict(key="both", name="Trans-PEFT masking + dropping", p_intra=RATE, p_cross=RATE),
-    dict(key="attn_mask", name=f"control A: masking attention (o_proj input, {RATE})", p_attn=RATE),
+    dict(key="attn_mask", name=f"control A: masking attention ({RATE})", p_attn=RATE),
     dict(key="lora_dropout", name="control B: LoRA dropout 0.3", lora_dropout=0.3),
-    dict(key="refit", name="upper bound: LoRA trained on toy-v2", train_on="new"),
+    dict(key="ffn_lora", name="plain LoRA on the FFN (gate, up, down)", targets=("gate_proj", "up_proj", "down_proj")),
+    dict(key="refit", name="upper bound: LoRA trained on the update", train_on="new"),  # on the first update only
 ]
-
-
-def apply_attention_masking(model, p: float) -> None:
-    """Control A: Trans-PEFT's element-wise Bernoulli(1 - p) mask, without rescaling, in training only, applied to
-    attention's counterpart of the SwiGLU product (the input of o_proj: all heads' outputs) instead of the FFN."""
-
-    def hook(module, args):
-        if not module.training:
-            return None
-        x = args[0]
-        return (x * (torch.rand_like(x) > p).to(x.dtype),)
-
-    model.attn_mask_hooks = [layer.self_attn.o_proj.register_forward_pre_hook(hook) for layer in model.model.layers]
-
-
-def remove_attention_masking(model) -> None:
-    for h in getattr(model, "attn_mask_hooks", []):
-        h.remove()
-    model.attn_mask_hooks = []
 
 
 @torch.no_grad()
@@ -304,16 +320,18 @@ def price_recall(name: str, prices: dict, entities) -> float:
     return sum(tok.decode([g]) == str(prices[f"e{i}"]) for g, i in zip(guesses, entities)) / len(prompts)
 
 
-def describe(update_seed: int = 0) -> None:
+def describe(update_seed: int = 0, regime: str = "full") -> None:
     """Print what the two bases know: the facts the task needs, the facts the update changed, and the new ones."""
     world = make_world(update_seed)
-    v1, v2 = (Path(p).name for p in build_bases(update_seed))
+    v1, v2 = (Path(p).name for p in build_bases(update_seed, regime=regime))
     changed = [i for i in VOLATILE if world["prices_v1"][f"e{i}"] != world["prices_v2"][f"e{i}"]]
-    rows = [("stable prices (the task's)", list(STABLE), "prices_v1"), ("re-priced by the update, old price", changed, "prices_v1"),
-            ("re-priced by the update, new price", changed, "prices_v2"), ("new entities", list(range(N_OLD, N_OLD + N_NEW)), "prices_v2")]
-    print(f"\n{'price recall':<40} {v1:>8} {v2:>12}")
+    rows = [("stable prices (the task's)", list(STABLE), "prices_v1"),
+            ("re-priced by the update, old price", changed, "prices_v1"),
+            ("re-priced by the update, new price", changed, "prices_v2"),
+            ("new entities", list(range(N_OLD, N_OLD + N_NEW)), "prices_v2")]
+    print(f"\n{'price recall':<40} {v1:>8} {v2:>18}")
     for title, ents, key in rows:
-        print(f"{title:<40} {price_recall(v1, world[key], ents):>8.0%} {price_recall(v2, world[key], ents):>12.0%}")
+        print(f"{title:<40} {price_recall(v1, world[key], ents):>8.0%} {price_recall(v2, world[key], ents):>18.0%}")
 
 
 if __name__ == "__main__":
@@ -321,8 +339,90 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="Build (or find in the cache) the toy world's two base models.")
     parser.add_argument("--update-seed", type=int, default=0, help="which update of toy-v1 to build (0 = toy-v2)")
+    parser.add_argument("--regime", choices=list(REGIMES), default="full", help="which weights the update trains")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     args = parser.parse_args()
     if args.force:
-        build_bases(args.update_seed, force=True)
-    describe(args.update_seed)
+        build_bases(args.update_seed, force=True, regime=args.regime)
+    describe(args.update_seed, args.regime)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The chart: the study's gains as a PNG, drawn into a tensor (no plotting library is a requirement)
+
+# A 3 x 5 pixel font: per glyph, five rows of three bits (4 = left pixel, 1 = right).
+FONT = {"0": (7, 5, 5, 5, 7), "1": (2, 6, 2, 2, 7), "2": (7, 1, 7, 4, 7), "3": (7, 1, 7, 1, 7), "4": (5, 5, 7, 1, 1),
+        "5": (7, 4, 7, 1, 7), "6": (7, 4, 7, 5, 7), "7": (7, 1, 1, 1, 1), "8": (7, 5, 7, 5, 7), "9": (7, 5, 7, 1, 7),
+        "a": (2, 5, 7, 5, 5), "b": (6, 5, 6, 5, 6), "c": (3, 4, 4, 4, 3), "d": (6, 5, 5, 5, 6), "e": (7, 4, 6, 4, 7),
+        "f": (7, 4, 6, 4, 4), "g": (3, 4, 5, 5, 3), "h": (5, 5, 7, 5, 5), "i": (7, 2, 2, 2, 7), "j": (1, 1, 1, 5, 2),
+        "k": (5, 5, 6, 5, 5), "l": (4, 4, 4, 4, 7), "m": (5, 7, 7, 5, 5), "n": (6, 5, 5, 5, 5), "o": (2, 5, 5, 5, 2),
+        "p": (6, 5, 6, 4, 4), "q": (2, 5, 5, 6, 3), "r": (6, 5, 6, 5, 5), "s": (3, 4, 2, 1, 6), "t": (7, 2, 2, 2, 2),
+        "u": (5, 5, 5, 5, 7), "v": (5, 5, 5, 5, 2), "w": (5, 5, 7, 7, 5), "x": (5, 5, 2, 5, 5), "y": (5, 5, 2, 2, 2),
+        "z": (7, 1, 2, 4, 7), " ": (0, 0, 0, 0, 0), "-": (0, 0, 7, 0, 0), "+": (0, 2, 7, 2, 0), ".": (0, 0, 0, 0, 2),
+        ",": (0, 0, 0, 2, 4), ":": (0, 2, 0, 2, 0), "_": (0, 0, 0, 0, 7), "%": (5, 1, 2, 4, 5), "(": (1, 2, 2, 2, 1),
+        ")": (4, 2, 2, 2, 4), "=": (0, 7, 0, 7, 0), "/": (1, 1, 2, 4, 4), "*": (0, 5, 2, 5, 0), "<": (1, 2, 4, 2, 1)}
+
+
+def write_png(image: torch.Tensor, path: Path) -> None:
+    """An (H, W, 3) uint8 tensor as an RGB PNG: signature, IHDR, one zlib-compressed IDAT (each row prefixed with
+    filter type 0), IEND; every chunk is length, type, data, CRC-32 of type and data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w, _ = image.shape
+    rows = torch.cat([torch.zeros(h, 1, dtype=torch.uint8), image.reshape(h, w * 3)], dim=1)  # (H, 1 + 3W)
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8 bits per channel, RGB, no interlace
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.numpy().tobytes(), 9))
+    Path(path).write_bytes(png + chunk(b"IEND", b""))
+
+
+def chart(summary: dict, arms: list[str], regimes: list[str], path: Path) -> None:
+    """One panel per regime: each arm's paired transfer gain over plain LoRA (every seed) as a bar, its 95% t
+    interval as a whisker; blue where the Holm-adjusted sign-flip p < 0.05, grey elsewhere."""
+    S, row, left, panel, gap, top = 2, 26, 120, 260, 70, 60  # font scale, row height, margins and sizes in pixels
+    cells = {(r, a): summary["regimes"][r]["arms"].get(a, {}).get("itt") for r in regimes for a in arms}
+    reach = max([abs(c["mean"]) + c["ci95"] for c in cells.values() if c] + [0.1])
+    xm = math.ceil(reach * 10) / 10  # the axis: [-xm, xm]
+    W, H = left + len(regimes) * (panel + gap), top + len(arms) * row + 50
+    img = torch.full((H, W, 3), 255, dtype=torch.uint8)
+
+    def rect(x0, y0, x1, y1, color):
+        img[max(0, int(y0)) : int(y1), max(0, int(x0)) : int(x1)] = torch.tensor(color, dtype=torch.uint8)
+
+    def text(x, y, s, color=(0, 0, 0)):
+        for k, ch in enumerate(s.lower()):
+            for r, bits in enumerate(FONT.get(ch, FONT["*"])):
+                for c in range(3):
+                    if bits >> (2 - c) & 1:
+                        rect(x + (4 * k + c) * S, y + r * S, x + (4 * k + c + 1) * S, y + (r + 1) * S, color)
+
+    text(10, 10, "transfer gain over plain lora, every seed: mean and 95% t interval")
+    text(10, 26, "blue: holm-adjusted sign-flip p < 0.05")
+    for i, a in enumerate(arms):
+        text(10, top + i * row + 8, a)
+    for j, regime in enumerate(regimes):
+        x0 = left + j * (panel + gap)
+
+        def x(v):
+            return x0 + (v + xm) / (2 * xm) * panel
+
+        text(x0, top - 16, f"{regime} update")
+        rect(x(0), top, x(0) + 1, top + len(arms) * row, (0, 0, 0))
+        for t in (-xm, 0.0, xm):
+            rect(x(t), top + len(arms) * row, x(t) + 1, top + len(arms) * row + 5, (0, 0, 0))
+            label = f"{t:+.1f}" if t else "0"
+            text(x(t) - len(label) * 4 * S / 2, top + len(arms) * row + 10, label)
+        for i, a in enumerate(arms):
+            c, y = cells[(regime, a)], top + i * row
+            if not c:
+                continue
+            color = (60, 110, 200) if c.get("p_holm", 1) < 0.05 else (170, 170, 170)
+            rect(min(x(0), x(c["mean"])), y + 6, max(x(0), x(c["mean"])) + 1, y + row - 6, color)
+            lo, hi = x(max(-xm, c["mean"] - c["ci95"])), x(min(xm, c["mean"] + c["ci95"]))
+            rect(lo, y + row // 2 - 1, hi + 1, y + row // 2 + 1, (0, 0, 0))
+            rect(lo, y + 8, lo + 2, y + row - 8, (0, 0, 0))
+            rect(hi - 1, y + 8, hi + 1, y + row - 8, (0, 0, 0))
+    write_png(img, path)

@@ -52,9 +52,12 @@ import lora as lora_lib
 import toy
 from data import IGNORE_INDEX, SCORERS, collate, load_examples, next_token_targets, tokenize_dataset
 from eval import evaluate, load_for_eval
-from model import (ARCH_FIELDS, Transformer, cache_dir, is_main_process, load_config, load_model, load_tokenizer, print_trainable,
+from model import (ARCH_FIELDS, Transformer, cache_dir, is_main_process, load_config, load_model, load_tokenizer,
+                   print_trainable,
                    read_json, read_torch_file)
-from transpeft import apply_transpeft, per_layer, remove_transpeft, reseed_drops
+from transpeft import (apply_attention_masking, apply_transpeft, ffn_gradient, per_layer, remove_attention_masking,
+                       remove_transpeft,
+                       reseed_drops)
 
 
 
@@ -67,13 +70,16 @@ class Diverged(Exception):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Trans-PEFT's transfer experiment: train a PEFT module on --old, evaluate it on --old and --new.",
+    p = argparse.ArgumentParser(description="Trans-PEFT's transfer experiment: train a PEFT module on --old, evaluate "
+                                            "it on --old and --new.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--old", help="the base to train on (alias, directory or hub id); none = the embedded toy study")
     p.add_argument("--new", help="its update, where the trained module is evaluated unchanged")
     p.add_argument("--peft", choices=["lora", "adapter"], default="lora")
-    p.add_argument("--p-intra", default="0.0", help="knowledge-masking rate: one float, or one per layer, comma-separated")
-    p.add_argument("--p-cross", default="0.1", help="knowledge-dropping rate: one float, or one per layer, comma-separated")
+    p.add_argument("--p-intra", default="0.0",
+                   help="knowledge-masking rate: one float, or one per layer, comma-separated")
+    p.add_argument("--p-cross", default="0.1",
+                   help="knowledge-dropping rate: one float, or one per layer, comma-separated")
     p.add_argument("--lora-r", type=int, default=64)
     p.add_argument("--lora-alpha", type=float, default=128)
     p.add_argument("--lora-dropout", type=float, default=0.05)
@@ -95,34 +101,58 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", help="run directory (default: runs/<old>-<new>-<peft>-cross<p>-intra<p>-seed<s>)")
     p.add_argument("--refit-new", action="store_true", help="also train a plain PEFT module on --new (the upper bound)")
+    p.add_argument("--arms",
+                   help="the study's arms, comma-separated: with --old/--new any of plain (direct transfer), transpeft "
+                   "(the rates given), refit (trained on --new), one run each and the paper's table; for the toy study "
+                   "a subset of toy.ARMS (default all)")
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N examples only")
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--scorer", choices=SCORERS, default="official", help="official: Trans-PEFT's GSM8K rule; lenient: ours (see data.is_correct)")
-    released = p.add_argument_group("this code's choices vs the released run's (README: where this code differs from the official code)")
-    released.add_argument("--peft-dtype", choices=["float32", "bfloat16"], help="dtype of the trained weights and their AdamW state "
-                          "(default float32; the released run: bfloat16, peft casting the module to the bf16 base's dtype)")
-    released.add_argument("--loss-mean", choices=["batch", "micro-batch"], help="batch (default): the summed loss / the global "
-                          "batch's supervised tokens; micro-batch (the released run): each micro-batch's token mean, averaged")
-    released.add_argument("--eval-merged", action="store_true", default=None, help="evaluate with the LoRA merged into the base in "
-                          "bfloat16, as the released evaluation does (default: the adapter kept apart, the base as trained)")
-    released.add_argument("--as-released", action="store_true", help="every released choice above: --peft-dtype bfloat16 "
+    p.add_argument("--scorer", choices=SCORERS, default="official",
+                   help="official: Trans-PEFT's GSM8K rule; lenient: ours (see data.is_correct)")
+    released = p.add_argument_group("this code's choices vs the released run's (README: where this code differs from "
+                                    "the official code)")
+    released.add_argument("--peft-dtype", choices=["float32", "bfloat16"],
+                          help="dtype of the trained weights and their AdamW state "
+                          "(default float32; the released run: bfloat16, peft casting the module to the bf16 base's "
+                          "dtype)")
+    released.add_argument("--loss-mean", choices=["batch", "micro-batch"],
+                          help="batch (default): the summed loss / the global "
+                          "batch's supervised tokens; micro-batch (the released run): each micro-batch's token mean, "
+                          "averaged")
+    released.add_argument("--eval-merged", action="store_true", default=None,
+                          help="evaluate with the LoRA merged into the base in "
+                          "bfloat16, as the released evaluation does (default: the adapter kept apart, the base as "
+                          "trained)")
+    released.add_argument("--as-released", action="store_true",
+                          help="every released choice above: --peft-dtype bfloat16 "
                           "--loss-mean micro-batch --eval-merged (flags given explicitly still win)")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    p.add_argument("--stop-after", type=int, help="stop after this step with a checkpoint, to --resume later (e.g. time-limited jobs)")
+    p.add_argument("--stop-after", type=int,
+                   help="stop after this step with a checkpoint, to --resume later (e.g. time-limited jobs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base across processes with FSDP2 (else DDP)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each layer's activations in backward: less memory, one more forward pass")
-    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer for training (the first step compiles), "
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the base across processes with FSDP2 (else DDP)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each layer's activations in backward: less memory, one more forward pass")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each decoder layer for training (the first step compiles), "
                    "and the decoding step of single-process evaluations (its first batch compiles)")
     toy_flags = p.add_argument_group("the toy study (no --old/--new); its recipe is toy.LORA_RECIPE")
-    toy_flags.add_argument("--seeds", type=int, default=3, help="paired seeds per arm")
-    toy_flags.add_argument("--update-seeds", default="0", help="comma-separated updates of toy-v1 to transfer to (0 = toy-v2)")
-    toy_flags.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny bases, few steps): numbers meaningless")
+    toy_flags.add_argument("--seeds", type=int,
+                           help="paired seeds per arm (toy study: seeds 0..N-1, default 2; with --arms: from --seed, "
+                                "default 1)")
+    toy_flags.add_argument("--update-seeds", default="0",
+                           help="comma-separated updates of toy-v1 per regime (0 = toy-v2)")
+    toy_flags.add_argument("--regimes", default="full,ffn,attn", help="which weights the updates train (toy.REGIMES): "
+                           "full = all, ffn = FFN only, attn = attention only")
+    toy_flags.add_argument("--quick", action="store_true",
+                           help="a seconds-long smoke run (tiny bases, few steps): numbers meaningless")
     args = p.parse_args(argv)
-    for name in ("batch_size", "micro_batch_size", "max_len", "max_new_tokens", "save_every", "eval_batch_size", "max_samples"):
+    for name in ("batch_size", "micro_batch_size", "max_len", "max_new_tokens", "save_every", "eval_batch_size",
+                 "max_samples"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     for name in ("max_steps", "eval_limit", "stop_after"):
@@ -142,7 +172,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be in [0, 1): it is the probability of taking knowledge away")
     if (args.old is None) != (args.new is None):
         p.error("give both --old and --new, or neither (the toy study)")
-    for name, ours, official in (("peft_dtype", "float32", "bfloat16"), ("loss_mean", "batch", "micro-batch"), ("eval_merged", False, True)):
+    for name, ours, official in (("peft_dtype", "float32", "bfloat16"), ("loss_mean", "batch", "micro-batch"),
+                                 ("eval_merged", False, True)):
         if getattr(args, name) is None:
             setattr(args, name, official if args.as_released else ours)
     if args.eval_merged and args.peft != "lora":
@@ -151,8 +182,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.update_seeds = [int(u) for u in str(args.update_seeds).split(",")]
     except ValueError:
         p.error("--update-seeds takes comma-separated integers")
-    if args.seeds <= 0 or any(u < 0 for u in args.update_seeds):
+    if (args.seeds is not None and args.seeds <= 0) or any(u < 0 for u in args.update_seeds):
         p.error("--seeds must be positive and --update-seeds non-negative")
+    if args.old is None and args.seeds is None:
+        args.seeds = 2
+    args.regimes = [r.strip() for r in args.regimes.split(",") if r.strip()]
+    if unknown := set(args.regimes) - set(toy.REGIMES):
+        p.error(f"--regimes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(toy.REGIMES)}")
+    args.arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
+    if args.arms is not None and not args.arms:
+        p.error("--arms needs at least one arm")
     return args
 
 
@@ -168,7 +207,8 @@ def default_out(args) -> Path:
     def rate(r):  # per-layer rates by a short hash of their values: two schedules never share a directory
         return r if isinstance(r, float) else "layerwise-" + hashlib.sha1(json.dumps(r).encode()).hexdigest()[:8]
 
-    return Path("runs") / f"{short(args.old)}-{short(args.new)}-{args.peft}-cross{rate(args.p_cross)}-intra{rate(args.p_intra)}-seed{args.seed}"
+    rates = f"cross{rate(args.p_cross)}-intra{rate(args.p_intra)}"
+    return Path("runs") / f"{short(args.old)}-{short(args.new)}-{args.peft}-{rates}-seed{args.seed}"
 
 
 def check_compatible(old: str, new: str) -> None:
@@ -176,8 +216,8 @@ def check_compatible(old: str, new: str) -> None:
     a, b = asdict(load_config(old)), asdict(load_config(new))
     for field in ARCH_FIELDS:
         if a[field] != b[field]:
-            raise ValueError(f"{old} and {new} differ in {field} ({a[field]} vs {b[field]}): a PEFT module trained on one "
-                             "cannot be applied to the other; pick two versions of the same architecture and size.")
+            raise ValueError(f"{old} and {new} differ in {field} ({a[field]} vs {b[field]}): a PEFT module trained on "
+                             "one cannot be applied to the other; pick two versions of the same architecture and size.")
 
 
 def get_lr(step: int, total: int, base_lr: float, warmup: int) -> float:
@@ -195,7 +235,8 @@ def add_peft(model, args, verbose: bool = True) -> None:
         lora_lib.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                           targets=[t.strip() for t in args.lora_targets.split(",") if t.strip()], verbose=False)
     else:
-        adapter_lib.add_adapter(model, bottleneck=args.adapter_bottleneck, placement=args.adapter_placement, verbose=False)
+        adapter_lib.add_adapter(model, bottleneck=args.adapter_bottleneck, placement=args.adapter_placement,
+                                verbose=False)
     if verbose:
         print_trainable(model)
 
@@ -250,11 +291,13 @@ CHECKPOINT_KEYS = {"step", "trainable", "optimizer", "torch_rng", "cuda_rng"}
 def restore_checkpoint(model, optimizer, path: Path) -> int:
     state = read_torch_file(path)
     if not CHECKPOINT_KEYS <= state.keys():
-        raise ValueError(f"{path} is not a checkpoint written by train.py (it lacks {', '.join(sorted(CHECKPOINT_KEYS - state.keys()))}): "
+        raise ValueError(f"{path} is not a checkpoint written by train.py (it lacks "
+                         f"{', '.join(sorted(CHECKPOINT_KEYS - state.keys()))}): "
                          "start the run again with --overwrite.")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(params) != set(state["trainable"]):
-        raise ValueError(f"{path} holds other trainable weights than this run's PEFT module: start the run again with --overwrite.")
+        raise ValueError(f"{path} holds other trainable weights than this run's PEFT module: start the run again with "
+                         "--overwrite.")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(state["trainable"][n])
@@ -288,10 +331,31 @@ def unwrap_layers(model) -> None:
         layer.__dict__.pop("forward", None)
 
 
+@contextmanager
+def interventions(model, p_intra=0.0, p_cross=0.0, seed: int = 0, p_attn: float = 0.0, grad_checkpointing: bool = False,
+                  compile: bool = False):
+    """Everything a training run switches on, in the one order that works, undone in reverse on the way out:
+    Trans-PEFT (rates p_intra, p_cross; its drop generator seeded with `seed`, then reseeded per step by train()),
+    control A (p_attn), then the layer wrappers (a wrapper binds the forward of the class the layer has when wrapped,
+    so it must come after the class swaps). Afterwards the model has model.py's plain layers again, as evaluation
+    expects. With every rate 0 nothing is switched on: the plain model trains."""
+    if p_intra or p_cross:
+        apply_transpeft(model, p_intra=p_intra, p_cross=p_cross, seed=seed)
+    if p_attn:
+        apply_attention_masking(model, p_attn)
+    wrap_layers(model, grad_checkpointing, compile)
+    try:
+        yield model
+    finally:
+        unwrap_layers(model)
+        remove_attention_masking(model)
+        remove_transpeft(model)
+
+
 def _checkpointed(layer, forward, *args, **kwargs):
     if not (layer.training and torch.is_grad_enabled()):
         return forward(*args, **kwargs)
-    rng = getattr(layer, "rng", None)  # DroppingDecoderLayer's generator, shared by the model's layers
+    rng = getattr(layer, "transpeft_rng", None)  # DroppingDecoderLayer's generator, shared by the model's layers
     state = rng.get_state() if rng is not None else None
 
     @contextmanager
@@ -352,7 +416,8 @@ def train(model, dataset: list[dict], args, run_dir: Path, pad_id: int, desc: st
     if fsdp:
         shard(model)  # in place; the optimizer must see the sharded parameters
     elif n_proc > 1:
-        # A dropped layer's FFN LoRA gets no gradient in that step: DDP must be told to expect unused parameters.
+        # A PEFT weight inside a dropped FFN (a LoRA on gate/up/down, an FFN adapter) gets no gradient in that step:
+        # DDP must be told to expect unused parameters.
         unused = any(r > 0 for r in (getattr(model, "transpeft_rates", None) or {}).get("p_cross", []))
         engine = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -375,9 +440,11 @@ def train(model, dataset: list[dict], args, run_dir: Path, pad_id: int, desc: st
         if rank == 0:
             print(f"resuming {desc} from step {start} of {total}")
     if rank == 0:  # the log keeps the steps up to the checkpoint; steps done after it are redone
-        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start] if log_path.exists() else []
+        logged = log_path.read_text().splitlines() if log_path.exists() else []
+        kept = [line for line in logged if json.loads(line)["step"] <= start]
         log_path.write_text("".join(line + "\n" for line in kept))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    on_gpu = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else torch.autocast("cpu", enabled=False)
 
     model.train()
     last_saved, order_epoch = start, None
@@ -387,7 +454,8 @@ def train(model, dataset: list[dict], args, run_dir: Path, pad_id: int, desc: st
         # The data order is a fixed function of (seed, epoch), so a resumed run sees what the uninterrupted one would.
         epoch, index = divmod(step, steps_per_epoch)
         if epoch != order_epoch:
-            order, order_epoch = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed + epoch)), epoch
+            order, order_epoch = torch.randperm(len(dataset),
+                                                generator=torch.Generator().manual_seed(args.seed + epoch)), epoch
         batch = [dataset[i] for i in order[index * args.batch_size : (index + 1) * args.batch_size].tolist()]
         lr = get_lr(step, total, args.lr, warmup)
         for group in optimizer.param_groups:
@@ -425,13 +493,16 @@ def train(model, dataset: list[dict], args, run_dir: Path, pad_id: int, desc: st
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
             bar.close()
-            kept = f"the last good checkpoint (step {last_saved}) is {ckpt_path}" if last_saved else "no checkpoint was written yet"
-            raise Diverged(f"The loss became {loss_sum} at step {step + 1}: training stopped, nothing of this step was kept and "
-                           f"{kept}. Resuming would repeat the same steps: start again with a lower --lr (--overwrite), or check the data.")
+            kept = (f"the last good checkpoint (step {last_saved}) is {ckpt_path}" if last_saved
+                    else "no checkpoint was written yet")
+            raise Diverged(f"The loss became {loss_sum} at step {step + 1}: training stopped, nothing of this step was "
+                           f"kept and {kept}. Resuming would repeat the same steps: start again with a lower --lr "
+                           "(--overwrite), or check the data.")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        entry = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_tokens / (time.time() - t0)}
+        entry = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
+                 "tokens_per_s": n_tokens / (time.time() - t0)}
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
@@ -443,7 +514,8 @@ def train(model, dataset: list[dict], args, run_dir: Path, pad_id: int, desc: st
             last_saved = done
         if done == args.stop_after and done < total:
             bar.close()
-            raise StopRequested(f"Stopped after step {done} of {total} as asked (--stop-after): run the same command with --resume to continue.")
+            raise StopRequested(f"Stopped after step {done} of {total} as asked (--stop-after): run the same command "
+                                "with --resume to continue.")
     bar.close()
     model.eval()
     if n_proc > 1:
@@ -461,12 +533,10 @@ def train_and_save(base: str, dataset, args, run_dir: Path, pad_id: int, desc: s
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)  # and AdamW keeps its state in the parameters' dtype
-    if transpeft:  # with both rates 0 the layers compute exactly the plain model
-        apply_transpeft(model, p_intra=args.p_intra, p_cross=args.p_cross, seed=args.seed)
-    wrap_layers(model, args.grad_checkpointing, args.compile)
-    log = train(model, dataset, args, run_dir, pad_id, desc)
-    unwrap_layers(model)  # evaluation decodes with the plain layers
-    remove_transpeft(model)
+    rates = dict(p_intra=args.p_intra, p_cross=args.p_cross) if transpeft else {}
+    with interventions(model, **rates, seed=args.seed, grad_checkpointing=args.grad_checkpointing,
+                       compile=args.compile):
+        log = train(model, dataset, args, run_dir, pad_id, desc)
     save_peft(model, run_dir / "adapter", base)
     if dist.is_initialized():
         dist.barrier()  # the adapter is on disk before any process reads it
@@ -485,8 +555,10 @@ def prepare_data(source: str, tokenizer, args) -> list[dict]:
 
 # What a run writes into its directory, and the flags a resumed run may change: they decide how it runs, not what
 # it computes (the checkpoint and the data order are the same whatever they are).
-RUN_OUTPUTS = ("args.json", "train_log.jsonl", "checkpoint.pt", "adapter", "eval-old.jsonl", "eval-new.jsonl", "results.json", "refit-new")
-HOW_FLAGS = ("device", "micro_batch_size", "eval_batch_size", "save_every", "stop_after", "resume", "overwrite", "compile",
+RUN_OUTPUTS = ("args.json", "train_log.jsonl", "checkpoint.pt", "adapter", "eval-old.jsonl", "eval-new.jsonl",
+               "results.json", "refit-new")
+HOW_FLAGS = ("device", "micro_batch_size", "eval_batch_size", "save_every", "stop_after", "resume", "overwrite",
+             "compile",
              "grad_checkpointing", "out")
 
 
@@ -497,23 +569,26 @@ def check_run_dir(out: Path, args) -> None:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them.")
     started = [name for name in RUN_OUTPUTS if (out / name).exists()]
     if (out / "results.json").exists() and not args.overwrite:
-        raise ValueError(f"{out} already holds a finished run (results.json): pass --overwrite to replace it, or another --out.")
+        raise ValueError(f"{out} already holds a finished run (results.json): pass --overwrite to replace it, or "
+                         "another --out.")
     if started and not (args.resume or args.overwrite):
-        raise ValueError(f"{out} holds an unfinished run ({', '.join(started)}): pass --resume to continue it, or --overwrite "
-                         "to start it again (or choose another --out).")
+        raise ValueError(f"{out} holds an unfinished run ({', '.join(started)}): pass --resume to continue it, or "
+                         "--overwrite to start it again (or choose another --out).")
     if not args.resume:
         return
     if not (out / "checkpoint.pt").exists():
-        raise ValueError(f"Nothing to resume in {out}: it has no checkpoint.pt (none is written before step --save-every). "
-                         "Start the run again with --overwrite.")
+        raise ValueError(f"Nothing to resume in {out}: it has no checkpoint.pt (none is written before step "
+                         "--save-every). Start the run again with --overwrite.")
     if not (out / "args.json").exists():
-        raise ValueError(f"{out} has a checkpoint but no args.json, so its flags are unknown: start the run again with --overwrite.")
+        raise ValueError(f"{out} has a checkpoint but no args.json, so its flags are unknown: start the run again with "
+                         "--overwrite.")
     stored, now = read_json(out / "args.json"), json.loads(json.dumps(vars(args), default=str))
     for name, value in now.items():
         if name not in HOW_FLAGS and stored.get(name) != value:
             flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{out} was started with {flag} {stored.get(name)} and this command says {value}: a resumed run keeps "
-                             f"the flags that decide its result (only {', '.join('--' + h.replace('_', '-') for h in HOW_FLAGS)} "
+            raise ValueError(f"{out} was started with {flag} {stored.get(name)} and this command says {value}: a "
+                             "resumed run keeps the flags that decide its result (only "
+                             f"{', '.join('--' + h.replace('_', '-') for h in HOW_FLAGS)} "
                              "may change). Resume with the original value, or start again with --overwrite.")
 
 
@@ -530,7 +605,8 @@ def begin_run(out: Path, args) -> None:
         return
     if args.overwrite:
         remove(*(out / name for name in RUN_OUTPUTS))
-    remove(out / "checkpoint.pt.tmp", out / "adapter.tmp", out / "refit-new" / "checkpoint.pt.tmp", out / "refit-new" / "adapter.tmp")
+    remove(out / "checkpoint.pt.tmp", out / "adapter.tmp", out / "refit-new" / "checkpoint.pt.tmp",
+           out / "refit-new" / "adapter.tmp")
     out.mkdir(parents=True, exist_ok=True)
     if not args.resume:
         (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
@@ -544,43 +620,50 @@ def model_for_eval(base: str, adapter_dir: Path, args):
     return model
 
 
-def run_experiment(args) -> dict:
+def run_experiment(args, train_on_new: bool = False) -> dict:
+    """Train on --old, evaluate there (source) and, unchanged, on --new (transfer); with --refit-new, or alone with
+    train_on_new (the refit arm of --arms), a plain module trained on --new and evaluated there (the upper bound)."""
     out = Path(args.out) if args.out else default_out(args)
     check_run_dir(out, args)
     check_settings(args)
-    old_tok = load_tokenizer(args.old)
-    train_set = prepare_data(args.train_data, old_tok, args)
+    old_tok, new_tok = load_tokenizer(args.old), load_tokenizer(args.new)
+    train_set = None if train_on_new else prepare_data(args.train_data, old_tok, args)
     eval_set = load_examples(args.eval_data, "test", args.eval_limit, need_answers=True)
     begin_run(out, args)
-    if is_main_process():
+    if is_main_process() and train_set is not None:
         print(f"run directory: {out}  ({len(train_set)} training examples, {len(eval_set)} evaluation examples)")
 
     t0 = time.time()
-    model, log = train_and_save(args.old, train_set, args, out, old_tok.pad_token_id, "train on old", transpeft=True)
-    ev = dict(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size, compile=args.compile and not dist.is_initialized(),
+    ev = dict(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
+              compile=args.compile and not dist.is_initialized(),
               scorer=args.scorer)
     results = {"old": args.old, "new": args.new, "peft": args.peft, "p_intra": args.p_intra, "p_cross": args.p_cross,
                "peft_dtype": args.peft_dtype, "loss_mean": args.loss_mean, "eval_merged": args.eval_merged,
-               "final_train_loss": log[-1]["loss"] if log else None}
-    if args.eval_merged:  # the released evaluation: the saved adapter merged into a freshly loaded bf16 base
+               "source_old": None, "transfer_new": None, "refit_new": None}
+    if not train_on_new:
+        model, log = train_and_save(args.old, train_set, args, out, old_tok.pad_token_id, "train on old",
+                                    transpeft=True)
+        results["final_train_loss"] = log[-1]["loss"] if log else None
+        if args.eval_merged:  # the released evaluation: the saved adapter merged into a freshly loaded bf16 base
+            del model
+            model = model_for_eval(args.old, out / "adapter", args)
+        results["source_old"] = evaluate(model, old_tok, eval_set, out_jsonl=out / "eval-old.jsonl", desc="eval on old",
+                                         **ev)
         del model
-        model = model_for_eval(args.old, out / "adapter", args)
-    results["source_old"] = evaluate(model, old_tok, eval_set, out_jsonl=out / "eval-old.jsonl", desc="eval on old", **ev)
-    del model
+        moved = model_for_eval(args.new, out / "adapter", args)
+        results["transfer_new"] = evaluate(moved, new_tok, eval_set, out_jsonl=out / "eval-new.jsonl",
+                                           desc="eval on new", **ev)
+        del moved
 
-    new_tok = load_tokenizer(args.new)
-    moved = model_for_eval(args.new, out / "adapter", args)
-    results["transfer_new"] = evaluate(moved, new_tok, eval_set, out_jsonl=out / "eval-new.jsonl", desc="eval on new", **ev)
-    del moved
-
-    results["refit_new"] = None
-    if args.refit_new:  # the upper bound: a plain PEFT module trained on the new base itself
+    if args.refit_new or train_on_new:  # the upper bound: a plain PEFT module trained on the new base itself
         refit_set = prepare_data(args.train_data, new_tok, args)
-        refit, _ = train_and_save(args.new, refit_set, args, out / "refit-new", new_tok.pad_token_id, "train on new", transpeft=False)
+        refit, _ = train_and_save(args.new, refit_set, args, out / "refit-new", new_tok.pad_token_id, "train on new",
+                                  transpeft=False)
         if args.eval_merged:
             del refit
             refit = model_for_eval(args.new, out / "refit-new" / "adapter", args)
-        results["refit_new"] = evaluate(refit, new_tok, eval_set, out_jsonl=out / "refit-new" / "eval-new.jsonl", desc="eval refit", **ev)
+        results["refit_new"] = evaluate(refit, new_tok, eval_set, out_jsonl=out / "refit-new" / "eval-new.jsonl",
+                                        desc="eval refit", **ev)
     results["minutes"] = (time.time() - t0) / 60
     if is_main_process():
         (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -589,40 +672,70 @@ def run_experiment(args) -> dict:
 
 
 # -----------------------------------------------------------------------------------------------------------
-# The toy study (python train.py with no --old/--new): every arm of toy.ARMS, paired, on toy-v1 -> toy-v2
+# The study: arms × seeds × bases, paired. The toy study (python train.py with no --old/--new) runs every arm of
+# toy.ARMS on toy-v1 and moves each trained module to every update of every regime; --arms runs the paper's
+# comparison on real bases with the same summary.
 
 
-def toy_arm(arm: dict, seed: int, old: str, new: str, dataset, test, tokenizer, run_dir: Path, recipe: dict) -> dict:
-    """Train one arm for one seed and evaluate it on its base and, moved unchanged, on the new base.
+def toy_lora(arm: dict, seed: int, base: str, dataset, tokenizer, run_dir: Path, recipe: dict):
+    """One arm's LoRA for one seed, trained on base and saved to run_dir/adapter; returns (model, log).
 
     Pairing: every arm of a seed starts from the same LoRA initialisation (torch.manual_seed(seed) right before
     add_lora) and sees the same data order (train() draws it from the seed); the Trans-PEFT drops from a generator
     seeded with the seed. Only the arm's own intervention differs."""
-    base = new if arm.get("train_on") == "new" else old
-    new_name = Path(new).name
     targs = argparse.Namespace(lr=recipe["lr"], weight_decay=0.0, warmup_ratio=recipe["warmup_ratio"], grad_clip=1.0,
-                               batch_size=recipe["batch_size"], micro_batch_size=recipe["batch_size"], max_steps=recipe["steps"],
+                               batch_size=recipe["batch_size"], micro_batch_size=recipe["batch_size"],
+                               max_steps=recipe["steps"],
                                epochs=1, seed=seed, save_every=10**9, resume=False, stop_after=None, loss_mean="batch")
     torch.manual_seed(seed)
     model = load_model(base)
     lora_lib.add_lora(model, r=recipe["r"], alpha=recipe["alpha"], dropout=arm.get("lora_dropout", recipe["dropout"]),
-                      targets=list(recipe["targets"]), verbose=False)
-    if arm.get("p_intra") or arm.get("p_cross"):
-        apply_transpeft(model, p_intra=arm.get("p_intra", 0.0), p_cross=arm.get("p_cross", 0.0), seed=seed)
-    if arm.get("p_attn"):
-        toy.apply_attention_masking(model, arm["p_attn"])
-    log = train(model, dataset, targs, run_dir, tokenizer.pad_token_id, desc=f"seed {seed} {arm['key']}")
-    remove_transpeft(model)
-    toy.remove_attention_masking(model)
+                      targets=list(arm.get("targets", recipe["targets"])), verbose=False)
+    rates = {k: arm[k] for k in ("p_intra", "p_cross", "p_attn") if k in arm}
+    with interventions(model, **rates, seed=seed):
+        log = train(model, dataset, targs, run_dir, tokenizer.pad_token_id,
+                    desc=f"seed {seed} {arm['key']} on {Path(base).name}")
     lora_lib.save_lora(model, run_dir / "adapter", base_model_name_or_path=base)
+    return model, log
+
+
+def toy_arm(arm: dict, seed: int, old: str, updates: list[tuple], dataset, test, test_batch, tokenizer, run_dir: Path,
+            recipe: dict) -> list[dict]:
+    """Train one arm for one seed on toy-v1 and evaluate it there (source) and, unchanged, on every update (transfer),
+    with both sides of the paper's bound (transpeft.ffn_gradient) on the test questions; one row per update.
+    updates: (regime, update seed, directory). The upper bound (train_on="new") is trained on each of `updates`
+    itself; the study passes it the first update only, as each costs a training."""
     ev = dict(max_new_tokens=recipe["max_new_tokens"], batch_size=len(test))
-    own = evaluate(model, tokenizer, test, out_jsonl=run_dir / f"eval-{Path(base).name}.jsonl", desc=f"eval on {Path(base).name}", **ev)
-    row = {"arm": arm["key"], "seed": seed, "final_loss": log[-1]["loss"]}
-    if base == new:
-        return {**row, "source": None, "transfer": own["accuracy"]}
-    moved = lora_lib.load_lora(load_model(new), run_dir / "adapter")
-    on_new = evaluate(moved, load_tokenizer(new), test, out_jsonl=run_dir / f"eval-{new_name}.jsonl", desc=f"eval on {new_name}", **ev)
-    return {**row, "source": own["accuracy"], "transfer": on_new["accuracy"]}
+    ids, targets = test_batch
+    if arm.get("train_on") == "new":
+        rows = []
+        for regime, u, path in updates:
+            model, log = toy_lora(arm, seed, path, dataset, tokenizer, run_dir / Path(path).name, recipe)
+            acc = evaluate(model, tokenizer, test, out_jsonl=run_dir / Path(path).name / "eval.jsonl",
+                           desc=f"eval on {Path(path).name}", **ev)
+            rows.append({"arm": arm["key"], "seed": seed, "regime": regime, "update_seed": u,
+                         "final_loss": log[-1]["loss"],
+                         "source": None, "transfer": acc["accuracy"]})
+        return rows
+    model, log = toy_lora(arm, seed, old, dataset, tokenizer, run_dir, recipe)
+    own = evaluate(model, tokenizer, test, out_jsonl=run_dir / "eval-toy-v1.jsonl", desc="eval on toy-v1", **ev)
+    loss_old, grad = ffn_gradient(model, ids, targets)
+    rows = []
+    for regime, u, path in updates:
+        moved = lora_lib.load_lora(load_model(path), run_dir / "adapter")
+        name = Path(path).name
+        on_new = evaluate(moved, tokenizer, test, out_jsonl=run_dir / f"eval-{name}.jsonl", desc=f"eval on {name}",
+                          **ev)
+        with torch.no_grad():
+            loss_new = (moved(ids, targets=targets) / (targets != IGNORE_INDEX).sum()).item()
+        rows.append({"arm": arm["key"], "seed": seed, "regime": regime, "update_seed": u, "final_loss": log[-1]["loss"],
+                     "source": own["accuracy"], "transfer": on_new["accuracy"], "ffn_grad_norm": grad,
+                     "loss_old": loss_old,
+                     "loss_new": loss_new})
+    return rows
+
+
+# ---- statistics: paired differences over seeds
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -640,77 +753,214 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
         30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
 
 
+def sign_flip_p(diffs: list[float]) -> float:
+    """Two-sided p-value of the paired sign-flip (permutation) test of "mean difference 0": under that hypothesis
+    each seed's difference is as likely to have either sign, so p = the fraction of the 2^n sign patterns whose
+    |mean| reaches the observed one. Exact up to n = 16 (65,536 patterns); beyond, 2^16 random patterns."""
+    d = torch.tensor(diffs, dtype=torch.float64)
+    n = len(diffs)
+    if n <= 16:
+        signs = (torch.arange(2**n)[:, None] >> torch.arange(n)) & 1  # (2^n, n): every pattern, the identity included
+    else:
+        signs = torch.randint(0, 2, (2**16, n), generator=torch.Generator().manual_seed(0))
+        signs[0] = 0
+    flipped = ((1 - 2 * signs.double()) * d).mean(1).abs()
+    return (flipped >= d.mean().abs() - 1e-12).double().mean().item()
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment: the k-th smallest of m p-values times (m - k + 1), kept monotone, capped at 1.
+    Rejecting where the adjusted p < 0.05 keeps the chance of any false "beyond noise" among the m at 5%."""
+    m, adjusted, running = len(pvalues), [0.0] * len(pvalues), 0.0
+    for k, i in enumerate(sorted(range(m), key=lambda i: pvalues[i])):
+        running = max(running, min(1.0, (m - k) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def paired_interval(diffs: list[float]) -> dict:
-    """Mean of paired differences, its std, SE and the half-width of its 95% t interval (n >= 2)."""
+    """Mean of paired differences, its std, SE, the half-width of its 95% t interval (n >= 2), and the sign-flip p."""
     m, sd = mean_std(diffs)
     se = sd / len(diffs) ** 0.5
     half = T975[max(k for k in T975 if k <= len(diffs) - 1)] * se
-    return {"n": len(diffs), "mean": m, "std": sd, "se": se, "ci95": half, "excludes_0": abs(m) > half}
+    return {"n": len(diffs), "mean": m, "std": sd, "se": se, "ci95": half, "excludes_0": abs(m) > half,
+            "p": sign_flip_p(diffs)}
 
 
-def summarize_study(rows: list[dict]) -> tuple[str, dict]:
-    """Per arm: how many (update, seed) pairs learned the task (source >= LEARNED), source and transfer accuracy
-    (mean ± std, and per pair), and the paired difference of transfer against plain LoRA with a 95% t interval:
-    primary over every seed (intention to treat: whether an intervention lets the task be learned at all is part of
-    its effect), secondary over the seeds where both arms learned (labelled so; it compares arms on different
-    subsets). The update seeds evaluate the same trained modules (a seed's LoRA is trained on toy-v1 alike for every
-    update), so the independent samples are the seeds: a seed's difference is averaged over its update seeds, and n
-    and the interval are over seeds. Six arms are compared with plain LoRA on the same seeds and the intervals are
-    not adjusted for that: one of six excluding 0 by chance is not rare."""
-    plain = {(r["update_seed"], r["seed"]): r for r in rows if r["arm"] == "plain"}
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the ranks (ties share their mean rank)."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
 
-    def learned(r):
-        return r["source"] is None or r["source"] >= LEARNED  # the upper bound is trained on the update itself
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return cov / var if var > 0 else float("nan")
 
-    def ci_text(c):
-        return f"{c['mean']:+.2f} ± {c['ci95']:.2f} (n {c['n']}){' *' if c['excludes_0'] else ''}"
 
-    summary, lines = {}, []
-    header = (f"{'arm':<50} {'learned':>7} {'source (toy-v1)':>16} {'transfer (update)':>18}   "
-              f"{'Δ vs plain, every seed, 95% CI':<30} {'Δ, seeds where both learned':<28}")
-    lines += [header, "-" * len(header)]
-    for arm in toy.ARMS:
-        rs = [r for r in rows if r["arm"] == arm["key"]]
-        if not rs:
-            continue
-        src = [r["source"] for r in rs if r["source"] is not None]
-        tr = [r["transfer"] for r in rs]
-        both = [(r, plain[(r["update_seed"], r["seed"])]) for r in rs if (r["update_seed"], r["seed"]) in plain]
-        every, learned_only = {}, {}  # seed -> its differences, one per update seed
-        for r, p in both:
-            every.setdefault(r["seed"], []).append(r["transfer"] - p["transfer"])
-            if learned(r) and learned(p):
-                learned_only.setdefault(r["seed"], []).append(r["transfer"] - p["transfer"])
-        s = {"name": arm["name"], "n": len(rs), "learned": sum(map(learned, rs)), "transfer_per_pair": tr, "source_per_pair": src}
-        s["source_mean"], s["source_std"] = mean_std(src) if src else (None, None)
-        s["transfer_mean"], s["transfer_std"] = mean_std(tr)
-        src_txt = f"{s['source_mean']:.2f} ± {s['source_std']:.2f}" if src else "(trained on it)"
-        itt_txt = sub_txt = ""
-        if arm["key"] != "plain":
-            diffs = [sum(d) / len(d) for d in every.values()]
-            if len(diffs) > 1:
-                s["itt"] = paired_interval(diffs)
-                itt_txt = ci_text(s["itt"])
-            diffs = [sum(d) / len(d) for d in learned_only.values()]
-            if len(diffs) > 1:
-                c = paired_interval(diffs)
-                s.update(diff_n=c["n"], diff_mean=c["mean"], diff_std=c["std"], diff_se=c["se"], diff_ci95=c["ci95"],
-                         beyond_noise=c["excludes_0"])
-                sub_txt = ci_text(c)
-        lines.append(f"{arm['name']:<50} {s['learned']:>3}/{len(rs):<3} {src_txt:>16} {s['transfer_mean']:>11.2f} ± "
-                     f"{s['transfer_std']:.2f}   {itt_txt:<30} {sub_txt:<28}")
-        summary[arm["key"]] = s
-    lines.append("(* : the 95% interval excludes 0; not adjusted for the six comparisons)")
+PREDICTION = {"full": "the paper expects Trans-PEFT to help where an update rewrites FFN knowledge more than attention",
+              "ffn": "the paper predicts the largest Trans-PEFT gains here and none from control A",
+              "attn": "the paper predicts no Trans-PEFT gain here; control A, which hides attention instead, should "
+                      "gain"}
+
+
+def summarize_study(rows: list[dict], arms: list[dict] | None = None, source_label: str = "source (toy-v1)",
+                    learned: float | None = LEARNED) -> tuple[str, dict]:
+    """The study's tables from its rows (one per arm, seed, regime, update seed).
+
+    Per regime and arm: transfer accuracy, and the paired difference of transfer against plain LoRA over seeds
+    (primary: every seed, intention to treat, since whether an intervention lets the task be learned at all is part
+    of its effect; secondary, where `learned` is given: the seeds where both arms reached that source accuracy,
+    labelled so, since it compares arms on different subsets). Every update seed of a regime evaluates the same
+    trained modules, so the independent samples are the seeds: a seed's differences are averaged over the regime's
+    update seeds, and n is the number of seeds. 95% intervals from the t distribution; p from the sign-flip test,
+    Holm-adjusted over every arm × regime comparison.
+    Then the paper's bound: per arm the FFN-output gradient norm G on toy-v1 and the loss gap per regime, with
+    Spearman's rank correlation of the two over arms × seeds."""
+    arms = arms or toy.ARMS
+    names = {a["key"]: a["name"] for a in arms}
+    present = [a["key"] for a in arms if any(r["arm"] == a["key"] for r in rows)]
+    regimes = list(dict.fromkeys(r.get("regime", "full") for r in rows))
+    rows = [{**r, "regime": r.get("regime", "full")} for r in rows]
+
+    threshold = learned
+
+    def learned(r):  # the upper bound is trained on the update itself
+        return threshold is not None and (r["source"] is None or r["source"] >= threshold)
+
+    summary: dict = {"regimes": {}, "arms": {}, "learned_threshold": threshold}
+    for key in present:  # source accuracy does not depend on the regime: one value per seed
+        src = {r["seed"]: r["source"] for r in rows if r["arm"] == key and r["source"] is not None}
+        summary["arms"][key] = {"name": names[key], "seeds": len({r["seed"] for r in rows if r["arm"] == key}),
+                                "learned": (sum(s >= threshold for s in src.values())
+                                            if src and threshold is not None else None),
+                                "source": mean_std(list(src.values())) if src else None}
+    tests = []  # (regime, arm, p) of every primary comparison, for Holm
+    for regime in regimes:
+        rr = [r for r in rows if r["regime"] == regime]
+        plain = {(r["update_seed"], r["seed"]): r for r in rr if r["arm"] == "plain"}
+        per_arm = {}
+        for key in present:
+            rs = [r for r in rr if r["arm"] == key]
+            if not rs:  # (the upper bound is trained on the first update only)
+                continue
+            s = {"transfer": mean_std([r["transfer"] for r in rs]), "n_rows": len(rs)}
+            every, learned_only = {}, {}  # seed -> its differences, one per update seed
+            for r in rs:
+                p = plain.get((r["update_seed"], r["seed"]))
+                if p is None or key == "plain":
+                    continue
+                every.setdefault(r["seed"], []).append(r["transfer"] - p["transfer"])
+                if learned(r) and learned(p):
+                    learned_only.setdefault(r["seed"], []).append(r["transfer"] - p["transfer"])
+            for name, by_seed in (("itt", every), ("learned_subset", learned_only)):
+                diffs = [sum(d) / len(d) for d in by_seed.values()]
+                if len(diffs) > 1:
+                    s[name] = paired_interval(diffs)
+            if "itt" in s:
+                tests.append((regime, key, s["itt"]["p"]))
+            per_arm[key] = s
+        summary["regimes"][regime] = {"arms": per_arm, "bound": bound_summary(rr, present)}
+    for (regime, key, _), adj in zip(tests, holm([t[2] for t in tests])):
+        summary["regimes"][regime]["arms"][key]["itt"]["p_holm"] = adj
+    summary["comparisons"] = len(tests)
+    return format_study(summary, names, present, regimes, source_label), summary
+
+
+def bound_summary(rows: list[dict], present: list[str]) -> dict:
+    """For one regime: per arm the mean FFN-output gradient norm G on toy-v1 and the mean loss gap |L_new - L_old|
+    (a seed's gap averaged over the regime's update seeds), and Spearman's ρ(G, gap) over every arm's seeds."""
+    per_seed = {}  # (arm, seed) -> (G, [gaps])
+    for r in rows:
+        if r.get("ffn_grad_norm") is not None:
+            per_seed.setdefault((r["arm"], r["seed"]), (r["ffn_grad_norm"],
+                                                        []))[1].append(abs(r["loss_new"] - r["loss_old"]))
+    points = [(g, sum(gaps) / len(gaps)) for g, gaps in per_seed.values()]
+    out = {"arms": {}}
+    for key in present:
+        pts = [(g, sum(gaps) / len(gaps)) for (a, _), (g, gaps) in per_seed.items() if a == key]
+        if pts:
+            out["arms"][key] = {"grad_norm": sum(p[0] for p in pts) / len(pts),
+                                "loss_gap": sum(p[1] for p in pts) / len(pts)}
+    if len(points) > 2:
+        out["spearman"], out["n"] = spearman([p[0] for p in points], [p[1] for p in points]), len(points)
+    return out
+
+
+def format_study(summary: dict, names: dict, present: list[str], regimes: list[str], source_label: str) -> str:
+    def delta(c):
+        if c is None:
+            return ""
+        mark = " *" if c.get("p_holm", 1) < 0.05 else ""
+        return f"{c['mean']:+.2f} ± {c['ci95']:.2f} p {c.get('p_holm', c['p']):.2f}{mark}"
+
+    w = max(len(names[k]) for k in present)
+    with_learned = summary["learned_threshold"] is not None
+    lines = [f"{'arm':<{w}}  " + (f"{'learned':>7}  " if with_learned else "") + f"{source_label:>15}"]
+    for key in present:
+        a = summary["arms"][key]
+        src = f"{a['source'][0]:.2f} ± {a['source'][1]:.2f}" if a["source"] else "(trained on it)"
+        learned = f"{a['learned']}/{a['seeds']}  " if a["learned"] is not None else "-  "
+        lines.append(f"{names[key]:<{w}}  " + (f"{learned:>9}" if with_learned else "") + f"{src:>15}")
+    cell = 34
+    lines += ["",
+              "transfer accuracy on the updates (mean ± std) and its paired difference to plain LoRA over every seed "
+              "(95% t interval, sign-flip p Holm-adjusted; * p < 0.05)",
+              f"{'arm':<{w}}  " + "  ".join(f"{regime + ' update':<{cell}}" for regime in regimes)]
+    for key in present:
+        cells = []
+        for regime in regimes:
+            s = summary["regimes"][regime]["arms"].get(key)
+            cells.append(f"{s['transfer'][0]:.2f} ± {s['transfer'][1]:.2f}  {delta(s.get('itt')):<20}" if s else "-")
+        lines.append(f"{names[key]:<{w}}  " + "  ".join(f"{c:<{cell}}" for c in cells))
+    if summary["learned_threshold"] is not None:
+        lines += ["", "secondary: the same difference over the seeds where both arms learned the task (source >= "
+                  f"{summary['learned_threshold']}); unadjusted p",
+                  f"{'arm':<{w}}  " + "  ".join(f"{regime + ' update':<{cell}}" for regime in regimes)]
+    for key in present[1:] if summary["learned_threshold"] is not None else []:
+        cells = []
+        for regime in regimes:
+            c = summary["regimes"][regime]["arms"].get(key, {}).get("learned_subset")
+            cells.append(f"{delta(c)} (n {c['n']})" if c else "")
+        lines.append(f"{names[key]:<{w}}  " + "  ".join(f"{c:<{cell}}" for c in cells))
+    if any(summary["regimes"][regime]["bound"]["arms"] for regime in regimes):
+        lines += ["", "the paper's bound: G = ‖∂L/∂(FFN outputs)‖ on toy-v1 and the loss gap |L(update) − L(toy-v1)|, "
+                  "test questions, module attached, means over seeds",
+                  f"{'arm':<{w}}  {'G':>8}  " + "  ".join(f"{'gap ' + regime:>10}" for regime in regimes)]
+        for key in present:
+            b = [summary["regimes"][regime]["bound"]["arms"].get(key) for regime in regimes]
+            if b[0]:
+                gaps = "  ".join(f"{x['loss_gap']:>10.4f}" for x in b)
+                lines.append(f"{names[key]:<{w}}  {b[0]['grad_norm']:>8.4f}  {gaps}")
+        lines.append(f"{'Spearman ρ(G, gap), arms × seeds':<{w}}  {'':>8}  " + "  ".join(
+            f"{summary['regimes'][regime]['bound'].get('spearman', float('nan')):>+10.2f}" for regime in regimes))
     lines.append("")
-    lines.append("per (update seed, seed) transfer accuracy (* = did not learn the task on toy-v1):")
-    pairs = sorted({(r["update_seed"], r["seed"]) for r in rows})
-    lines.append(f"{'':<50} " + " ".join(f"u{u}s{sd:<4}" for u, sd in pairs))
-    for arm in toy.ARMS:
-        by_pair = {(r["update_seed"], r["seed"]): r for r in rows if r["arm"] == arm["key"]}
-        if by_pair:
-            cells = [f"{by_pair[p]['transfer']:.2f}{' ' if learned(by_pair[p]) else '*'}" if p in by_pair else "  -  " for p in pairs]
-            lines.append(f"{arm['name']:<50} " + " ".join(f"{c:<7}" for c in cells))
-    return "\n".join(lines), summary
+    for regime in regimes:
+        lines.append(verdict(regime, summary["regimes"][regime], names))
+    return "\n".join(lines)
+
+
+def verdict(regime: str, s: dict, names: dict) -> str:
+    """One sentence per regime: what differs from plain LoRA beyond noise, beside what the paper predicts."""
+    beyond = [f"{names[k]} {c['itt']['mean']:+.2f}" for k, c in s["arms"].items()
+              if c.get("itt", {}).get("p_holm", 1) < 0.05]
+    rho = s["bound"].get("spearman")
+    found = ("beyond noise: " + "; ".join(beyond)) if beyond else "no arm differs from plain LoRA beyond noise"
+    plain = s["arms"].get("plain", {}).get("transfer", (float("nan"),))[0]
+    bound = f"; ρ(G, gap) {rho:+.2f}" if rho is not None else ""
+    predicted = f" ({PREDICTION[regime]})" if regime in PREDICTION else ""
+    return f"{regime} update: plain transfers {plain:.2f}; {found}{bound}{predicted}."
 
 
 def toy_out(args) -> Path:
@@ -718,8 +968,9 @@ def toy_out(args) -> Path:
 
 
 def run_toy_study(args) -> dict:
-    """The embedded default: every arm of toy.ARMS for every seed and update seed, then the drift analysis."""
-    from transpeft import analyze_drift, format_table
+    """The embedded default: every arm of toy.ARMS (or --arms) for every seed, moved to every update of every regime,
+    then the drift analysis of each update, the tables and the chart."""
+    from transpeft import analyze_drift
 
     t_start = time.time()
     recipe, base_recipe, root = dict(toy.LORA_RECIPE), toy.RECIPE, None
@@ -727,54 +978,111 @@ def run_toy_study(args) -> dict:
         base_recipe = {"v1": {**toy.RECIPE["v1"], "steps": 30}, "v2": {**toy.RECIPE["v2"], "steps": 10}}
         root = cache_dir() / "quick"  # beside, not over, the real bases
         recipe.update(steps=6)
+    arms = [a for a in toy.ARMS if a["key"] in args.arms] if args.arms else toy.ARMS
+    if args.arms and (unknown := set(args.arms) - {a["key"] for a in toy.ARMS}):
+        raise ValueError(f"Unknown toy arm(s) {', '.join(sorted(unknown))}: choose from "
+                         f"{', '.join(a['key'] for a in toy.ARMS)}.")
+    if arms[0]["key"] != "plain":
+        raise ValueError("The toy study compares every arm with plain LoRA: --arms must include plain.")
     out = toy_out(args)
     if args.resume:
-        raise ValueError("The toy study cannot be resumed (it takes minutes): run it again with --overwrite.")
+        raise ValueError("The toy study cannot be resumed: run it again with --overwrite.")
     started = (out / "args.json").exists() or (out / "results.json").exists()
     if started and not args.overwrite:
         state = "a finished study (results.json)" if (out / "results.json").exists() else "an unfinished study"
         raise ValueError(f"{out} already holds {state}: pass --overwrite to replace it, or another --out.")
-    if args.overwrite:  # the study's own outputs only: args.json, results.json and a directory per update seed
-        remove(out / "args.json", out / "results.json", *out.glob("u[0-9]*"))
+    if args.overwrite:  # the study's own outputs only
+        remove(out / "args.json", out / "results.json", out / "study.png", *out.glob("seed[0-9]*"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps({**vars(args), "recipe": recipe}, indent=2, default=str))
-    rows, drift = [], {}
-    for u in args.update_seeds:
-        old, new = toy.build_bases(u, recipe=base_recipe, root=root)
-        world = toy.make_world(u)
-        train_examples, test = toy.task(world)
-        if args.quick:
-            test = test[:12]
-        tokenizer = load_tokenizer(old)
-        dataset, _ = tokenize_dataset(train_examples, tokenizer, recipe["max_len"], prompt_fn=toy.train_prompt)
-        for seed in range(args.seeds):
-            for arm in toy.ARMS:
-                t0 = time.time()
-                row = toy_arm(arm, seed, old, new, dataset, test, tokenizer, out / f"u{u}" / f"seed{seed}" / arm["key"], recipe)
-                rows.append({**row, "update_seed": u})
-                src = f"{row['source']:.2f}" if row["source"] is not None else "  - "
-                print(f"update {u} seed {seed} | {arm['name']:<50} | source {src} | transfer {row['transfer']:.2f} | {time.time() - t0:.0f}s")
-        prompts = torch.tensor([tokenizer.encode(e["question"]) for e in test])  # every toy question is 8 words long
-        drift[Path(new).name] = analyze_drift(load_model(old), load_model(new), prompts)
-    table, summary = summarize_study(rows)
-    print("\n" + table)
-    for new, layers in drift.items():
-        print(f"\ndrift toy-v1 -> {new} (each block fed toy-v1's hidden states on the task's test questions)")
-        print(format_table(layers))
-    results = {"recipe": recipe, "arms": toy.ARMS, "seeds": args.seeds, "update_seeds": args.update_seeds, "rows": rows,
-               "summary": summary, "drift": drift, "minutes": (time.time() - t_start) / 60}
+
+    updates = []  # (regime, update seed, directory)
+    for regime in args.regimes:
+        for u in args.update_seeds:
+            old, new = toy.build_bases(u, recipe=base_recipe, root=root, regime=regime)
+            toy.task(toy.make_world(u))  # asserts that the task's answers hold on this update too
+            updates.append((regime, u, new))
+    train_examples, test = toy.task(toy.make_world(0))
+    if args.quick:
+        test = test[:12]
+    tokenizer = load_tokenizer(old)
+    dataset, _ = tokenize_dataset(train_examples, tokenizer, recipe["max_len"], prompt_fn=toy.train_prompt)
+    scored, _ = tokenize_dataset(test, tokenizer, recipe["max_len"], prompt_fn=toy.train_prompt)  # for the losses
+    ids, labels = collate(scored, tokenizer.pad_token_id)
+    test_batch = (ids, next_token_targets(labels))
+
+    rows = []
+    for seed in range(args.seeds):
+        for arm in arms:
+            t0 = time.time()
+            on = updates[:1] if arm.get("train_on") == "new" else updates  # the upper bound: on the first update only
+            new_rows = toy_arm(arm, seed, old, on, dataset, test, test_batch, tokenizer,
+                               out / f"seed{seed}" / arm["key"], recipe)
+            rows += new_rows
+            src = f"{new_rows[0]['source']:.2f}" if new_rows[0]["source"] is not None else "  - "
+            transfer = " ".join(f"{r['regime']}-u{r['update_seed']} {r['transfer']:.2f}" for r in new_rows)
+            print(f"seed {seed} | {arm['name']:<42} | source {src} | transfer {transfer} | {time.time() - t0:.0f}s")
+    prompts = torch.tensor([tokenizer.encode(e["question"]) for e in test])  # every toy question is 8 words long
+    drift = {Path(new).name: analyze_drift(load_model(old), load_model(new), prompts) for _, _, new in updates}
+    table, summary = summarize_study(rows, arms)
+    print("\n" + table + "\n\ndrift of each update, mean over layers (each block fed toy-v1's hidden states on the "
+                         "test questions)")
+    print(f"{'update':<20} " + " ".join(f"{t:>11}" for t in ("attn ΔW/W", "ffn ΔW/W", "attn 1-cos", "ffn 1-cos")))
+    for name, layers in drift.items():
+        keys = ("attn_weight", "ffn_weight", "attn_cos", "ffn_cos")
+        means = [sum(layer[k] for layer in layers) / len(layers) for k in keys]
+        print(f"{name:<20} " + " ".join(f"{m:>11.3f}" for m in means))
+    results = {"recipe": recipe, "arms": arms, "seeds": args.seeds, "regimes": args.regimes,
+               "update_seeds": args.update_seeds,
+               "rows": rows, "summary": summary, "drift": drift, "minutes": (time.time() - t_start) / 60}
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out / 'results.json'} ({results['minutes']:.1f} min)")
+    toy.chart(summary, [a["key"] for a in arms if a["key"] != "plain"], args.regimes, out / "study.png")
+    print(f"\nwrote {out / 'results.json'} and {out / 'study.png'} ({results['minutes']:.1f} min)")
     return results
+
+
+REAL_ARMS = {"plain": "direct transfer: plain PEFT trained on old", "transpeft": "Trans-PEFT trained on old",
+             "refit": "upper bound: plain PEFT trained on new"}
+
+
+def run_arms(args) -> dict:
+    """python train.py --old A --new B --arms plain,transpeft,refit: the paper's comparison, one run per arm and seed
+    under <out>/<arm>-seed<s> (each an ordinary run: --resume continues it, a finished one is reused), summarised as
+    the toy study is: seeds pair the arms (the same PEFT initialisation and data order)."""
+    if unknown := set(args.arms) - set(REAL_ARMS):
+        raise ValueError(f"Unknown arm(s) {', '.join(sorted(unknown))} for real bases: choose from "
+                         f"{', '.join(REAL_ARMS)}.")
+    single = default_out(args)
+    out = Path(args.out) if args.out else single.with_name(single.name.replace("-cross", "-arms-cross"))
+    rows = []
+    for seed in range(args.seed, args.seed + (args.seeds or 1)):
+        for key in args.arms:
+            run = argparse.Namespace(**{**vars(args), "arms": None, "seed": seed, "out": str(out / f"{key}-seed{seed}"),
+                                        "refit_new": False})
+            if key != "transpeft":
+                run.p_intra = run.p_cross = 0.0
+            done = Path(run.out) / "results.json"
+            r = read_json(done) if done.exists() and args.resume else run_experiment(run, train_on_new=key == "refit")
+            result = r["refit_new"] if key == "refit" else r["transfer_new"]
+            rows.append({"arm": key, "seed": seed, "regime": Path(str(args.new)).name, "update_seed": 0,
+                         "source": r["source_old"]["accuracy"] if key != "refit" else None,
+                         "transfer": result["accuracy"]})
+    arms = [{"key": k, "name": REAL_ARMS[k]} for k in ["plain", "transpeft", "refit"] if k in args.arms]
+    table, summary = summarize_study(rows, arms, source_label=f"source ({Path(str(args.old)).name})", learned=None)
+    if is_main_process():
+        print("\n" + table)
+        (out / "arms.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
+    return summary
 
 
 def results_table(r: dict) -> str:
     rows = [("trained on old, on old (source)", r["old"], r["source_old"]),
-            ("same module on new (direct transfer)", r["new"], r["transfer_new"])]
-    if r.get("refit_new"):
-        rows.append(("trained on new, on new (upper bound)", r["new"], r["refit_new"]))
+            ("same module on new (direct transfer)", r["new"], r["transfer_new"]),
+            ("trained on new, on new (upper bound)", r["new"], r["refit_new"])]
+    rows = [row for row in rows if row[2]]
     width = max(len(str(base)) for _, base, _ in rows)
-    lines = [f"\n{'setting':<38} {'base':<{width}}  GSM8K exact match ({r['source_old']['scorer']} scorer)   lenient / official scorer"]
+    lines = [f"\n{'setting':<38} {'base':<{width}}  GSM8K exact match ({rows[0][2]['scorer']} scorer)   lenient / "
+             "official scorer"]
     lines += [f"{name:<38} {str(base):<{width}}  {res['accuracy']:7.2%}  ({res['correct']}/{res['total']}){'':16}"
               f"{res['accuracy_lenient']:7.2%} / {res['accuracy_official']:.2%}" for name, base, res in rows]
     return "\n".join(lines)
@@ -783,13 +1091,16 @@ def results_table(r: dict) -> str:
 def interrupted(args, argv: list[str]) -> str:
     """The one line a Ctrl-C ends with: where the last checkpoint is, and the command that continues from it."""
     if args.old is None:
-        return f"interrupted: the toy study in {toy_out(args)} is incomplete; run the same command with --overwrite to start it again."
+        return (f"interrupted: the toy study in {toy_out(args)} is incomplete; run the same command with --overwrite "
+                "to start it again.")
     out = Path(args.out) if args.out else default_out(args)
     flags = [a for a in argv if a not in ("--resume", "--overwrite")]
     ckpt = next((c for c in (out / "refit-new" / "checkpoint.pt", out / "checkpoint.pt") if c.exists()), None)
     if ckpt is None:
-        return f"interrupted before the first checkpoint in {out}; start again with: python train.py {shlex.join(flags + ['--overwrite'])}"
-    return f"interrupted: the last checkpoint is {ckpt}; continue with: python train.py {shlex.join(flags + ['--resume'])}"
+        again = shlex.join(flags + ["--overwrite"])
+        return f"interrupted before the first checkpoint in {out}; start again with: python train.py {again}"
+    again = shlex.join(flags + ["--resume"])
+    return f"interrupted: the last checkpoint is {ckpt}; continue with: python train.py {again}"
 
 
 def main(argv=None) -> None:
@@ -798,10 +1109,12 @@ def main(argv=None) -> None:
     init_distributed(args)
     try:
         if dist.is_initialized() and (args.old is None or (args.fsdp and args.resume)):
-            raise ValueError("the toy study runs in one process, and --resume is not supported with --fsdp (no checkpoints "
-                             "are written then): run without torchrun, or without --resume.")
+            raise ValueError("the toy study runs in one process, and --resume is not supported with --fsdp (no "
+                             "checkpoints are written then): run without torchrun, or without --resume.")
         if args.old is None:
             run_toy_study(args)
+        elif args.arms:
+            run_arms(args)
         else:
             run_experiment(args)
     except StopRequested as e:

@@ -3,6 +3,14 @@ Trans-PEFT (Gu et al., "Adapt Once, Thrive with Updates: Transferable Parameter-
 Base Models", ACL 2025, arXiv 2506.06844): train a PEFT module on an OLD base model so that it keeps working when
 plugged, unchanged, into the base model's update (Qwen2 -> Qwen2.5).
 
+Glossary (the paper's names, this code's flags and classes):
+    intra-layer knowledge masking   p_intra   MaskedMLP               element-wise 0/1 mask on the SwiGLU product
+    cross-layer knowledge dropping  p_cross   DroppingDecoderLayer    stochastic depth of the FFN sub-block; nothing
+                                                                      "crosses" layers, one draw per layer
+    the drops' random generator               model.transpeft_rng     reseeded per optimizer step: reseed_drops
+    switching both on / off                   apply_transpeft / remove_transpeft
+    control A (not the paper's)     p_attn    MaskedInputLinear       the same mask on attention's base branch
+
 Why it works (the paper's account): a model update rewrites the *knowledge* stored in the FFN layers much more than
 the *task patterns* carried by attention. A PEFT module trained normally leans on the old FFN knowledge and breaks
 when it changes. Trans-PEFT takes FFN knowledge away at random during training, so the module learns to do its job
@@ -34,11 +42,15 @@ residual stream passes through exactly unchanged, as the equation says. (The off
 its released scripts do not use, still applies the FFN adapter on a dropped layer.)
 
 Random draws use torch's RNG: the masks the global generator of the activations' device (seeded by
-torch.manual_seed), the layer drops a CPU torch.Generator of their own (`model.transpeft_rng`), seeded when
-Trans-PEFT is switched on, so that processes seeded alike drop the same layers whatever else each one draws.
-train.py goes one step further and reseeds it from (seed, step) before every forward pass (reseed_drops): every
-micro-batch of a step, in every data-parallel process, drops the same layers, as the official run's identically
-seeded ranks do, and a resumed run repeats the drops of the uninterrupted one.
+torch.manual_seed), the layer drops a CPU torch.Generator of their own, `transpeft_rng` (the model and each of its
+layers hold the same one), seeded when Trans-PEFT is switched on, so that processes seeded alike drop the same layers
+whatever else each one draws. A training loop reseeds it from (seed, step) before every forward pass
+(reseed_drops): every micro-batch of a step, in every data-parallel process, drops the same layers, as the official
+run's identically seeded ranks do, and a resumed run repeats the drops of the uninterrupted one.
+
+Beside the method: control A (apply_attention_masking), the same masking moved from the FFN to attention, for
+experiments that ask whether a gain is specific to FFN knowledge; and ffn_gradient, the two sides of the paper's
+bound (the loss and its gradient norm with respect to the FFN outputs), which the toy study measures per arm.
 
 The file also holds a drift analysis, `python transpeft.py analyze --old qwen2-0.5b --new qwen2.5-0.5b`: how much
 an update changes attention vs FFN, by this project's measures (weights, and outputs on the same inputs) and by the
@@ -79,7 +91,7 @@ class DroppingDecoderLayer(DecoderLayer):
     """A decoder layer whose FFN sub-block is skipped, in training, with probability p_cross."""
 
     p_cross: float = 0.0
-    rng: torch.Generator | None = None  # shared by all layers of a model
+    transpeft_rng: torch.Generator | None = None  # the model's, shared by all its layers
 
     def forward(self, x, cos, sin, mask=None, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
@@ -89,18 +101,20 @@ class DroppingDecoderLayer(DecoderLayer):
 
     @torch.compiler.disable  # a Python decision: a compiled layer (train.py --compile) runs it outside its graphs
     def draw_drop(self) -> bool:
-        return torch.rand((), generator=self.rng).item() < self.p_cross
+        return torch.rand((), generator=self.transpeft_rng).item() < self.p_cross
 
 
 def per_layer(rate: float | Sequence[float], n_layers: int, name: str) -> list[float]:
     """One rate per layer, from a single float or a sequence of n_layers floats, each in [0, 1)."""
     rates = [float(rate)] * n_layers if isinstance(rate, (int, float)) else [float(r) for r in rate]
     if len(rates) != n_layers:
-        raise ValueError(f"{name} has {len(rates)} values but the model has {n_layers} layers: give one rate, or one per layer.")
+        raise ValueError(f"{name} has {len(rates)} values but the model has {n_layers} layers: give one rate, or one "
+                         "per layer.")
     for i, r in enumerate(rates):
         if not 0 <= r < 1 or math.isnan(r):
             where = f" (layer {i})" if not isinstance(rate, (int, float)) else ""
-            raise ValueError(f"{name} must be in [0, 1), got {r}{where}: it is the probability of taking knowledge away.")
+            raise ValueError(f"{name} must be in [0, 1), got {r}{where}: it is the probability of taking knowledge "
+                             "away.")
     return rates
 
 
@@ -109,7 +123,8 @@ def apply_transpeft(model: nn.Module, p_intra: float | Sequence[float] = 0.0, p_
     """Switch Trans-PEFT on (in place; works with LoRA, adapters or nothing attached). Effective only in train().
 
     p_intra, p_cross: one rate for all layers, or one per layer. seed: of the layer-dropping generator; by default
-    drawn from torch's global RNG, so `torch.manual_seed(s)` before this call makes the drops reproducible.
+    drawn from torch's global RNG, so `torch.manual_seed(s)` before this call makes the drops reproducible. A training
+    loop that calls reseed_drops before each step (train.py's does) replaces it with a seed per step.
     Switch off with remove_transpeft(model); calling apply_transpeft again replaces the rates.
     """
     layers = model.model.layers
@@ -119,18 +134,26 @@ def apply_transpeft(model: nn.Module, p_intra: float | Sequence[float] = 0.0, p_
     model.transpeft_rng = torch.Generator().manual_seed(seed)
     for layer, pi, pc in zip(layers, intra, cross):
         # Swapping the class keeps every parameter, buffer, hook and name; only forward changes.
-        layer.__class__, layer.p_cross, layer.rng = DroppingDecoderLayer, pc, model.transpeft_rng
+        layer.__class__, layer.p_cross, layer.transpeft_rng = DroppingDecoderLayer, pc, model.transpeft_rng
         layer.mlp.__class__, layer.mlp.p_intra = MaskedMLP, pi
     model.transpeft_rates = {"p_intra": intra, "p_cross": cross}
     return model
 
 
+def drop_seed(seed: int, step: int) -> int:
+    """The drop generator's seed for optimizer step `step` of a run seeded `seed`: seed * P + step * Q with the primes
+    P = 1,000,003 and Q = 1,009. A value shared by (s1, t1) and (s2, t2) needs (s1 - s2) P = (t2 - t1) Q, so Q divides
+    s1 - s2: every step of a run gets its own seed, and runs whose seeds differ by less than Q never share one."""
+    return seed * 1_000_003 + step * 1_009
+
+
 def reseed_drops(model: nn.Module, seed: int, step: int) -> None:
     """Make the layer drops a function of (seed, step): every micro-batch of an optimizer step, in every process,
     draws the same pattern (the released run's 4 processes, all seeded alike, drop the same layers for the whole global
-    batch of a step), and a resumed run repeats the drops of the uninterrupted one. Nothing happens without Trans-PEFT."""
+    batch of a step), and a resumed run repeats the drops of the uninterrupted one. Nothing happens without
+    Trans-PEFT."""
     if getattr(model, "transpeft_rng", None) is not None:
-        model.transpeft_rng.manual_seed(seed * 1_000_003 + step * 1_009)
+        model.transpeft_rng.manual_seed(drop_seed(seed, step))
 
 
 def remove_transpeft(model: nn.Module) -> nn.Module:
@@ -138,8 +161,46 @@ def remove_transpeft(model: nn.Module) -> nn.Module:
     for layer in model.model.layers:
         if isinstance(layer, DroppingDecoderLayer):
             layer.__class__, layer.mlp.__class__ = DecoderLayer, MLP
-            del layer.p_cross, layer.rng, layer.mlp.p_intra
+            del layer.p_cross, layer.transpeft_rng, layer.mlp.p_intra
     model.transpeft_rng = model.transpeft_rates = None
+    return model
+
+
+# -----------------------------------------------------------------------------------------------------------
+# A control: the same masking, on attention instead of the FFN
+
+
+class MaskedInputLinear(nn.Linear):
+    """A projection whose input is masked element-wise in training: W (x ⊙ m), m ~ Bernoulli(1 - p_attn), no
+    rescaling, as MaskedMLP masks down_proj's input."""
+
+    p_attn: float = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.p_attn > 0:
+            x = x * torch.rand_like(x).gt_(self.p_attn)  # not in place: a LoRA beside this layer reads the same x
+        return super().forward(x)
+
+
+def apply_attention_masking(model: nn.Module, p: float) -> nn.Module:
+    """Control A, not part of Trans-PEFT: knowledge masking moved from the FFN to attention. In every layer the input
+    of o_proj (all heads' outputs, attention's counterpart of the SwiGLU product) is masked at rate p, in the *base*
+    branch only: W_o (x ⊙ m) + (alpha/r) B A x when a LoRA sits on o_proj. FFN masking takes nothing from a LoRA on
+    attention, so neither may the control: they differ only in where base knowledge is taken away. Built as the
+    interventions are, by swapping the base projection's class; works before or after a LoRA is attached."""
+    (p,) = per_layer(p, 1, "p_attn")
+    for layer in model.model.layers:
+        o = layer.self_attn.o_proj
+        base = getattr(o, "base_layer", o)  # under a LoRA wrapper: its frozen base layer
+        base.__class__, base.p_attn = MaskedInputLinear, p
+    return model
+
+
+def remove_attention_masking(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if isinstance(module, MaskedInputLinear):
+            module.__class__ = nn.Linear
+            del module.p_attn
     return model
 
 
@@ -169,8 +230,8 @@ def analyze_drift(old: nn.Module, new: nn.Module, batches: torch.Tensor | Sequen
     for field in ARCH_FIELDS:
         a, b = getattr(old.config, field), getattr(new.config, field)
         if a != b:
-            raise ValueError(f"The two models differ in {field} ({a} vs {b}): the drift analysis compares two versions of one "
-                             "architecture and size.")
+            raise ValueError(f"The two models differ in {field} ({a} vs {b}): the drift analysis compares two versions "
+                             "of one architecture and size.")
     batches = [batches] if isinstance(batches, torch.Tensor) else list(batches)
     rows = [{"layer": i} for i in range(len(old.model.layers))]
     for i, (lo, ln) in enumerate(zip(old.model.layers, new.model.layers)):
@@ -211,7 +272,8 @@ def analyze_drift(old: nn.Module, new: nn.Module, batches: torch.Tensor | Sequen
 
 
 @torch.no_grad()
-def track_output_norms(model: nn.Module, batches: Sequence[torch.Tensor], momentum: float = 0.9) -> dict[str, torch.Tensor]:
+def track_output_norms(model: nn.Module, batches: Sequence[torch.Tensor],
+                       momentum: float = 0.9) -> dict[str, torch.Tensor]:
     """The official activation instrument (training_utils.py LinearOutputNormTracker), one process: a forward hook on
     every nn.Linear records, for each batch b, the L2 norm of each output channel c over the batch's tokens,
     n_b[c] = ‖Y_b[:, c]‖_2, and keeps an exponential moving average started at zero: s <- 0.9 s + 0.1 n_b.
@@ -247,13 +309,45 @@ def tracked_norm_drift(old: nn.Module, new: nn.Module, batches: Sequence[torch.T
         row = {}
         for block, part, projs in (("attn", "self_attn", ATTN), ("ffn", "mlp", FFN)):
             names = [f"model.layers.{i}.{part}.{p}" for p in projs]
-            row[f"{block}_tracked"] = sum(((s_new[n] - s_old[n]).norm() / s_old[n].norm()).item() for n in names) / len(names)
+            shifts = [((s_new[n] - s_old[n]).norm() / s_old[n].norm()).item() for n in names]
+            row[f"{block}_tracked"] = sum(shifts) / len(shifts)
         rows.append(row)
     return rows
 
 
-COLUMNS = [("attn_weight", "attn ΔW/W"), ("ffn_weight", "ffn ΔW/W"), ("attn_cos", "attn 1-cos"), ("ffn_cos", "ffn 1-cos"),
-           ("attn_norm", "attn Δnorm"), ("ffn_norm", "ffn Δnorm"), ("attn_tracked", "attn Δtrack"), ("ffn_tracked", "ffn Δtrack")]
+def ffn_gradient(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+    """The two quantities of the paper's account on one batch, in eval mode (no masking, no dropping, no dropout):
+
+        L = the mean cross-entropy over the positions with a target (-100: none)
+        G = ‖∂L/∂(y_1, ..., y_n)‖_2, y_l the output of layer l's FFN sub-block (all tokens, all layers together)
+
+    To first order an update that moves the FFN outputs by δ changes the loss by <∂L/∂y, δ>, so
+    |L_new − L_old| <= G ‖δ‖ + o(‖δ‖): the paper's bound, and Trans-PEFT's claim is that it lowers G.
+    Returns (L, G) as floats."""
+    deltas = []
+
+    def perturb(module, args, output):  # y_l + δ_l with δ_l = 0: ∂L/∂δ_l is ∂L/∂y_l through every later layer
+        delta = torch.zeros_like(output, requires_grad=True)
+        deltas.append(delta)
+        return output + delta
+
+    handles = [layer.mlp.register_forward_hook(perturb) for layer in model.model.layers]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            loss = model(input_ids, targets=targets) / (targets != -100).sum()
+            grads = torch.autograd.grad(loss, deltas)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return loss.item(), torch.sqrt(sum(g.float().pow(2).sum() for g in grads)).item()
+
+
+COLUMNS = [("attn_weight", "attn ΔW/W"), ("ffn_weight", "ffn ΔW/W"), ("attn_cos", "attn 1-cos"),
+           ("ffn_cos", "ffn 1-cos"), ("attn_norm", "attn Δnorm"), ("ffn_norm", "ffn Δnorm"),
+           ("attn_tracked", "attn Δtrack"), ("ffn_tracked", "ffn Δtrack")]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -277,7 +371,8 @@ def save_plot(rows: list[dict], path: str, title: str) -> bool:
         return False
     layers = [r["layer"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, metric, label in zip(axes, ("weight", "cos", "norm"), ("relative weight change", "1 − cos(output)", "per-channel norm shift")):
+    labels = ("relative weight change", "1 − cos(output)", "per-channel norm shift")
+    for ax, metric, label in zip(axes, ("weight", "cos", "norm"), labels):
         ax.plot(layers, [r[f"attn_{metric}"] for r in rows], "o-", label="attention")
         ax.plot(layers, [r[f"ffn_{metric}"] for r in rows], "s-", label="FFN")
         ax.set_xlabel("layer")
@@ -360,7 +455,8 @@ def drop_cost_command(args) -> None:
         costs = drop_costs(model, ids.to(args.device), next_token_targets(labels).to(args.device))
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    print(f"{args.model}: next-token loss {costs['base']:.3f} nats ({len(sequences)} inputs); with one layer's FFN dropped:")
+    print(f"{args.model}: next-token loss {costs['base']:.3f} nats ({len(sequences)} inputs); with one layer's FFN "
+          "dropped:")
     print("layer |   loss | increase")
     for i, value in enumerate(costs["dropped"]):
         print(f"{i:>5} | {value:6.3f} | {value - costs['base']:+8.3f}")
@@ -378,7 +474,8 @@ def main(argv=None) -> None:
 
     from model import load_model, load_tokenizer
 
-    parser = argparse.ArgumentParser(description="Analyses for Trans-PEFT: how an update changes attention vs FFN, by layer "
+    parser = argparse.ArgumentParser(description="Analyses for Trans-PEFT: how an update changes attention vs FFN, by "
+                                                 "layer "
                                                  "(analyze), and what dropping each layer's FFN costs (drop-cost).")
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("analyze", help="compare an old base model and its update")
@@ -388,7 +485,8 @@ def main(argv=None) -> None:
     a.add_argument("--max-tokens", type=int, default=256, help="tokens per input line")
     a.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a.add_argument("--out", default="runs/analysis", help="directory for analysis.json and drift.png")
-    d = sub.add_parser("drop-cost", help="the loss of a model with each layer's FFN dropped in turn (one forward pass per layer)")
+    d = sub.add_parser("drop-cost",
+                       help="the loss of a model with each layer's FFN dropped in turn (one forward pass per layer)")
     d.add_argument("--model", required=True, help="alias, local directory or hub id")
     d.add_argument("--text", help="a text file, one input per line (default: a few built-in lines)")
     d.add_argument("--max-tokens", type=int, default=256, help="tokens per input line")
@@ -415,7 +513,8 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "analysis.json").write_text(json.dumps({"old": args.old, "new": args.new, "layers": rows}, indent=2))
     plotted = save_plot(rows, str(out / "drift.png"), f"{args.old} → {args.new}")
-    print(f"wrote {out / 'analysis.json'}" + (f" and {out / 'drift.png'}" if plotted else " (install matplotlib for drift.png)"))
+    plot = f" and {out / 'drift.png'}" if plotted else " (install matplotlib for drift.png)"
+    print(f"wrote {out / 'analysis.json'}{plot}")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,12 @@ transformers loads with our logits, and a reduced toy study runs end to end."""
 
 import json
 import re
+import struct
+import zlib
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import toy
 import train
@@ -45,7 +48,21 @@ def test_toy_checkpoints_load_in_transformers_with_our_logits(tmp_path):
         with torch.no_grad():
             assert (load_model(path)(ids) - hf(ids).logits).abs().max() <= 1e-4
     ours_v1, ours_v2 = load_model(v1), load_model(v2)
-    assert any(not torch.equal(a, b) for a, b in zip(ours_v1.parameters(), ours_v2.parameters()))  # the update moved weights
+    assert any(not torch.equal(a, b) for a, b in zip(ours_v1.parameters(),
+                                                     ours_v2.parameters()))  # the update moved weights
+
+
+@pytest.mark.parametrize("regime,trained", [("ffn", ".mlp."), ("attn", ".self_attn.")])
+def test_an_update_regime_changes_its_parts_only_byte_for_byte(tmp_path, regime, trained):
+    v1, v2 = toy.build_bases(update_seed=0, recipe=QUICK, root=tmp_path, regime=regime)
+    assert v2.endswith(f"toy-v2-{regime}-u0")
+    before, after = load_file(f"{v1}/model.safetensors"), load_file(f"{v2}/model.safetensors")
+    assert before.keys() == after.keys()
+    for name in before:
+        if trained in name:
+            assert not torch.equal(before[name], after[name]), name  # every projection of the regime moved
+        else:
+            assert torch.equal(before[name], after[name]), name  # norms, embeddings and the other block: unchanged
 
 
 @pytest.mark.slow
@@ -53,58 +70,127 @@ def test_reduced_toy_study_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSPEFT_CACHE", str(tmp_path / "cache"))
     train.main(["--quick", "--seeds", "2", "--out", str(tmp_path / "study")])
     results = json.loads((tmp_path / "study" / "results.json").read_text())
-    assert {r["arm"] for r in results["rows"]} == {a["key"] for a in toy.ARMS}
-    assert len(results["rows"]) == 2 * len(toy.ARMS)
-    assert set(results["summary"]) == {a["key"] for a in toy.ARMS}
-    assert results["summary"]["mask"]["n"] == 2 and 0 <= results["summary"]["mask"]["transfer_mean"] <= 1
-    assert len(results["drift"]["toy-v2"]) == toy.TOY_CONFIG["num_hidden_layers"]
-    # every arm wrote a PEFT adapter and per-example evaluations
-    arm_dir = tmp_path / "study" / "u0" / "seed1" / "drop"
-    assert (arm_dir / "adapter" / "adapter_config.json").exists() and (arm_dir / "eval-toy-v2.jsonl").exists()
+    regimes = ["full", "ffn", "attn"]
+    # every arm of every seed, on every update; the upper bound trained on the first update itself
+    assert sorted({(r["arm"], r["seed"], r["regime"]) for r in results["rows"]}) == sorted(
+        [(a["key"], s, g) for a in toy.ARMS[:-1] for s in (0, 1) for g in regimes] + [("refit", s, "full") for s in (0, 1)])
+    assert list(results["summary"]["regimes"]) == regimes
+    for regime in regimes:
+        arms = results["summary"]["regimes"][regime]["arms"]
+        assert set(arms) == {a["key"] for a in toy.ARMS} - ({"refit"} if regime != "full" else set())
+        assert arms["mask"]["itt"]["n"] == 2
+        assert 0 <= arms["mask"]["itt"]["p_holm"] <= 1
+    assert results["summary"]["comparisons"] == (len(toy.ARMS) - 2) * len(regimes) + 1
+    assert set(results["drift"]) == {"toy-v2", "toy-v2-ffn-u0", "toy-v2-attn-u0"}
+    assert all(layer["attn_weight"] == 0 for layer in results["drift"]["toy-v2-ffn-u0"])  # the FFN-only update
+    # every trained arm wrote a PEFT adapter and per-example evaluations; the upper bound one per update
+    arm_dir = tmp_path / "study" / "seed1" / "drop"
+    assert (arm_dir / "adapter" / "adapter_config.json").exists() and (arm_dir / "eval-toy-v2-attn-u0.jsonl").exists()
+    assert (tmp_path / "study" / "seed1" / "refit" / "toy-v2" / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "study" / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="already holds a finished study"):
         train.main(["--quick", "--seeds", "2", "--out", str(tmp_path / "study")])
 
 
-def test_study_summary_pairs_seeds_and_skips_arms_that_did_not_learn():
+def rows_for(pairs, arm="mask", regime="full", update=0):
+    """Study rows of plain LoRA and one arm: pairs = (plain transfer, arm transfer, arm source) per seed."""
     rows = []
-    for seed, (plain, mask, mask_source) in enumerate([(0.2, 0.5, 1.0), (0.4, 0.5, 0.95), (0.6, 0.9, 0.3)]):
-        rows += [{"arm": "plain", "seed": seed, "update_seed": 0, "source": 1.0, "transfer": plain},
-                 {"arm": "mask", "seed": seed, "update_seed": 0, "source": mask_source, "transfer": mask}]
-    table, summary = train.summarize_study(rows)
-    m = summary["mask"]
-    assert m["learned"] == 2 and m["diff_n"] == 2  # seed 2's masked LoRA never learned (source 0.3): not compared
-    assert m["diff_mean"] == pytest.approx((0.3 + 0.1) / 2) and m["diff_std"] == pytest.approx(0.1 * 2**0.5)
-    assert m["transfer_mean"] == pytest.approx((0.5 + 0.5 + 0.9) / 3)
-    assert "0.90*" in table  # the seed that did not learn is marked
+    for seed, (plain, other, source) in enumerate(pairs):
+        rows += [{"arm": "plain", "seed": seed, "regime": regime, "update_seed": update, "source": 1.0,
+                  "transfer": plain},
+                 {"arm": arm, "seed": seed, "regime": regime, "update_seed": update, "source": source,
+                  "transfer": other}]
+    return rows
+
+
+def test_study_summary_intention_to_treat_by_hand():
+    """Primary: every seed, learned or not, 95% t interval mean ± t(0.975, n-1) SE, worked by hand: differences
+    +0.3, +0.1, +0.3 -> mean 0.2333, std 0.11547, SE 0.06667, t(0.975, 2) = 4.303. The sign-flip p: of the 8 sign
+    patterns of (0.3, 0.1, 0.3) only (+,+,+) and (-,-,-) reach |mean| 0.2333 ((+,-,+) gives 0.1667): p = 2/8. Secondary:
+    seeds 0 and 1 only (seed 2's masked LoRA never learned: source 0.3), t(0.975, 1) = 12.706."""
+    table, summary = train.summarize_study(rows_for([(0.2, 0.5, 1.0), (0.4, 0.5, 0.95), (0.6, 0.9, 0.3)]))
+    mask = summary["regimes"]["full"]["arms"]["mask"]
+    itt = mask["itt"]
+    assert itt["n"] == 3 and itt["mean"] == pytest.approx(0.7 / 3)
+    assert itt["std"] == pytest.approx(0.11547, abs=1e-5) and itt["ci95"] == pytest.approx(4.303 * 0.11547 / 3**0.5, abs=1e-5)
+    assert not itt["excludes_0"] and itt["p"] == pytest.approx(0.25) and itt["p_holm"] == pytest.approx(0.25)  # one comparison
+    sub = mask["learned_subset"]
+    assert sub["n"] == 2 and sub["mean"] == pytest.approx(0.2) and sub["ci95"] == pytest.approx(12.706 * 0.1 * 2**0.5 / 2**0.5)
+    assert summary["arms"]["mask"]["learned"] == 2 and summary["arms"]["mask"]["source"][0] == pytest.approx(2.25 / 3)
+    assert mask["transfer"][0] == pytest.approx((0.5 + 0.5 + 0.9) / 3)
+    assert "+0.23 ± 0.29 p 0.25" in table
 
 
 def test_study_summary_counts_seeds_not_update_pairs():
-    """Every update seed evaluates the same trained LoRA of a seed: the differences of one seed are averaged, and the
-    standard error is over seeds (two here), not over the four (update, seed) pairs."""
-    rows = []
-    for update in (0, 1):
-        for seed, (plain, mask) in enumerate([(0.2, 0.5), (0.4, 0.5)]):
-            rows += [{"arm": "plain", "seed": seed, "update_seed": update, "source": 1.0, "transfer": plain + 0.1 * update},
-                     {"arm": "mask", "seed": seed, "update_seed": update, "source": 1.0, "transfer": mask + 0.3 * update}]
+    """Every update seed of a regime evaluates the same trained LoRA of a seed: a seed's differences are averaged,
+    and the standard error is over seeds (two here), not over the four (update, seed) pairs."""
+    rows = rows_for([(0.2, 0.5, 1.0), (0.4, 0.5, 1.0)], update=0) + rows_for([(0.3, 0.8, 1.0), (0.5, 0.8, 1.0)], update=1)
     _, summary = train.summarize_study(rows)
-    m = summary["mask"]
-    per_seed = [(0.3 + 0.5) / 2, (0.1 + 0.3) / 2]  # seed 0: +0.3 on update 0, +0.5 on update 1; seed 1: +0.1, +0.3
-    assert m["diff_n"] == 2 and m["diff_mean"] == pytest.approx(sum(per_seed) / 2)
-    assert m["diff_se"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2**0.5 / 2**0.5)
+    itt = summary["regimes"]["full"]["arms"]["mask"]["itt"]
+    per_seed = [(0.3 + 0.5) / 2, (0.1 + 0.3) / 2]
+    assert itt["n"] == 2 and itt["mean"] == pytest.approx(sum(per_seed) / 2)
+    assert itt["se"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2**0.5 / 2**0.5)
 
 
-def test_study_summary_intention_to_treat_with_t_intervals():
-    """The primary comparison keeps every seed, learned or not; its 95% interval is mean ± t(0.975, n-1) * SE, here
-    worked by hand: differences +0.3, +0.1, +0.3 -> mean 0.2333, std 0.11547, SE 0.06667, t(0.975, 2) = 4.303."""
+def test_study_summary_is_per_regime_with_holm_over_every_comparison():
+    """ffn: differences +0.1, +0.2, +0.3, +0.4: only the all-plus and all-minus of 16 sign patterns reach the mean,
+    p = 2/16; attn: differences summing to 0, p = 1. Holm over the two: 2 * 0.125 = 0.25, then max(0.25, 1)."""
+    rows = rows_for([(0.2, 0.3, 1.0), (0.2, 0.4, 1.0), (0.2, 0.5, 1.0), (0.2, 0.6, 1.0)], regime="ffn")
+    rows += rows_for([(0.2, 0.1, 1.0), (0.4, 0.5, 1.0), (0.6, 0.6, 1.0)], regime="attn")
+    _, summary = train.summarize_study(rows)
+    ffn, attn = summary["regimes"]["ffn"]["arms"]["mask"]["itt"], summary["regimes"]["attn"]["arms"]["mask"]["itt"]
+    assert ffn["mean"] == pytest.approx(0.25) and attn["mean"] == pytest.approx(0.0) and summary["comparisons"] == 2
+    assert (ffn["p"], ffn["p_holm"]) == (pytest.approx(0.125), pytest.approx(0.25))
+    assert (attn["p"], attn["p_holm"]) == (pytest.approx(1.0), pytest.approx(1.0))
+
+
+def test_sign_flip_holm_and_spearman_by_hand():
+    assert train.sign_flip_p([0.1, 0.2, 0.3]) == pytest.approx(2 / 8)  # only all-plus and all-minus reach |mean| 0.2
+    assert train.sign_flip_p([0.1, -0.1]) == pytest.approx(1.0)
+    # Holm: sorted 0.01, 0.03, 0.04 -> 3 * 0.01, 2 * 0.03, max(0.06, 1 * 0.04)
+    assert train.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    # Spearman: ranks (1,2,3,4) vs (1,3,2,4): 1 - 6 * 2 / (4 * 15) = 0.8; ties share their mean rank
+    assert train.spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)
+    assert train.spearman([1, 1, 2], [5, 5, 9]) == pytest.approx(1.0)
+
+
+def test_the_study_bound_correlates_gradient_norms_with_loss_gaps():
     rows = []
-    for seed, (plain, mask, mask_source) in enumerate([(0.2, 0.5, 1.0), (0.4, 0.5, 0.95), (0.6, 0.9, 0.3)]):
-        rows += [{"arm": "plain", "seed": seed, "update_seed": 0, "source": 1.0, "transfer": plain},
-                 {"arm": "mask", "seed": seed, "update_seed": 0, "source": mask_source, "transfer": mask}]
-    table, summary = train.summarize_study(rows)
-    itt = summary["mask"]["itt"]
-    assert itt["n"] == 3 and itt["mean"] == pytest.approx(0.7 / 3)
-    assert itt["std"] == pytest.approx(0.11547, abs=1e-5) and itt["ci95"] == pytest.approx(4.303 * 0.11547 / 3**0.5, abs=1e-5)
-    assert not itt["excludes_0"] and "+0.23 ± 0.29 (n 3) " in table  # 0.233 < 0.287: the interval holds 0
-    learned_only = summary["mask"]  # the secondary comparison: seeds 0 and 1 only, t(0.975, 1) = 12.706
-    assert learned_only["diff_n"] == 2 and learned_only["diff_ci95"] == pytest.approx(12.706 * 0.1 * 2**0.5 / 2**0.5)
-    assert not learned_only["beyond_noise"]
+    for seed, (g, gap) in enumerate([(0.1, 0.01), (0.2, 0.03), (0.3, 0.02), (0.4, 0.05)]):
+        for arm in ("plain", "drop"):
+            rows.append({"arm": arm, "seed": seed, "regime": "ffn", "update_seed": 0, "source": 1.0, "transfer": 0.5,
+                         "ffn_grad_norm": g * (2 if arm == "drop" else 1), "loss_old": 1.0, "loss_new": 1.0 + gap})
+    _, summary = train.summarize_study(rows)
+    bound = summary["regimes"]["ffn"]["bound"]
+    assert bound["arms"]["plain"]["grad_norm"] == pytest.approx(0.25) and bound["arms"]["drop"]["grad_norm"] == pytest.approx(0.5)
+    assert bound["arms"]["plain"]["loss_gap"] == pytest.approx(0.0275)
+    g = [r["ffn_grad_norm"] for r in rows]
+    assert bound["n"] == 8 and bound["spearman"] == pytest.approx(train.spearman(g, [r["loss_new"] - 1 for r in rows]))
+
+
+def read_png(path):
+    """Decode an 8-bit RGB PNG written with filter type 0 by the PNG specification: chunks with CRC-32, zlib IDAT."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        n = struct.unpack(">I", data[pos : pos + 4])[0]
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]
+        assert struct.unpack(">I", data[pos + 8 + n : pos + 12 + n])[0] == zlib.crc32(kind + body)
+        chunks[kind] = chunks.get(kind, b"") + body
+        pos += 12 + n
+    w, h, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (depth, color) == (8, 2) and b"IEND" in chunks
+    raw = torch.tensor(list(zlib.decompress(chunks[b"IDAT"])), dtype=torch.uint8).view(h, 1 + 3 * w)
+    assert (raw[:, 0] == 0).all()
+    return raw[:, 1:].reshape(h, w, 3)
+
+
+def test_chart_is_a_png_of_the_gains(tmp_path):
+    img = torch.randint(0, 256, (5, 7, 3), dtype=torch.uint8)
+    toy.write_png(img, tmp_path / "a.png")
+    assert torch.equal(read_png(tmp_path / "a.png"), img)
+    _, summary = train.summarize_study(rows_for([(0.2, 0.5, 1.0), (0.4, 0.5, 1.0), (0.6, 0.9, 1.0)]))
+    toy.chart(summary, ["mask"], ["full"], tmp_path / "study.png")
+    chart = read_png(tmp_path / "study.png")
+    assert (chart == 170).all(-1).any()  # the gain's bar (grey: not beyond noise)

@@ -5,6 +5,7 @@ one prompt at a time, and bad input is refused before any training."""
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,14 +21,45 @@ from lora import add_lora
 from model import load_model, load_tokenizer
 from conftest import QUESTIONS
 
-needs_cxx = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="torch.compile on CPU needs a C++ compiler")
+needs_cxx = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")),
+                               reason="torch.compile on CPU needs a C++ compiler")
 
 
 def run_args(w, out, *extra):
-    return ["--old", w["old"], "--new", w["new"], "--train-data", w["data"], "--eval-data", w["data"], "--out", str(out),
-            "--lora-r", "4", "--lora-alpha", "8", "--lora-targets", "q_proj,v_proj,down_proj", "--p-cross", "0.3", "--p-intra", "0.1",
-            "--batch-size", "6", "--micro-batch-size", "4", "--lr", "3e-2", "--warmup-ratio", "0.1", "--eval-limit", "3",
+    return ["--old", w["old"], "--new", w["new"], "--train-data", w["data"], "--eval-data", w["data"], "--out",
+            str(out),
+            "--lora-r", "4", "--lora-alpha", "8", "--lora-targets", "q_proj,v_proj,down_proj", "--p-cross", "0.3",
+            "--p-intra", "0.1",
+            "--batch-size", "6", "--micro-batch-size", "4", "--lr", "3e-2", "--warmup-ratio", "0.1", "--eval-limit",
+            "3",
             "--max-new-tokens", "6", "--max-len", "320", "--save-every", "2", *extra]
+
+
+def test_arms_run_the_papers_comparison(world, capsys):
+    """--arms plain,transpeft,refit: one ordinary run per arm and seed (plain: rates 0; transpeft: the rates given;
+    refit: trained on --new), paired by seed, then one table; --resume reuses the finished runs."""
+    out = world["tmp"] / "arms"
+    train.main(run_args(world, out, "--max-steps", "2", "--arms", "plain,transpeft,refit", "--seeds", "2"))
+    summary = json.loads((out / "arms.json").read_text())
+    rows = {(r["arm"], r["seed"]): r for r in summary["rows"]}
+    assert set(rows) == {(a, s) for a in ("plain", "transpeft", "refit") for s in (42, 43)}
+    for seed in (42, 43):
+        plain, tp = (json.loads((out / f"{a}-seed{seed}" / "args.json").read_text()) for a in ("plain", "transpeft"))
+        assert (plain["p_cross"], plain["p_intra"], tp["p_cross"], tp["p_intra"], plain["seed"]) == (0.0, 0.0, 0.3, 0.1, seed)
+        for arm in ("plain", "transpeft"):
+            r = json.loads((out / f"{arm}-seed{seed}" / "results.json").read_text())
+            assert rows[(arm, seed)]["source"] == r["source_old"]["accuracy"] and rows[(arm, seed)]["transfer"] == r["transfer_new"]["accuracy"]
+        refit = json.loads((out / f"refit-seed{seed}" / "results.json").read_text())
+        assert refit["source_old"] is None and refit["transfer_new"] is None and refit["refit_new"]["total"] == 3
+        assert rows[("refit", seed)]["transfer"] == refit["refit_new"]["accuracy"]
+        config = json.loads((out / f"refit-seed{seed}" / "refit-new" / "adapter" / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == world["new"]
+        assert not (out / f"plain-seed{seed}" / "refit-new").exists()
+    assert "Trans-PEFT trained on old" in capsys.readouterr().out
+    assert len(summary["summary"]["regimes"][Path(world["new"]).name]["arms"]["transpeft"]["itt"]) > 0  # paired over 2 seeds
+    before = (out / "plain-seed42" / "adapter" / "adapter_model.safetensors").read_bytes()
+    train.main(run_args(world, out, "--max-steps", "2", "--arms", "plain,transpeft,refit", "--seeds", "2", "--resume"))
+    assert (out / "plain-seed42" / "adapter" / "adapter_model.safetensors").read_bytes() == before
 
 
 def test_short_run_learns_saves_and_resumes_identically(world):
@@ -47,7 +79,8 @@ def test_short_run_learns_saves_and_resumes_identically(world):
     eval_cli.main(["--model", world["new"], "--adapter", str(a / "adapter"), "--data", world["data"], "--limit", "2",
                    "--max-new-tokens", "4", "--out", str(world["tmp"] / "e.jsonl")])
     records = [json.loads(line) for line in (world["tmp"] / "e.jsonl").read_text().splitlines()]
-    assert len(records) == 2 and set(records[0]) == {"question", "completion", "gold", "prediction_official", "prediction_lenient",
+    assert len(records) == 2 and set(records[0]) == {"question", "completion", "gold", "prediction_official",
+                                                     "prediction_lenient",
                                                       "rule_lenient", "correct_official", "correct_lenient", "correct"}
 
     # interrupted after step 3 (checkpoints at 2 and 3), then resumed: the same adapter as the uninterrupted run
@@ -63,7 +96,8 @@ def test_short_run_learns_saves_and_resumes_identically(world):
 
 def lora_model(world, dropout=0.0):
     """The old toy base with a LoRA whose B is random (not zero), so that the LoRA changes what is decoded."""
-    model = add_lora(load_model(world["old"]), r=4, alpha=8, dropout=dropout, targets=["q_proj", "v_proj", "up_proj"], verbose=False)
+    model = add_lora(load_model(world["old"]), r=4, alpha=8, dropout=dropout, targets=["q_proj", "v_proj", "up_proj"],
+                     verbose=False)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -218,11 +252,13 @@ def test_logged_lr_is_the_schedule_of_the_run(world):
 # Supervised token counts 1-2, 9-12, ~25 and ~45 in one batch: micro-batch means and the batch mean differ.
 UNEQUAL = [{"question": "Say yes.", "response": "Yes."},
            {"question": "What is 2 plus 3?", "response": "Two plus three is five. The answer is: 5"},
-           {"question": "What is 7 minus 4?", "response": "Seven minus four: take four away from seven and three are left, "
+           {"question": "What is 7 minus 4?",
+            "response": "Seven minus four: take four away from seven and three are left, "
                                                           "so seven minus four is three. The answer is: 3"},
-           {"question": "What is 6 times 2?", "response": "Six times two is six added to itself: six and six make twelve, "
-                                                          "twelve is the product of six and two, and twice six is twelve "
-                                                          "again. The answer is: 12"}]
+           {"question": "What is 6 times 2?",
+            "response": "Six times two is six added to itself: six and six make twelve, "
+                                                          "twelve is the product of six and two, and twice six is "
+                                                          "twelve again. The answer is: 12"}]
 
 
 @pytest.mark.parametrize("loss_mean, micro", [("batch", 1), ("batch", 2), ("micro-batch", 1)])
@@ -259,8 +295,10 @@ def test_loss_and_gradient_are_the_defined_token_means(world, loss_mean, micro):
     loss.backward()
     grad_norm = torch.cat([p.grad.flatten() for p in ref.parameters() if p.requires_grad]).norm().item()
 
-    args = argparse.Namespace(lr=0.0, weight_decay=0.0, warmup_ratio=0.0, grad_clip=1e9, batch_size=4, micro_batch_size=micro,
-                              max_steps=1, epochs=1, seed=0, save_every=100, resume=False, stop_after=None, loss_mean=loss_mean)
+    args = argparse.Namespace(lr=0.0, weight_decay=0.0, warmup_ratio=0.0, grad_clip=1e9, batch_size=4,
+                              micro_batch_size=micro,
+                              max_steps=1, epochs=1, seed=0, save_every=100, resume=False, stop_after=None,
+                              loss_mean=loss_mean)
     logged = train.train(fresh(), dataset, args, world["tmp"] / f"{loss_mean}-{micro}", pad_id=0)[0]
     assert logged["loss"] == pytest.approx(loss.item(), rel=1e-5)
     assert logged["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)

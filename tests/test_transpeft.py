@@ -16,7 +16,9 @@ from safetensors.torch import load_file, save_file
 from lora import PROJECTIONS, add_lora
 from model import load_model
 from test_tokenizer import write_checkpoint_tokenizer
-from transpeft import analyze_drift, apply_transpeft, remove_transpeft, save_plot
+from transpeft import (MaskedInputLinear, analyze_drift, apply_attention_masking, apply_transpeft, ffn_gradient,
+                       remove_attention_masking,
+                       remove_transpeft, save_plot)
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,6 +114,64 @@ def test_mask_acts_on_the_lora_adjusted_product(hf_checkpoint):
         torch.manual_seed(7)
         m = (torch.rand_like(h) > 0.4).float()  # Bernoulli(1 - p), the official code's `rand > p`
         assert torch.allclose(got, lora(mlp.down_proj, h * m), atol=1e-6)
+
+
+def test_control_a_masks_only_the_base_branch_of_o_proj(hf_checkpoint):
+    """W_o (x ⊙ m) + s B A x: the LoRA on o_proj reads the unmasked input, as FFN masking leaves an attention LoRA's
+    input alone; in eval, and once removed, the plain projection."""
+    path, _ = hf_checkpoint("qwen2")
+    model = apply_attention_masking(lora_model(path), 0.4).train()
+    o = model.model.layers[0].self_attn.o_proj
+    x = torch.randn(2, 5, o.base_layer.in_features)
+
+    def lora(v_base, v_lora):
+        return F.linear(v_base, o.base_layer.weight, o.base_layer.bias) + o.scaling * F.linear(F.linear(v_lora, o.lora_A.weight), o.lora_B.weight)
+
+    with torch.no_grad():
+        torch.manual_seed(7)
+        got = o(x)
+        torch.manual_seed(7)
+        m = (torch.rand_like(x) > 0.4).float()  # Bernoulli(1 - p), no rescaling
+        assert 0.5 < m.mean() < 0.7
+        assert torch.allclose(got, lora(x * m, x), atol=1e-6)
+        assert not torch.allclose(got, lora(x * m, x * m), atol=1e-3)  # the confounded placement: LoRA input masked too
+        assert torch.allclose(o.eval()(x), lora(x, x), atol=1e-6)
+        remove_attention_masking(model.train())
+        assert type(o.base_layer) is torch.nn.Linear and torch.allclose(o(x), lora(x, x), atol=1e-6)
+    # applied before the LoRA: the LoRA wraps the masked base layer, and the base branch is still the one masked
+    early = add_lora(apply_attention_masking(load_model(path), 0.4), r=4, alpha=8, targets=["o_proj"], verbose=False)
+    assert isinstance(early.model.layers[0].self_attn.o_proj.base_layer, MaskedInputLinear)
+
+
+def test_ffn_gradient_is_the_gradient_at_the_ffn_outputs(hf_checkpoint):
+    """(L, ‖∂L/∂y‖) against the definition: a perturbation δ_l added to every FFN output, L the mean cross-entropy of
+    the full logits over the positions with a target; the gradient by autograd, and its norm also as the finite
+    difference of L along the gradient's direction u (dL/dε at δ = εu is ‖∂L/∂y‖), which uses forward passes only."""
+    path, _ = hf_checkpoint("qwen2")
+    model = apply_transpeft(lora_model(path), p_intra=0.5, p_cross=0.5).train()  # measured without either
+    ids = torch.randint(0, 96, (3, 12))
+    targets = torch.randint(0, 96, (3, 12))
+    targets[:, :4] = -100
+    loss, grad_norm = ffn_gradient(model, ids, targets)
+    assert model.training  # restored
+    remove_transpeft(model).eval()
+    deltas = [torch.zeros(3, 12, 64, requires_grad=True) for _ in model.model.layers]
+    for layer, d in zip(model.model.layers, deltas):
+        layer.mlp.register_forward_hook(lambda m, args, out, d=d: out + d)
+    ref = F.cross_entropy(model(ids).flatten(0, 1), targets.flatten(), ignore_index=-100)
+    grads = torch.autograd.grad(ref, deltas)
+    norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+    assert loss == pytest.approx(ref.item(), rel=1e-5)
+    assert grad_norm == pytest.approx(norm.item(), rel=1e-4)
+
+    def loss_at(eps):
+        with torch.no_grad():
+            for d, g in zip(deltas, grads):
+                d.copy_(eps * g / norm)
+            return F.cross_entropy(model(ids).flatten(0, 1).double(), targets.flatten(), ignore_index=-100).item()
+
+    eps = 1e-2
+    assert grad_norm == pytest.approx((loss_at(eps) - loss_at(-eps)) / (2 * eps), rel=2e-2)
 
 
 def test_dropping_skips_the_whole_ffn_and_its_lora_gets_no_gradient(hf_checkpoint):
@@ -224,7 +284,8 @@ def test_analyze_command(hf_checkpoint, tmp_path):
     new, _ = hf_checkpoint("qwen2", vocab_size=512, seed=1)
     for path in (old, new):
         write_checkpoint_tokenizer(path, "qwen2")
-    r = subprocess.run([sys.executable, "transpeft.py", "analyze", "--old", str(old), "--new", str(new), "--out", str(tmp_path / "a")],
+    r = subprocess.run([sys.executable, "transpeft.py", "analyze", "--old", str(old), "--new", str(new), "--out",
+                        str(tmp_path / "a")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "attn ΔW/W" in r.stdout and " mean |" in r.stdout

@@ -128,8 +128,7 @@ def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 512, 
 
     t0 = time.time()
     completions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress,
-                           lockstep=n_proc > 1,
-                           compile=compile)
+                           lockstep=n_proc > 1, compile=compile)
     bar.close()
     done = {i: c for i, c in zip(mine, completions)}
     if n_proc > 1:

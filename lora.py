@@ -36,8 +36,7 @@ import torch
 import torch.nn as nn
 
 from model import (check_made_for, convert_internlm2, full_tensor, is_main_process, load_selected, print_trainable,
-                   read_json,
-                   read_safetensors, read_torch_file)
+                   read_json, read_safetensors, read_torch_file)
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."  # what peft puts before a module path in saved keys

@@ -279,8 +279,7 @@ def build_bases(update_seed: int = 0, force: bool = False, recipe: dict = RECIPE
             p.requires_grad = REGIMES[regime](param_name)
         r = recipe["v2"]
         loss = pretrain(model, line_stream(100 + update_seed, world["prices_v2"], world["weights"]), r["steps"],
-                        r["batch"],
-                        r["seq"], r["lr"], r["weight_decay"], f"update {name}")
+                        r["batch"], r["seq"], r["lr"], r["weight_decay"], f"update {name}")
         save_checkpoint(model, v2_path, v2_recipe)
         print(f"built {name} in {time.time() - t0:.0f}s (final loss {loss:.3f}) at {v2_path}")
     return str(v1_path), str(v2_path)
@@ -293,7 +292,7 @@ RATE = 0.1  # the released recipe's p_cross, used for every intervention so that
 # Chosen on pilot seeds 100-105, which no reported study uses: plain LoRA learned the task (source accuracy >= 0.97)
 # on 6 of 6 with this recipe, on 2 of 6 at lr 1e-2 for 200 steps (the previous recipe) and on 4 of 6 at lr 5e-3 for
 # 200 steps. Learning to copy the question's quantity comes late and suddenly; too high a rate or too few steps
-# miss it.
+# miss it. In the full study (seeds 0-15) it learned on 14 of 16 (README): better, not yet the 95% aimed at.
 LORA_RECIPE = dict(r=8, alpha=16, dropout=0.05, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
                    lr=5e-3, steps=300, warmup_ratio=0.1, batch_size=16, max_len=128, max_new_tokens=24)
 # Every arm is compared with plain LoRA on the same seeds. An arm changes the recipe by these keys: p_intra, p_cross

@@ -53,11 +53,9 @@ import toy
 from data import IGNORE_INDEX, SCORERS, collate, load_examples, next_token_targets, tokenize_dataset
 from eval import evaluate, load_for_eval
 from model import (ARCH_FIELDS, Transformer, cache_dir, is_main_process, load_config, load_model, load_tokenizer,
-                   print_trainable,
-                   read_json, read_torch_file)
+                   print_trainable, read_json, read_torch_file)
 from transpeft import (apply_attention_masking, apply_transpeft, ffn_gradient, per_layer, remove_attention_masking,
-                       remove_transpeft,
-                       reseed_drops)
+                       remove_transpeft, reseed_drops)
 
 
 
@@ -558,8 +556,7 @@ def prepare_data(source: str, tokenizer, args) -> list[dict]:
 RUN_OUTPUTS = ("args.json", "train_log.jsonl", "checkpoint.pt", "adapter", "eval-old.jsonl", "eval-new.jsonl",
                "results.json", "refit-new")
 HOW_FLAGS = ("device", "micro_batch_size", "eval_batch_size", "save_every", "stop_after", "resume", "overwrite",
-             "compile",
-             "grad_checkpointing", "out")
+             "compile", "grad_checkpointing", "out")
 
 
 def check_run_dir(out: Path, args) -> None:
@@ -685,8 +682,8 @@ def toy_lora(arm: dict, seed: int, base: str, dataset, tokenizer, run_dir: Path,
     seeded with the seed. Only the arm's own intervention differs."""
     targs = argparse.Namespace(lr=recipe["lr"], weight_decay=0.0, warmup_ratio=recipe["warmup_ratio"], grad_clip=1.0,
                                batch_size=recipe["batch_size"], micro_batch_size=recipe["batch_size"],
-                               max_steps=recipe["steps"],
-                               epochs=1, seed=seed, save_every=10**9, resume=False, stop_after=None, loss_mean="batch")
+                               max_steps=recipe["steps"], epochs=1, seed=seed, save_every=10**9, resume=False,
+                               stop_after=None, loss_mean="batch")
     torch.manual_seed(seed)
     model = load_model(base)
     lora_lib.add_lora(model, r=recipe["r"], alpha=recipe["alpha"], dropout=arm.get("lora_dropout", recipe["dropout"]),
@@ -714,8 +711,7 @@ def toy_arm(arm: dict, seed: int, old: str, updates: list[tuple], dataset, test,
             acc = evaluate(model, tokenizer, test, out_jsonl=run_dir / Path(path).name / "eval.jsonl",
                            desc=f"eval on {Path(path).name}", **ev)
             rows.append({"arm": arm["key"], "seed": seed, "regime": regime, "update_seed": u,
-                         "final_loss": log[-1]["loss"],
-                         "source": None, "transfer": acc["accuracy"]})
+                         "final_loss": log[-1]["loss"], "source": None, "transfer": acc["accuracy"]})
         return rows
     model, log = toy_lora(arm, seed, old, dataset, tokenizer, run_dir, recipe)
     own = evaluate(model, tokenizer, test, out_jsonl=run_dir / "eval-toy-v1.jsonl", desc="eval on toy-v1", **ev)
@@ -730,8 +726,7 @@ def toy_arm(arm: dict, seed: int, old: str, updates: list[tuple], dataset, test,
             loss_new = (moved(ids, targets=targets) / (targets != IGNORE_INDEX).sum()).item()
         rows.append({"arm": arm["key"], "seed": seed, "regime": regime, "update_seed": u, "final_loss": log[-1]["loss"],
                      "source": own["accuracy"], "transfer": on_new["accuracy"], "ffn_grad_norm": grad,
-                     "loss_old": loss_old,
-                     "loss_new": loss_new})
+                     "loss_old": loss_old, "loss_new": loss_new})
     return rows
 
 

@@ -198,7 +198,7 @@ def parse_rate(text) -> float | list[float]:
     return values[0] if len(values) == 1 else values
 
 
-def default_out(args) -> Path:
+def default_out(args, kind: str = "") -> Path:
     def short(name):
         return Path(str(name)).name.replace("/", "_")
 
@@ -206,7 +206,7 @@ def default_out(args) -> Path:
         return r if isinstance(r, float) else "layerwise-" + hashlib.sha1(json.dumps(r).encode()).hexdigest()[:8]
 
     rates = f"cross{rate(args.p_cross)}-intra{rate(args.p_intra)}"
-    return Path("runs") / f"{short(args.old)}-{short(args.new)}-{args.peft}-{rates}-seed{args.seed}"
+    return Path("runs") / f"{short(args.old)}-{short(args.new)}-{args.peft}{kind}-{rates}-seed{args.seed}"
 
 
 def check_compatible(old: str, new: str) -> None:
@@ -826,12 +826,11 @@ def summarize_study(rows: list[dict], arms: list[dict] | None = None, source_lab
     arms = arms or toy.ARMS
     names = {a["key"]: a["name"] for a in arms}
     present = [a["key"] for a in arms if any(r["arm"] == a["key"] for r in rows)]
-    regimes = list(dict.fromkeys(r.get("regime", "full") for r in rows))
     rows = [{**r, "regime": r.get("regime", "full")} for r in rows]
-
+    regimes = list(dict.fromkeys(r["regime"] for r in rows))
     threshold = learned
 
-    def learned(r):  # the upper bound is trained on the update itself
+    def has_learned(r):  # the upper bound is trained on the update itself
         return threshold is not None and (r["source"] is None or r["source"] >= threshold)
 
     summary: dict = {"regimes": {}, "arms": {}, "learned_threshold": threshold}
@@ -850,14 +849,14 @@ def summarize_study(rows: list[dict], arms: list[dict] | None = None, source_lab
             rs = [r for r in rr if r["arm"] == key]
             if not rs:  # (the upper bound is trained on the first update only)
                 continue
-            s = {"transfer": mean_std([r["transfer"] for r in rs]), "n_rows": len(rs)}
+            s = {"transfer": mean_std([r["transfer"] for r in rs])}
             every, learned_only = {}, {}  # seed -> its differences, one per update seed
             for r in rs:
                 p = plain.get((r["update_seed"], r["seed"]))
                 if p is None or key == "plain":
                     continue
                 every.setdefault(r["seed"], []).append(r["transfer"] - p["transfer"])
-                if learned(r) and learned(p):
+                if has_learned(r) and has_learned(p):
                     learned_only.setdefault(r["seed"], []).append(r["transfer"] - p["transfer"])
             for name, by_seed in (("itt", every), ("learned_subset", learned_only)):
                 diffs = [sum(d) / len(d) for d in by_seed.values()]
@@ -876,20 +875,21 @@ def summarize_study(rows: list[dict], arms: list[dict] | None = None, source_lab
 def bound_summary(rows: list[dict], present: list[str]) -> dict:
     """For one regime: per arm the mean FFN-output gradient norm G on toy-v1 and the mean loss gap |L_new - L_old|
     (a seed's gap averaged over the regime's update seeds), and Spearman's ρ(G, gap) over every arm's seeds."""
-    per_seed = {}  # (arm, seed) -> (G, [gaps])
+    gaps = {}  # (arm, seed) -> (G, [gap per update seed])
     for r in rows:
         if r.get("ffn_grad_norm") is not None:
-            per_seed.setdefault((r["arm"], r["seed"]), (r["ffn_grad_norm"],
-                                                        []))[1].append(abs(r["loss_new"] - r["loss_old"]))
-    points = [(g, sum(gaps) / len(gaps)) for g, gaps in per_seed.values()]
+            gap = abs(r["loss_new"] - r["loss_old"])
+            gaps.setdefault((r["arm"], r["seed"]), (r["ffn_grad_norm"], []))[1].append(gap)
+    points = {key: (g, sum(gs) / len(gs)) for key, (g, gs) in gaps.items()}  # (arm, seed) -> (G, mean gap)
     out = {"arms": {}}
     for key in present:
-        pts = [(g, sum(gaps) / len(gaps)) for (a, _), (g, gaps) in per_seed.items() if a == key]
+        pts = [pt for (a, _), pt in points.items() if a == key]
         if pts:
             out["arms"][key] = {"grad_norm": sum(p[0] for p in pts) / len(pts),
                                 "loss_gap": sum(p[1] for p in pts) / len(pts)}
     if len(points) > 2:
-        out["spearman"], out["n"] = spearman([p[0] for p in points], [p[1] for p in points]), len(points)
+        g, gap = zip(*points.values())
+        out["spearman"], out["n"] = spearman(list(g), list(gap)), len(points)
     return out
 
 
@@ -1047,8 +1047,7 @@ def run_arms(args) -> dict:
     if unknown := set(args.arms) - set(REAL_ARMS):
         raise ValueError(f"Unknown arm(s) {', '.join(sorted(unknown))} for real bases: choose from "
                          f"{', '.join(REAL_ARMS)}.")
-    single = default_out(args)
-    out = Path(args.out) if args.out else single.with_name(single.name.replace("-cross", "-arms-cross"))
+    out = Path(args.out) if args.out else default_out(args, kind="-arms")
     rows = []
     for seed in range(args.seed, args.seed + (args.seeds or 1)):
         for key in args.arms:

@@ -289,12 +289,12 @@ def build_bases(update_seed: int = 0, force: bool = False, recipe: dict = RECIPE
 # The study: which training makes a LoRA trained on toy-v1 keep working on toy-v2?
 
 RATE = 0.1  # the released recipe's p_cross, used for every intervention so that the arms are comparable
-# Chosen on pilot seeds 100-105, which no reported study uses: plain LoRA learned the task (source accuracy >= 0.97)
-# on 6 of 6 with this recipe, on 2 of 6 at lr 1e-2 for 200 steps (the previous recipe) and on 4 of 6 at lr 5e-3 for
-# 200 steps. Learning to copy the question's quantity comes late and suddenly; too high a rate or too few steps
-# miss it. In the full study (seeds 0-15) it learned on 14 of 16 (README): better, not yet the 95% aimed at.
+# Chosen on pilot seeds 100-111, which no reported study uses, for plain LoRA to learn the task (source accuracy
+# >= 0.9) on every seed: it did on 12 of 12 with this recipe (source >= 0.96), on 9 of 12 with 300 steps, and on
+# seeds 100-105 on 2 of 6 at lr 1e-2 for 200 steps and 4 of 6 at lr 5e-3 for 200 steps. Learning to copy the
+# question's quantity comes late and suddenly; too high a rate or too few steps miss it.
 LORA_RECIPE = dict(r=8, alpha=16, dropout=0.05, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
-                   lr=5e-3, steps=300, warmup_ratio=0.1, batch_size=16, max_len=128, max_new_tokens=24)
+                   lr=5e-3, steps=500, warmup_ratio=0.1, batch_size=16, max_len=128, max_new_tokens=24)
 # Every arm is compared with plain LoRA on the same seeds. An arm changes the recipe by these keys: p_intra, p_cross
 # (Trans-PEFT), p_attn (control A, transpeft.apply_attention_masking), lora_dropout, targets, train_on="new".
 ARMS = [
@@ -304,7 +304,6 @@ ARMS = [
     dict(key="both", name="Trans-PEFT masking + dropping", p_intra=RATE, p_cross=RATE),
     dict(key="attn_mask", name=f"control A: masking attention ({RATE})", p_attn=RATE),
     dict(key="lora_dropout", name="control B: LoRA dropout 0.3", lora_dropout=0.3),
-    dict(key="ffn_lora", name="plain LoRA on the FFN (gate, up, down)", targets=("gate_proj", "up_proj", "down_proj")),
     dict(key="refit", name="upper bound: LoRA trained on the update", train_on="new"),  # on the first update only
 ]
 

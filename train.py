@@ -821,6 +821,10 @@ def summarize_study(rows: list[dict], arms: list[dict] | None = None, source_lab
     trained modules, so the independent samples are the seeds: a seed's differences are averaged over the regime's
     update seeds, and n is the number of seeds. 95% intervals from the t distribution; p from the sign-flip test,
     Holm-adjusted over every arm × regime comparison.
+    Then, where both the FFN-only and the attention-only update were run, the regime contrast: the paper's own
+    prediction is that Trans-PEFT's gain depends on what the update moved, so per arm and seed
+    c = Δ(ffn update) − Δ(attn update), with its t interval and sign-flip p, Holm-adjusted over the arms (a family of
+    its own): c > 0 for the FFN interventions, c < 0 for control A, if the paper's account is the one at work.
     Then the paper's bound: per arm the FFN-output gradient norm G on toy-v1 and the loss gap per regime, with
     Spearman's rank correlation of the two over arms × seeds."""
     arms = arms or toy.ARMS
@@ -841,6 +845,7 @@ def summarize_study(rows: list[dict], arms: list[dict] | None = None, source_lab
                                             if src and threshold is not None else None),
                                 "source": mean_std(list(src.values())) if src else None}
     tests = []  # (regime, arm, p) of every primary comparison, for Holm
+    gains = {}  # (regime, arm) -> {seed: its difference from plain LoRA, averaged over the regime's update seeds}
     for regime in regimes:
         rr = [r for r in rows if r["regime"] == regime]
         plain = {(r["update_seed"], r["seed"]): r for r in rr if r["arm"] == "plain"}
@@ -862,6 +867,8 @@ def summarize_study(rows: list[dict], arms: list[dict] | None = None, source_lab
                 diffs = [sum(d) / len(d) for d in by_seed.values()]
                 if len(diffs) > 1:
                     s[name] = paired_interval(diffs)
+                if name == "itt":
+                    gains[regime, key] = dict(zip(by_seed, diffs))
             if "itt" in s:
                 tests.append((regime, key, s["itt"]["p"]))
             per_arm[key] = s
@@ -869,6 +876,15 @@ def summarize_study(rows: list[dict], arms: list[dict] | None = None, source_lab
     for (regime, key, _), adj in zip(tests, holm([t[2] for t in tests])):
         summary["regimes"][regime]["arms"][key]["itt"]["p_holm"] = adj
     summary["comparisons"] = len(tests)
+    contrast = {}
+    for key in present:
+        ffn, attn = gains.get(("ffn", key), {}), gains.get(("attn", key), {})
+        c = [ffn[seed] - attn[seed] for seed in ffn if seed in attn]
+        if len(c) > 1:
+            contrast[key] = paired_interval(c)
+    for key, adj in zip(contrast, holm([c["p"] for c in contrast.values()])):
+        contrast[key]["p_holm"] = adj
+    summary["regime_contrast"] = contrast
     return format_study(summary, names, present, regimes, source_label), summary
 
 
@@ -929,6 +945,11 @@ def format_study(summary: dict, names: dict, present: list[str], regimes: list[s
             c = summary["regimes"][regime]["arms"].get(key, {}).get("learned_subset")
             cells.append(f"{delta(c)} (n {c['n']})" if c else "")
         lines.append(f"{names[key]:<{w}}  " + "  ".join(f"{c:<{cell}}" for c in cells))
+    if summary["regime_contrast"]:
+        lines += ["", "regime contrast: the gain over plain LoRA under the FFN-only update minus that under the "
+                  "attention-only update, per seed (95% t interval, sign-flip p Holm-adjusted over the arms); the "
+                  "paper's account predicts > 0 for the FFN interventions and < 0 for control A"]
+        lines += [f"{names[key]:<{w}}  {delta(c)}" for key, c in summary["regime_contrast"].items()]
     if any(summary["regimes"][regime]["bound"]["arms"] for regime in regimes):
         lines += ["", "the paper's bound: G = ‖∂L/∂(FFN outputs)‖ on toy-v1 and the loss gap |L(update) − L(toy-v1)|, "
                   "test questions, module attached, means over seeds",
@@ -943,6 +964,11 @@ def format_study(summary: dict, names: dict, present: list[str], regimes: list[s
     lines.append("")
     for regime in regimes:
         lines.append(verdict(regime, summary["regimes"][regime], names))
+    if summary["regime_contrast"]:
+        beyond = [f"{names[k]} {c['mean']:+.2f}" for k, c in summary["regime_contrast"].items() if c["p_holm"] < 0.05]
+        lines.append("regime contrast (ffn − attn): " + ("beyond noise: " + "; ".join(beyond) if beyond else
+                     "no arm's gain depends on what the update moved beyond noise") + " (the paper's account predicts "
+                     "> 0 for masking and dropping, < 0 for control A).")
     return "\n".join(lines)
 
 

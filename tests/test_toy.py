@@ -144,6 +144,25 @@ def test_study_summary_is_per_regime_with_holm_over_every_comparison():
     assert (attn["p"], attn["p_holm"]) == (pytest.approx(1.0), pytest.approx(1.0))
 
 
+def test_regime_contrast_by_hand():
+    """The paper's prediction as one number per arm and seed: c = Δ(ffn update) − Δ(attn update). dropping: Δffn 0.3,
+    0.2, 0.4 and Δattn 0.0, 0.1, −0.1, so c = 0.3, 0.1, 0.5: mean 0.3, std 0.2, t(0.975, 2) = 4.303; of the 8 sign
+    patterns only all-plus and all-minus reach |mean| 0.3, p = 2/8. Control A: c = 0 on every seed, p = 1. Holm over
+    the two arms: 2 * 0.25, then 1."""
+    rows = rows_for([(0.2, 0.5, 1.0), (0.2, 0.4, 1.0), (0.2, 0.6, 1.0)], arm="drop", regime="ffn")
+    rows += rows_for([(0.5, 0.5, 1.0), (0.5, 0.6, 1.0), (0.5, 0.4, 1.0)], arm="drop", regime="attn")
+    rows += [r for r in rows_for([(0.2, 0.2, 1.0)] * 3, arm="attn_mask", regime="ffn") if r["arm"] != "plain"]
+    rows += [r for r in rows_for([(0.5, 0.5, 1.0)] * 3, arm="attn_mask", regime="attn") if r["arm"] != "plain"]
+    table, summary = train.summarize_study(rows)
+    drop, control = summary["regime_contrast"]["drop"], summary["regime_contrast"]["attn_mask"]
+    assert drop["n"] == 3 and drop["mean"] == pytest.approx(0.3) and drop["std"] == pytest.approx(0.2)
+    assert drop["ci95"] == pytest.approx(4.303 * 0.2 / 3**0.5)
+    assert (drop["p"], drop["p_holm"]) == (pytest.approx(0.25), pytest.approx(0.5))
+    assert (control["mean"], control["p"], control["p_holm"]) == (pytest.approx(0.0), pytest.approx(1.0), pytest.approx(1.0))
+    assert "plain" not in summary["regime_contrast"] and "regime contrast" in table
+    assert train.summarize_study(rows_for([(0.2, 0.5, 1.0), (0.4, 0.5, 1.0)]))[1]["regime_contrast"] == {}  # full only
+
+
 def test_sign_flip_holm_and_spearman_by_hand():
     assert train.sign_flip_p([0.1, 0.2, 0.3]) == pytest.approx(2 / 8)  # only all-plus and all-minus reach |mean| 0.2
     assert train.sign_flip_p([0.1, -0.1]) == pytest.approx(1.0)

@@ -37,12 +37,13 @@ from data import (SCORERS, STOP_STRINGS, eval_prompt, extract_answer_with_rule, 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, batch_size: int = 16,
              stop_strings: list[str] = STOP_STRINGS, progress=None, lockstep: bool = False,
-             compile: bool = False) -> list[str]:
+             compile: bool = False, lookahead: bool | None = None) -> list[str]:
     """Greedy completions of prompts (text after the prompt, cut before the first stop string).
     lockstep: stop a batch only when every process's batch is done (processes must call this with as many prompts).
     compile: run the one-token steps through torch.compile, on a static KV cache (model.KVCache) of one length for
         every batch (the longest prompt + max_new_tokens), so that each batch size compiles once. The first batch
-        pays the compilation (10-20 s on a CPU); benchmarks/NOTES.md has what it gives."""
+        pays the compilation (10-20 s on a CPU); benchmarks/NOTES.md has what it gives.
+    lookahead: queue each next step before the host reads the current tokens (default: on CUDA; same completions)."""
     model.eval()
     device = model.lm_head.weight.device
     encoded = [tokenizer.encode(p) for p in prompts]
@@ -71,8 +72,15 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, ba
         n = T  # positions in the cache
         generated = [[] for _ in range(B)]
         done = [False] * B
-        for _ in range(max_new_tokens):
+        # With lookahead the next step is queued before the host reads this step's tokens (.tolist() waits for the
+        # device): a GPU computes while the host checks stop strings, at the price of one unused step per batch.
+        ahead = device.type == "cuda" if lookahead is None else lookahead
+        for k in range(max_new_tokens):
             next_ids = logits.argmax(-1)  # (B,)
+            more = k + 1 < max_new_tokens  # the cache holds max_new_tokens - 1 more steps after the prefill's
+            if ahead and more:
+                n += 1
+                logits = step(next_ids[:, None], attention_mask=visible(n), cache=cache)[:, -1]
             for b, t in enumerate(next_ids.tolist()):
                 if done[b]:
                     continue
@@ -88,10 +96,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, ba
                 flag = torch.tensor([0 if finished else 1], device=device)
                 dist.all_reduce(flag)
                 finished = flag.item() == 0
-            if finished:
+            if finished or not more:
                 break
-            n += 1
-            logits = step(next_ids[:, None], attention_mask=visible(n), cache=cache)[:, -1]
+            if not ahead:
+                n += 1
+                logits = step(next_ids[:, None], attention_mask=visible(n), cache=cache)[:, -1]
         for b, i in enumerate(rows):
             text = tokenizer.decode(generated[b])
             cut = min([text.find(s) for s in stop_strings if s in text], default=len(text))

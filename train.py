@@ -102,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--arms",
                    help="the study's arms, comma-separated: with --old/--new any of plain (direct transfer), transpeft "
                    "(the rates given), refit (trained on --new), one run each and the paper's table; for the toy study "
-                   "a subset of toy.ARMS (default all)")
+                   "a subset of toy.ARMS or all (default: all but mask and refit)")
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N examples only")
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=1024)
@@ -486,9 +486,11 @@ def train(model, dataset: list[dict], args, run_dir: Path, pad_id: int, desc: st
             totals = torch.stack([loss_sum.double(), torch.tensor(float(n_tokens), dtype=torch.float64, device=device)])
             dist.all_reduce(totals)
             loss_sum, n_tokens = totals[0], int(totals[1].item())
-        loss_sum = float(loss_sum)  # the step's one host-device sync for the loss
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        # the step's one host-device sync: the loss and the gradient norm together (float64 holds both exactly)
+        loss_sum, grad_norm = torch.stack([torch.as_tensor(loss_sum, dtype=torch.float64, device=device),
+                                           grad_norm.double()]).tolist()
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
             bar.close()
             kept = (f"the last good checkpoint (step {last_saved}) is {ckpt_path}" if last_saved
@@ -999,10 +1001,11 @@ def run_toy_study(args) -> dict:
         base_recipe = {"v1": {**toy.RECIPE["v1"], "steps": 30}, "v2": {**toy.RECIPE["v2"], "steps": 10}}
         root = cache_dir() / "quick"  # beside, not over, the real bases
         recipe.update(steps=6)
-    arms = [a for a in toy.ARMS if a["key"] in args.arms] if args.arms else toy.ARMS
-    if args.arms and (unknown := set(args.arms) - {a["key"] for a in toy.ARMS}):
-        raise ValueError(f"Unknown toy arm(s) {', '.join(sorted(unknown))}: choose from "
-                         f"{', '.join(a['key'] for a in toy.ARMS)}.")
+    keys = [a["key"] for a in toy.ARMS]
+    if args.arms and (unknown := set(args.arms) - set(keys) - {"all"}):
+        raise ValueError(f"Unknown toy arm(s) {', '.join(sorted(unknown))}: choose from {', '.join(keys)}, or all.")
+    wanted = keys if "all" in (args.arms or []) else args.arms or [a["key"] for a in toy.ARMS if not a.get("on_request")]
+    arms = [a for a in toy.ARMS if a["key"] in wanted]
     if arms[0]["key"] != "plain":
         raise ValueError("The toy study compares every arm with plain LoRA: --arms must include plain.")
     out = toy_out(args)

@@ -68,7 +68,7 @@ def test_an_update_regime_changes_its_parts_only_byte_for_byte(tmp_path, regime,
 @pytest.mark.slow
 def test_reduced_toy_study_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSPEFT_CACHE", str(tmp_path / "cache"))
-    train.main(["--quick", "--seeds", "2", "--out", str(tmp_path / "study")])
+    train.main(["--quick", "--seeds", "2", "--arms", "all", "--out", str(tmp_path / "study")])
     results = json.loads((tmp_path / "study" / "results.json").read_text())
     regimes = ["full", "ffn", "attn"]
     # every arm of every seed, on every update; the upper bound trained on the first update itself
@@ -90,6 +90,12 @@ def test_reduced_toy_study_end_to_end(tmp_path, monkeypatch):
     assert (tmp_path / "study" / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="already holds a finished study"):
         train.main(["--quick", "--seeds", "2", "--out", str(tmp_path / "study")])
+    # without --arms: every arm but the two run on request only (masking alone and the upper bound)
+    train.main(["--quick", "--seeds", "1", "--out", str(tmp_path / "default")])
+    results = json.loads((tmp_path / "default" / "results.json").read_text())
+    assert [a["key"] for a in results["arms"]] == ["plain", "drop", "both", "attn_mask", "lora_dropout"]
+    with pytest.raises(SystemExit, match="Unknown toy arm"):
+        train.main(["--quick", "--arms", "plain,upper", "--out", str(tmp_path / "bad")])
 
 
 def rows_for(pairs, arm="mask", regime="full", update=0):

@@ -120,6 +120,21 @@ def test_batched_decoding_equals_one_prompt_at_a_time(world):
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
 
 
+def test_lookahead_decoding_gives_the_same_completions(world):
+    """lookahead (the default on CUDA) queues each next step before the host reads the current tokens: the same
+    completions, with and without a stop string that cuts them, and the KV cache (prompt + max_new_tokens) suffices."""
+    model, tok = lora_model(world)
+    prompts = [eval_prompt(q) for q, _ in QUESTIONS] + ["Short one"]
+    for stops in ([], None):
+        if stops is None:  # a stop string taken from a completion, so that it cuts some of them early
+            full = generate(model, tok, prompts, max_new_tokens=10, batch_size=2, stop_strings=[])
+            stops = [next(c for c in full if len(c) > 6)[3:5]]
+        plain = generate(model, tok, prompts, max_new_tokens=10, batch_size=2, stop_strings=stops, lookahead=False)
+        ahead = generate(model, tok, prompts, max_new_tokens=10, batch_size=2, stop_strings=stops, lookahead=True)
+        assert ahead == plain and any(plain)
+    assert any(len(c) < len(f) for c, f in zip(plain, full))  # the stop string did cut
+
+
 def expect_exit(argv, message):
     with pytest.raises(SystemExit) as e:
         train.main(argv)

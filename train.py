@@ -1004,7 +1004,8 @@ def run_toy_study(args) -> dict:
     keys = [a["key"] for a in toy.ARMS]
     if args.arms and (unknown := set(args.arms) - set(keys) - {"all"}):
         raise ValueError(f"Unknown toy arm(s) {', '.join(sorted(unknown))}: choose from {', '.join(keys)}, or all.")
-    wanted = keys if "all" in (args.arms or []) else args.arms or [a["key"] for a in toy.ARMS if not a.get("on_request")]
+    default = [a["key"] for a in toy.ARMS if not a.get("on_request")]
+    wanted = keys if "all" in (args.arms or []) else args.arms or default
     arms = [a for a in toy.ARMS if a["key"] in wanted]
     if arms[0]["key"] != "plain":
         raise ValueError("The toy study compares every arm with plain LoRA: --arms must include plain.")

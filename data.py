@@ -267,8 +267,8 @@ def official_prediction(completion: str) -> int | None:
     """The official scorer's number (math_infer/gsm8k_infer.py, extract_answer_number), rule for rule: the first
     OFFICIAL_NUMBER in the text after the LAST "The answer is: " (stripped), commas removed, rounded to an integer
     with Python's round (half to even, so ".5" is 0); "a/b" is round(a / b), or round(a) where b is "0". None (wrong)
-    when the phrase or a number is missing. One difference: "a/00" crashes the official script (ZeroDivisionError);
-    here it is None."""
+    when the phrase or a number is missing. Differences: "a/00" crashes the official script (ZeroDivisionError),
+    here it is None; and its Fraction is the PyPI package `fraction`'s, here the standard library's."""
     parts = completion.split("The answer is: ")
     if len(parts) < 2:
         return None

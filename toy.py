@@ -226,9 +226,7 @@ REGIMES = {"full": lambda name: True,
            "attn": lambda name: ".self_attn." in name}  # q, k, v (and their biases), o projections
 
 
-def base_name(version: str, update_seed: int = 0, regime: str = "full") -> str:
-    if version == "v1":
-        return "toy-v1"
+def update_name(update_seed: int = 0, regime: str = "full") -> str:
     if regime == "full":
         return "toy-v2" if update_seed == 0 else f"toy-v2-u{update_seed}"
     return f"toy-v2-{regime}-u{update_seed}"
@@ -268,7 +266,7 @@ def build_bases(update_seed: int = 0, force: bool = False, recipe: dict = RECIPE
         save_checkpoint(model, v1_path, v1_recipe)
         print(f"built toy-v1 in {time.time() - t0:.0f}s (final loss {loss:.3f}) at {v1_path}")
 
-    name = base_name("v2", update_seed, regime)
+    name = update_name(update_seed, regime)
     v2_path = root / name
     v2_recipe = {**recipe["v2"], "update_seed": update_seed, "regime": regime, "from": v1_recipe}
     if force or not _is_built(v2_path, v2_recipe):
@@ -296,7 +294,7 @@ RATE = 0.1  # the released recipe's p_cross, used for every intervention so that
 LORA_RECIPE = dict(r=8, alpha=16, dropout=0.05, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
                    lr=5e-3, steps=500, warmup_ratio=0.1, batch_size=16, max_len=128, max_new_tokens=24)
 # Every arm is compared with plain LoRA on the same seeds. An arm changes the recipe by these keys: p_intra, p_cross
-# (Trans-PEFT), p_attn (control A, transpeft.apply_attention_masking), lora_dropout, targets, train_on="new".
+# (Trans-PEFT), p_attn (control A, transpeft.apply_attention_masking), lora_dropout, train_on="new".
 # Two arms run on request only (--arms all, as in the full study), so that the default fits 10 minutes: masking
 # alone (the released recipe drops only; masking + dropping contains it) and the upper bound (a training per seed).
 ARMS = [

@@ -488,7 +488,7 @@ def train(model, dataset: list[dict], args, run_dir: Path, pad_id: int, desc: st
             loss_sum, n_tokens = totals[0], int(totals[1].item())
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        # the step's one host-device sync: the loss and the gradient norm together (float64 holds both exactly)
+        # one host-device sync for the loss and the gradient norm together (float64 holds both exactly)
         loss_sum, grad_norm = torch.stack([torch.as_tensor(loss_sum, dtype=torch.float64, device=device),
                                            grad_norm.double()]).tolist()
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
@@ -689,7 +689,7 @@ def toy_lora(arm: dict, seed: int, base: str, dataset, tokenizer, run_dir: Path,
     torch.manual_seed(seed)
     model = load_model(base)
     lora_lib.add_lora(model, r=recipe["r"], alpha=recipe["alpha"], dropout=arm.get("lora_dropout", recipe["dropout"]),
-                      targets=list(arm.get("targets", recipe["targets"])), verbose=False)
+                      targets=list(recipe["targets"]), verbose=False)
     rates = {k: arm[k] for k in ("p_intra", "p_cross", "p_attn") if k in arm}
     with interventions(model, **rates, seed=seed):
         log = train(model, dataset, targs, run_dir, tokenizer.pad_token_id,
@@ -832,7 +832,6 @@ def summarize_study(rows: list[dict], arms: list[dict] | None = None, source_lab
     arms = arms or toy.ARMS
     names = {a["key"]: a["name"] for a in arms}
     present = [a["key"] for a in arms if any(r["arm"] == a["key"] for r in rows)]
-    rows = [{**r, "regime": r.get("regime", "full")} for r in rows]
     regimes = list(dict.fromkeys(r["regime"] for r in rows))
     threshold = learned
 

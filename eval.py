@@ -37,12 +37,14 @@ from data import (SCORERS, STOP_STRINGS, eval_prompt, extract_answer_with_rule, 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, batch_size: int = 16,
              stop_strings: list[str] = STOP_STRINGS, progress=None, lockstep: bool = False,
-             compile: bool = False, lookahead: bool | None = None) -> list[str]:
+             compile: bool = False, lookahead: bool | None = None, cuda_graphs: bool | None = None) -> list[str]:
     """Greedy completions of prompts (text after the prompt, cut before the first stop string).
     lockstep: stop a batch only when every process's batch is done (processes must call this with as many prompts).
     compile: run the one-token steps through torch.compile, on a static KV cache (model.KVCache) of one length for
         every batch (the longest prompt + max_new_tokens), so that each batch size compiles once. The first batch
         pays the compilation (10-20 s on a CPU); benchmarks/NOTES.md has what it gives.
+    cuda_graphs: with compile, replay each step as a CUDA graph (torch.compile's mode "reduce-overhead"): one launch
+        per token instead of one per kernel. Default: on CUDA.
     lookahead: queue each next step before the host reads the current tokens (default: on CUDA; same completions)."""
     model.eval()
     device = model.lm_head.weight.device
@@ -50,8 +52,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, ba
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     completions: list[str] = [""] * len(prompts)
     longest_stop = max((len(s) for s in stop_strings), default=0)
-    step = torch.compile(model, dynamic=False) if compile else model
+    graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+    step = torch.compile(model, dynamic=False, mode="reduce-overhead" if graphs else None) if compile else model
     static_len = max(map(len, encoded), default=0) + max_new_tokens  # a static cache's length, the same for every batch
+    static_caches = {}  # batch size -> its static cache, reused by every batch of that size: a CUDA graph reads and
+    # writes the cache at the addresses it was recorded with
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         B, T = len(rows), max(len(encoded[i]) for i in rows)
@@ -67,7 +72,13 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, ba
         def visible(n):  # the attention mask for n positions; a static cache always gets all its slots (one graph)
             return mask if compile else mask[:, :n] if padded else None
 
-        cache = model.new_cache(B, max_len, static=compile)
+        if not compile:
+            cache = model.new_cache(B, max_len)
+        elif B in static_caches:
+            cache = static_caches[B]
+            cache.reset()
+        else:
+            cache = static_caches[B] = model.new_cache(B, max_len, static=True)
         logits = model(ids, attention_mask=visible(T), cache=cache, last_only=True)[:, -1]  # (B, V) prefill
         n = T  # positions in the cache
         generated = [[] for _ in range(B)]
@@ -218,7 +229,7 @@ def check_writable(path: Path) -> None:
 def main(argv=None) -> None:
     import argparse
 
-    from model import load_tokenizer
+    from model import check_device, load_tokenizer
 
     p = argparse.ArgumentParser(description="GSM8K exact match of a base model, with or without an adapter.")
     p.add_argument("--model", required=True, help="alias, local checkpoint directory or hub repo id of the base")
@@ -234,8 +245,8 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="per-example jsonl (default: beside the adapter, or eval.jsonl)")
     p.add_argument("--compile", action="store_true",
-                   help="decode with a static KV cache and the step compiled by torch.compile (the first batch "
-                        "compiles)")
+                   help="decode with a static KV cache and the step compiled by torch.compile, replayed as a CUDA "
+                        "graph on CUDA (the first batch of each size compiles)")
     p.add_argument("--scorer", choices=SCORERS, default="official",
                    help="official: Trans-PEFT's GSM8K rule; lenient: ours (see data.is_correct)")
     p.add_argument("--eval-merged", "--merged", dest="eval_merged", action="store_true",
@@ -246,6 +257,10 @@ def main(argv=None) -> None:
     for name in ("eval_limit", "eval_batch_size", "max_new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be a positive number")
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
     default = Path(args.adapter) / f"eval-{Path(str(args.model)).name}.jsonl" if args.adapter else "eval.jsonl"
     out = Path(args.out or default)
     try:

@@ -226,6 +226,15 @@ class KVCache:
         self.length = 0
         self.static = static
         self.slot = torch.zeros((), dtype=torch.long, device=device)
+        if static:  # CUDA graphs may then update these tensors in place at fixed addresses (torch.compile's cudagraphs)
+            for t in (*self.k, *self.v, self.slot):
+                torch._dynamo.mark_static_address(t)
+
+    def reset(self):
+        """Empty the cache for another batch of the same size. Old keys and values may stay: every query attends
+        only to slots written since (causal mask), and a static cache keeps its tensors' addresses."""
+        self.length = 0
+        self.slot.zero_()
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, K, T, D) at the current position; return all keys/values so far (B, K, S, D), or all
@@ -261,11 +270,20 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
         # mask None: plain causal attention over this call's tokens (no cache, or a cache still empty);
-        # else a boolean (B, 1, T, S) mask, True = may attend. enable_gqa lets query head h read kv head
-        # h // (H/K) without materialising repeated keys (HF's repeat_kv gives the same pairing).
-        causal = mask is None and k.shape[2] == T
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.n_kv != self.n_heads)
+        # else a boolean (B, 1, T, S) mask, True = may attend. Query head h reads kv head h // G, G = H/K
+        # (HF's repeat_kv gives the same pairing).
+        G = self.n_heads // self.n_kv
+        if mask is not None and G > 1:
+            # SDPA takes enable_gqa with a mask only in its math kernel on CUDA, which copies every kv head G times
+            # and computes in float32 (flash, which reads the kv heads in place, takes no mask). Instead the G query
+            # heads of kv head k become G blocks of T query rows of head k: plain attention over K heads, with the
+            # mask's rows repeated per block. Padded batches and every step of a static cache come this way.
+            q = q.reshape(B, self.n_kv, G * T, self.head_dim)  # (B, K, G*T, D): row g*T + t is head k*G + g, token t
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, G, 1))  # mask (B, 1, G*T, S)
+            y = y.view(B, self.n_heads, T, self.head_dim)  # (B, H, T, D)
+        else:  # enable_gqa: query head h reads kv head h // G in place
+            causal = mask is None and k.shape[2] == T
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=G > 1)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
 
@@ -687,6 +705,20 @@ def load_config(name_or_path: str | os.PathLike) -> ModelConfig:
         return ModelConfig.from_hf(hf)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+
+
+def check_device(name: str) -> torch.device:
+    """torch.device(name), or a ValueError that says what is wrong with it (before any work starts)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name} is not a device torch knows: use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}, but this torch sees no CUDA device: run on a GPU machine with a CUDA "
+                         "build of torch, or pass --device cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}, but there are only {torch.cuda.device_count()} CUDA devices.")
+    return device
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None,

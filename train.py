@@ -52,8 +52,8 @@ import lora as lora_lib
 import toy
 from data import IGNORE_INDEX, SCORERS, collate, load_examples, next_token_targets, tokenize_dataset
 from eval import evaluate, load_for_eval
-from model import (ARCH_FIELDS, Transformer, cache_dir, is_main_process, load_config, load_model, load_tokenizer,
-                   print_trainable, read_json, read_torch_file)
+from model import (ARCH_FIELDS, Transformer, cache_dir, check_device, is_main_process, load_config, load_model,
+                   load_tokenizer, print_trainable, read_json, read_torch_file)
 from transpeft import (apply_attention_masking, apply_transpeft, ffn_gradient, per_layer, remove_attention_masking,
                        remove_transpeft, reseed_drops)
 
@@ -130,14 +130,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--stop-after", type=int,
                    help="stop after this step with a checkpoint, to --resume later (e.g. time-limited jobs)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", help="default: cuda where there is one, else cpu; the toy study: cpu (where its "
+                   "README figures were measured)")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the base across processes with FSDP2 (else DDP)")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each layer's activations in backward: less memory, one more forward pass")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer for training (the first step compiles), "
-                   "and the decoding step of single-process evaluations (its first batch compiles)")
+                   "and the decoding step of single-process evaluations (its first batch compiles; on CUDA each step "
+                   "is then replayed as a CUDA graph)")
     toy_flags = p.add_argument_group("the toy study (no --old/--new); its recipe is toy.LORA_RECIPE")
     toy_flags.add_argument("--seeds", type=int,
                            help="paired seeds per arm (toy study: seeds 0..N-1, default 2; with --arms: from --seed, "
@@ -158,6 +160,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.epochs <= 0:
         p.error("--epochs must be positive")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() and args.old is not None else "cpu"
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
     if not 0 <= args.warmup_ratio < 1:
         p.error("--warmup-ratio must be in [0, 1)")
     try:
@@ -676,7 +684,7 @@ def run_experiment(args, train_on_new: bool = False) -> dict:
 # comparison on real bases with the same summary.
 
 
-def toy_lora(arm: dict, seed: int, base: str, dataset, tokenizer, run_dir: Path, recipe: dict):
+def toy_lora(arm: dict, seed: int, base: str, dataset, tokenizer, run_dir: Path, recipe: dict, device="cpu"):
     """One arm's LoRA for one seed, trained on base and saved to run_dir/adapter; returns (model, log).
 
     Pairing: every arm of a seed starts from the same LoRA initialisation (torch.manual_seed(seed) right before
@@ -687,7 +695,7 @@ def toy_lora(arm: dict, seed: int, base: str, dataset, tokenizer, run_dir: Path,
                                max_steps=recipe["steps"], epochs=1, seed=seed, save_every=10**9, resume=False,
                                stop_after=None, loss_mean="batch")
     torch.manual_seed(seed)
-    model = load_model(base)
+    model = load_model(base, device=device)
     lora_lib.add_lora(model, r=recipe["r"], alpha=recipe["alpha"], dropout=arm.get("lora_dropout", recipe["dropout"]),
                       targets=list(recipe["targets"]), verbose=False)
     rates = {k: arm[k] for k in ("p_intra", "p_cross", "p_attn") if k in arm}
@@ -699,7 +707,7 @@ def toy_lora(arm: dict, seed: int, base: str, dataset, tokenizer, run_dir: Path,
 
 
 def toy_arm(arm: dict, seed: int, old: str, updates: list[tuple], dataset, test, test_batch, tokenizer, run_dir: Path,
-            recipe: dict) -> list[dict]:
+            recipe: dict, device="cpu") -> list[dict]:
     """Train one arm for one seed on toy-v1 and evaluate it there (source) and, unchanged, on every update (transfer),
     with both sides of the paper's bound (transpeft.ffn_gradient) on the test questions; one row per update.
     updates: (regime, update seed, directory). The upper bound (train_on="new") is trained on each of `updates`
@@ -709,18 +717,18 @@ def toy_arm(arm: dict, seed: int, old: str, updates: list[tuple], dataset, test,
     if arm.get("train_on") == "new":
         rows = []
         for regime, u, path in updates:
-            model, log = toy_lora(arm, seed, path, dataset, tokenizer, run_dir / Path(path).name, recipe)
+            model, log = toy_lora(arm, seed, path, dataset, tokenizer, run_dir / Path(path).name, recipe, device)
             acc = evaluate(model, tokenizer, test, out_jsonl=run_dir / Path(path).name / "eval.jsonl",
                            desc=f"eval on {Path(path).name}", **ev)
             rows.append({"arm": arm["key"], "seed": seed, "regime": regime, "update_seed": u,
                          "final_loss": log[-1]["loss"], "source": None, "transfer": acc["accuracy"]})
         return rows
-    model, log = toy_lora(arm, seed, old, dataset, tokenizer, run_dir, recipe)
+    model, log = toy_lora(arm, seed, old, dataset, tokenizer, run_dir, recipe, device)
     own = evaluate(model, tokenizer, test, out_jsonl=run_dir / "eval-toy-v1.jsonl", desc="eval on toy-v1", **ev)
     loss_old, grad = ffn_gradient(model, ids, targets)
     rows = []
     for regime, u, path in updates:
-        moved = lora_lib.load_lora(load_model(path), run_dir / "adapter")
+        moved = lora_lib.load_lora(load_model(path, device=device), run_dir / "adapter")
         name = Path(path).name
         on_new = evaluate(moved, tokenizer, test, out_jsonl=run_dir / f"eval-{name}.jsonl", desc=f"eval on {name}",
                           **ev)
@@ -1033,7 +1041,7 @@ def run_toy_study(args) -> dict:
     dataset, _ = tokenize_dataset(train_examples, tokenizer, recipe["max_len"], prompt_fn=toy.train_prompt)
     scored, _ = tokenize_dataset(test, tokenizer, recipe["max_len"], prompt_fn=toy.train_prompt)  # for the losses
     ids, labels = collate(scored, tokenizer.pad_token_id)
-    test_batch = (ids, next_token_targets(labels))
+    test_batch = (ids.to(args.device), next_token_targets(labels).to(args.device))
 
     rows = []
     for seed in range(args.seeds):
@@ -1041,7 +1049,7 @@ def run_toy_study(args) -> dict:
             t0 = time.time()
             on = updates[:1] if arm.get("train_on") == "new" else updates  # the upper bound: on the first update only
             new_rows = toy_arm(arm, seed, old, on, dataset, test, test_batch, tokenizer,
-                               out / f"seed{seed}" / arm["key"], recipe)
+                               out / f"seed{seed}" / arm["key"], recipe, args.device)
             rows += new_rows
             src = f"{new_rows[0]['source']:.2f}" if new_rows[0]["source"] is not None else "  - "
             transfer = " ".join(f"{r['regime']}-u{r['update_seed']} {r['transfer']:.2f}" for r in new_rows)

@@ -18,10 +18,15 @@ after its part's budget is spent is skipped, and says so.
    4 N_base FLOPs per token: the forward's 2 N and the backward's 2 N through the frozen weights (no weight
    gradients); attention's and LoRA's own FLOPs are not counted, so MFU is slightly understated.
 3. Decoding: greedy new tokens/s at batch 1, 16 and 64 (128-token prompts, 256 new tokens), ours eager, ours
-   compiled over the static cache, transformers' generate; and GSM8K's 1,319 test prompts at the evaluation's batch
-   size (16) with 256 new tokens, eager, timed on the first batches and extrapolated (said so in the table).
-4. End to end: a 20-step `train.py` run on two random Qwen2-0.5B-shaped bases in a hub cache on disk
-   (tests/fake_hub.py), `--eval-limit 8`, on the device.
+   compiled over the static cache with each step replayed as a CUDA graph (generate(compile=True); how long the
+   compilation took, and how many graphs torch skipped), transformers' generate. At Qwen2-7B, first (its target is at
+   that size): the time to decode GSM8K's 1,319 test prompts at the evaluation's batch size (16) with 256 new tokens,
+   eager and compiled, extrapolated from two batches of the length-sorted prompts (the median one, and the longest,
+   which sets the static cache's length as in the whole run).
+4. End to end, on the device: the toy study's quick form (`train.py --quick`) and a 20-step `train.py` run on two
+   random Qwen2-0.5B-shaped bases in a hub cache on disk (tests/fake_hub.py), `--eval-limit 8`.
+
+A row that fails (out of memory, a compilation error) records its error and the check goes on to the next.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -80,9 +86,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeats: int) -> float:
-    """Median seconds of fn over repeats, after one warm-up call."""
+def timed(fn, device, repeats: int) -> tuple[float, float]:
+    """(median seconds of fn over repeats, seconds of the first call before them: warm-up, compilation included)."""
+    sync(device)
+    t0 = time.perf_counter()
     fn()
+    sync(device)
+    first = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         sync(device)
@@ -90,7 +100,24 @@ def timed(fn, device, repeats: int) -> float:
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), first
+
+
+def failure(label: str, e: Exception, **row) -> dict:
+    """The row of a part that raised: its error, printed with the traceback, instead of its figures."""
+    traceback.print_exc()
+    print(f"{label}: failed with {type(e).__name__}; the check goes on", flush=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {**row, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+
+
+def guarded(label: str, fn, **row) -> dict:
+    """row updated with fn()'s dict, or with its error (one GPU window must not be lost to one failing row)."""
+    try:
+        return {**row, **fn()}
+    except Exception as e:  # noqa: BLE001 - whatever a row raises (out of memory, a compiler error) is reported
+        return failure(label, e, **row)
 
 
 def twin_models(shape: dict, device, dtype):
@@ -123,9 +150,14 @@ def n_params(model) -> int:
 
 def correctness(budget: Budget) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(30, budget.left()))
-    last = (r.stdout.strip().splitlines() or [""])[-1]
-    return {"command": " ".join(cmd[2:]), "returncode": r.returncode, "summary": last}
+    result = {"command": " ".join(cmd[2:])}
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(30, budget.left()))
+    except subprocess.TimeoutExpired:
+        return {**result, "returncode": None, "summary": f"timed out after {max(30, budget.left()):.0f} s"}
+    failed = r.stdout[r.stdout.find("= FAILURES ="):][-3000:] if r.returncode not in (0, 5) else ""
+    return {**result, "returncode": r.returncode, "summary": (r.stdout.strip().splitlines() or [""])[-1],
+            "failures": failed}
 
 
 # ---- 2. training -----------------------------------------------------------------------------------------------
@@ -144,55 +176,58 @@ def train_step(model, ids, micro: int, autocast, ours: bool):
         loss.backward()
 
 
-def training_rows(shapes: dict, device, budget: Budget, batch: int, seq: int, micro: int, repeats: int) -> list[dict]:
+def training_row(shape: dict, device, batch: int, seq: int, micro: int, repeats: int) -> dict:
     import peft
 
-    rows = []
     peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ours, theirs = twin_models(shape, device, dtype)
+    N = n_params(ours)
+    torch.manual_seed(0)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    add_lora(ours, r=64, alpha=128, dropout=0.05, targets=targets, verbose=False)
+    theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05,
+                                                         target_modules=targets))
+    ids = torch.randint(0, shape["vocab_size"], (batch, seq), device=device)
+    seconds, peak_mb = {}, {}
+    for side, model in (("ours", ours), ("theirs", theirs), ("transpeft", ours)):
+        if side == "transpeft":
+            apply_transpeft(ours, p_intra=0.0, p_cross=0.1, seed=0)
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+        def step(model=model, opt=opt, is_ours=side != "theirs"):
+            train_step(model, ids, micro, autocast, is_ours)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        seconds[side], _ = timed(step, device, repeats)
+        peak_mb[side] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+        del opt
+    tokens = batch * seq
+    return {"params": N, "tokens_per_step": tokens,
+            "ours_tokens_per_s": tokens / seconds["ours"], "theirs_tokens_per_s": tokens / seconds["theirs"],
+            "speedup": seconds["theirs"] / seconds["ours"], "transpeft_overhead": seconds["transpeft"] / seconds["ours"] - 1,
+            "ours_peak_mb": peak_mb["ours"], "theirs_peak_mb": peak_mb["theirs"],
+            "mfu_ours": tokens / seconds["ours"] * 4 * N / peak if peak else None,
+            "mfu_theirs": tokens / seconds["theirs"] * 4 * N / peak if peak else None}
+
+
+def training_rows(shapes: dict, device, budget: Budget, **kw) -> list[dict]:
+    rows = []
     for name, shape in shapes.items():
         if budget.left() < 20:
             rows.append({"shape": name, "skipped": "training budget spent"})
             continue
-        ours, theirs = twin_models(shape, device, dtype)
-        N = n_params(ours)
-        torch.manual_seed(0)
-        add_lora(ours, r=64, alpha=128, dropout=0.05, targets=["q_proj", "k_proj", "v_proj", "o_proj"], verbose=False)
-        theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05,
-                                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-        ids = torch.randint(0, shape["vocab_size"], (batch, seq), device=device, generator=None)
-        sides = {}
-        for side, model in (("ours", ours), ("theirs", theirs)):
-            model.train()
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-
-            def step(model=model, opt=opt, is_ours=side == "ours"):
-                train_step(model, ids, micro, autocast, is_ours)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            sides[side] = timed(step, device, repeats)
-            mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-            sides[side + "_peak_mb"] = mem
-            del opt
-        apply_transpeft(ours, p_intra=0.0, p_cross=0.1, seed=0)
-        opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-5)
-        sides["transpeft"] = timed(lambda: (train_step(ours, ids, micro, autocast, True), opt.step(), opt.zero_grad()), device, repeats)
-        tokens = batch * seq
-        row = {"shape": name, "params": N, "tokens_per_step": tokens,
-               "ours_tokens_per_s": tokens / sides["ours"], "theirs_tokens_per_s": tokens / sides["theirs"],
-               "speedup": sides["theirs"] / sides["ours"], "transpeft_overhead": sides["transpeft"] / sides["ours"] - 1,
-               "ours_peak_mb": sides["ours_peak_mb"], "theirs_peak_mb": sides["theirs_peak_mb"],
-               "mfu_ours": tokens / sides["ours"] * 4 * N / peak if peak else None,
-               "mfu_theirs": tokens / sides["theirs"] * 4 * N / peak if peak else None}
+        row = guarded(f"train {name}", lambda: training_row(shape, device, **kw), shape=name)
         rows.append(row)
-        print(f"train {name}: ours {row['ours_tokens_per_s']:.0f} tok/s, theirs {row['theirs_tokens_per_s']:.0f}, "
-              f"x{row['speedup']:.2f}, Trans-PEFT {row['transpeft_overhead']:+.1%}", flush=True)
-        ours = theirs = opt = None  # free the GPU memory before the next shape
-        if device.type == "cuda":
+        if "error" not in row:
+            print(f"train {name}: ours {row['ours_tokens_per_s']:.0f} tok/s, theirs {row['theirs_tokens_per_s']:.0f}, "
+                  f"x{row['speedup']:.2f}, Trans-PEFT {row['transpeft_overhead']:+.1%}", flush=True)
+        if device.type == "cuda":  # the models of this shape are gone: give their memory back before the next
             torch.cuda.empty_cache()
     return rows
 
@@ -211,71 +246,132 @@ def gsm8k_prompt_lengths(n: int) -> list[int]:
     return [max(8, len(eval_prompt(q)) // 4) for q in questions]
 
 
-def decoding_rows(shapes: dict, device, budget: Budget, batches, prompt_len: int, new_tokens: int, gsm8k_batches: int) -> list[dict]:
+def decode_row(ours, theirs, shape: dict, device, batch: int, prompt_len: int, new_tokens: int) -> dict:
+    """New tokens/s at one batch size: ours eager, ours compiled with CUDA graphs, transformers' generate."""
+    prompts = torch.randint(1, shape["vocab_size"], (batch, prompt_len), generator=torch.Generator().manual_seed(1))
+    tok = IdsTokenizer(prompts.tolist())
+    on_device = prompts.to(device)
+    counters = torch._dynamo.utils.counters
+    row = {}
+    for label, fn in (
+        ("ours", lambda: generate(ours, tok, list(range(batch)), new_tokens, batch_size=batch, stop_strings=[])),
+        ("ours_graphs", lambda: generate(ours, tok, list(range(batch)), new_tokens, batch_size=batch, stop_strings=[],
+                                         compile=True, cuda_graphs=True)),
+        ("theirs", lambda: theirs.generate(on_device, attention_mask=torch.ones_like(on_device), max_new_tokens=new_tokens,
+                                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)),
+    ):
+        if label == "ours_graphs":  # a fresh compilation for this batch size, and its skipped graphs counted alone
+            torch._dynamo.reset()
+            counters.clear()
+        with torch.inference_mode():
+            seconds, first = timed(fn, device, 1)
+        row[f"{label}_tokens_per_s"] = batch * new_tokens / seconds
+        if label == "ours_graphs":
+            row["compile_s"] = first - seconds
+            row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+    row["speedup_eager"] = row["ours_tokens_per_s"] / row["theirs_tokens_per_s"]
+    row["speedup_graphs"] = row["ours_graphs_tokens_per_s"] / row["theirs_tokens_per_s"]
+    return row
+
+
+def gsm8k_row(ours, shape: dict, device, new_tokens: int) -> dict:
+    """Seconds to decode GSM8K's 1,319 test prompts in batches of 16 (as eval.py, prompts sorted by length), eager and
+    compiled, extrapolated from two of those batches: the median and the longest (which sets the static cache's
+    length for every batch, as in the whole run). The compiled figure leaves out the one compilation (compile_s)."""
+    lengths = gsm8k_prompt_lengths(1319)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, shape["vocab_size"], (n,), generator=g).tolist() for n in lengths]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    middle = len(order) // 32 * 16
+    sample = order[middle : middle + 16] + order[-16:]
+    tok = IdsTokenizer(prompts)
+    n_batches = -(-len(prompts) // 16)
+    row = {"new_tokens": new_tokens, "extrapolated_from_batches": 2}
+    for label, kw in (("eager", {}), ("graphs", dict(compile=True, cuda_graphs=True))):
+        if kw:
+            torch._dynamo.reset()
+        with torch.inference_mode():
+            seconds, first = timed(lambda: generate(ours, tok, sample, new_tokens, batch_size=16, stop_strings=[], **kw),
+                                   device, 1)
+        row[f"gsm8k_{label}_s"] = seconds / 2 * n_batches
+        if kw:
+            row["compile_s"] = first - seconds
+    return row
+
+
+def decoding_rows(shapes: dict, device, budget: Budget, batches, gsm8k_for, prompt_len: int, new_tokens: int) -> list[dict]:
+    """Each shape's rows: the GSM8K estimate first where the shape is in gsm8k_for (its target is at Qwen2-7B), then
+    one row per batch size."""
     rows = []
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for name, shape in shapes.items():
-        ours, theirs = twin_models(shape, device, dtype)
-        for batch in batches:
-            if budget.left() < 15:
-                rows.append({"shape": name, "batch": batch, "skipped": "decoding budget spent"})
-                continue
-            prompts = torch.randint(1, shape["vocab_size"], (batch, prompt_len), generator=torch.Generator().manual_seed(1))
-            tok = IdsTokenizer(prompts.tolist())
-            on_device = prompts.to(device)
-            times = {}
-            for label, fn in (
-                ("ours", lambda: generate(ours, tok, list(range(batch)), new_tokens, batch_size=batch, stop_strings=[])),
-                ("ours_compiled", lambda: generate(ours, tok, list(range(batch)), new_tokens, batch_size=batch, stop_strings=[], compile=True)),
-                ("theirs", lambda: theirs.generate(on_device, attention_mask=torch.ones_like(on_device), max_new_tokens=new_tokens,
-                                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)),
-            ):
-                with torch.inference_mode():
-                    times[label] = timed(fn, device, 1)
-            row = {"shape": name, "batch": batch, **{f"{k}_tokens_per_s": batch * new_tokens / v for k, v in times.items()}}
-            row["speedup_eager"], row["speedup_compiled"] = times["theirs"] / times["ours"], times["theirs"] / times["ours_compiled"]
-            rows.append(row)
-            print(f"decode {name} b{batch}: ours {row['ours_tokens_per_s']:.0f} tok/s, compiled {row['ours_compiled_tokens_per_s']:.0f}, "
-                  f"generate {row['theirs_tokens_per_s']:.0f}", flush=True)
-        if budget.left() > 30:  # GSM8K's test prompts at the evaluation's batch size, extrapolated from the first batches
-            lengths = gsm8k_prompt_lengths(1319)
-            g = torch.Generator().manual_seed(2)
-            prompts = [torch.randint(1, shape["vocab_size"], (n,), generator=g).tolist() for n in lengths]
-            tok = IdsTokenizer(prompts)
-            first = list(range(16 * gsm8k_batches))
-            sync(device)
-            t0 = time.perf_counter()
-            with torch.inference_mode():  # eager: a compiled step would put its compilation into the extrapolated time
-                generate(ours, tok, first, new_tokens, batch_size=16, stop_strings=[])
-            sync(device)
-            seconds = (time.perf_counter() - t0) * 1319 / len(first)
-            rows.append({"shape": name, "gsm8k_1319_prompts_s": seconds, "extrapolated_from_prompts": len(first), "new_tokens": new_tokens})
-            print(f"decode {name}: GSM8K 1,319 prompts ~{seconds:.0f} s (from {len(first)})", flush=True)
-        ours = theirs = None
+        try:
+            decode_shape(rows, name, shape, device, budget, ["gsm8k"] * (name in gsm8k_for) + list(batches), prompt_len,
+                         new_tokens)
+        except Exception as e:  # noqa: BLE001 - building this shape's models failed: the next shape may still fit
+            rows.append(failure(f"decode {name}", e, shape=name, batch="-"))
+        torch._dynamo.reset()  # the compiled graphs hold this shape's weights
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
+def decode_shape(rows: list, name: str, shape: dict, device, budget: Budget, plan: list, prompt_len: int, new_tokens: int):
+    ours, theirs = twin_models(shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    for item in plan:
+        if budget.left() < 15:
+            rows.append({"shape": name, "batch": item, "skipped": "decoding budget spent"})
+            continue
+        if item == "gsm8k":
+            row = guarded(f"decode {name} GSM8K", lambda: gsm8k_row(ours, shape, device, new_tokens), shape=name,
+                          batch="gsm8k")
+            if "error" not in row:
+                print(f"decode {name}: GSM8K 1,319 prompts ~{row['gsm8k_eager_s']:.0f} s eager, "
+                      f"~{row['gsm8k_graphs_s']:.0f} s compiled (+{row['compile_s']:.0f} s compiling)", flush=True)
+        else:
+            row = guarded(f"decode {name} b{item}",
+                          lambda: decode_row(ours, theirs, shape, device, item, prompt_len, new_tokens),
+                          shape=name, batch=item)
+            if "error" not in row:
+                print(f"decode {name} b{item}: ours {row['ours_tokens_per_s']:.0f} tok/s, compiled + CUDA graphs "
+                      f"{row['ours_graphs_tokens_per_s']:.0f} ({row['compile_s']:.0f} s compiling, "
+                      f"{row['cudagraph_skips']} graphs skipped), generate {row['theirs_tokens_per_s']:.0f}", flush=True)
+        rows.append(row)
+
+
 # ---- 4. end to end ---------------------------------------------------------------------------------------------
 
 
-def end_to_end(shape: dict, device, steps: int, budget: Budget) -> dict:
+def end_to_end(shape: dict, device, steps: int, budget: Budget) -> list[dict]:
+    """The toy study's quick form, then the paper's command on random bases, each a train.py process on the device."""
     import fake_hub
 
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "hub"
         fake_hub.build(cache, config={**shape, "tie_word_embeddings": False}, std=0.02)
-        env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-        cmd = [sys.executable, "train.py", "--old", "qwen2", "--new", "qwen2.5", "--max-steps", str(steps), "--eval-limit", "8",
-               "--max-new-tokens", "64", "--device", str(device), "--out", str(Path(tmp) / "run")]
-        t0 = time.time()
-        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(30, budget.left()))
-        result = {"command": " ".join(cmd[1:-2]), "returncode": r.returncode, "seconds": time.time() - t0,
-                  "tail": (r.stdout + r.stderr)[-600:] if r.returncode else ""}
-        if r.returncode == 0:
-            result["results"] = json.loads((Path(tmp) / "run" / "results.json").read_text())
-    return result
+        env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TRANSPEFT_CACHE": str(Path(tmp) / "toy")}
+        runs = {"toy (quick)": ["--quick"],
+                "paper's command": ["--old", "qwen2", "--new", "qwen2.5", "--max-steps", str(steps), "--eval-limit", "8",
+                                    "--max-new-tokens", "64"]}
+        for name, flags in runs.items():
+            out = Path(tmp) / name.split()[0]
+            cmd = [sys.executable, "train.py", *flags, "--device", str(device), "--out", str(out)]
+            row = {"run": name, "command": " ".join(cmd[1:-2])}
+            if budget.left() < 20:
+                rows.append({**row, "skipped": "end-to-end budget spent"})
+                continue
+            t0 = time.time()
+            try:
+                r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(30, budget.left()))
+            except subprocess.TimeoutExpired:
+                rows.append({**row, "returncode": None, "seconds": time.time() - t0, "tail": "timed out"})
+                continue
+            row.update(returncode=r.returncode, seconds=time.time() - t0, tail=(r.stdout + r.stderr)[-600:] if r.returncode else "")
+            if r.returncode == 0:
+                row["results"] = json.loads((out / "results.json").read_text())
+            rows.append(row)
+            print(f"end to end, {name}: exit {r.returncode} in {row['seconds']:.0f} s", flush=True)
+    return rows
 
 
 # ---- the report ------------------------------------------------------------------------------------------------
@@ -286,32 +382,36 @@ def fmt(x, spec=".0f"):
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# GPU check: {report['device']}, {report['date']}", "", f"correctness: `{report['correctness']['command']}`: "
-             f"{report['correctness']['summary']} (exit {report['correctness']['returncode']})", "",
+    c = report["correctness"]
+    lines = [f"# GPU check: {report['device']}, torch {report['torch']}, {report['date']}", "",
+             f"correctness: `{c['command']}`: {c['summary']} (exit {c['returncode']})", "",
              "| training (LoRA r 64 on q,k,v,o) | params | tokens / step | ours tok/s | theirs tok/s | ours / theirs speed | "
              "Trans-PEFT overhead | MFU ours | MFU theirs | peak MB ours | peak MB theirs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["training"]:
-        if "skipped" in r:
-            lines.append(f"| {r['shape']} | skipped: {r['skipped']} ||||||||||")
+        if "skipped" in r or "error" in r:
+            lines.append(f"| {r['shape']} | {r.get('skipped') or 'error: ' + r['error']} ||||||||||")
             continue
         lines.append(f"| {r['shape']} | {r['params'] / 1e6:.1f}M | {r['tokens_per_step']} | {fmt(r['ours_tokens_per_s'])} | {fmt(r['theirs_tokens_per_s'])} | "
                      f"{r['speedup']:.2f}x | {r['transpeft_overhead']:+.1%} | {fmt(r['mfu_ours'], '.1%')} | {fmt(r['mfu_theirs'], '.1%')} | "
                      f"{fmt(r['ours_peak_mb'])} | {fmt(r['theirs_peak_mb'])} |")
-    lines += ["", "| decoding | batch | ours tok/s | ours compiled tok/s | generate tok/s | eager / generate | compiled / generate |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| decoding | batch | ours eager tok/s | ours compiled + CUDA graphs tok/s | generate tok/s | eager / generate | "
+              "compiled / generate | compiling s | graphs skipped |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["decoding"]:
-        if "skipped" in r:
-            lines.append(f"| {r['shape']} | {r['batch']} | skipped: {r['skipped']} |||||")
-        elif "gsm8k_1319_prompts_s" in r:
-            lines.append(f"| {r['shape']} | GSM8K, 16 | 1,319 prompts x {r['new_tokens']} new tokens, eager: ~{r['gsm8k_1319_prompts_s']:.0f} s "
-                         f"(extrapolated from {r['extrapolated_from_prompts']}) |||||")
+        if "skipped" in r or "error" in r:
+            lines.append(f"| {r['shape']} | {r['batch']} | {r.get('skipped') or 'error: ' + r['error']} |||||||")
+        elif r["batch"] == "gsm8k":
+            lines.append(f"| {r['shape']} | GSM8K, 16 | 1,319 prompts x {r['new_tokens']} new tokens: eager ~{r['gsm8k_eager_s']:.0f} s, "
+                         f"compiled ~{r['gsm8k_graphs_s']:.0f} s (extrapolated from {r['extrapolated_from_batches']} batches) ||||| "
+                         f"{r['compile_s']:.0f} | |")
         else:
-            lines.append(f"| {r['shape']} | {r['batch']} | {fmt(r['ours_tokens_per_s'])} | {fmt(r['ours_compiled_tokens_per_s'])} | "
-                         f"{fmt(r['theirs_tokens_per_s'])} | {r['speedup_eager']:.2f}x | {r['speedup_compiled']:.2f}x |")
-    e = report["end_to_end"]
-    lines += ["", f"end to end: `{e.get('command', '')}`: exit {e.get('returncode')}, {fmt(e.get('seconds'))} s"
-              + (f"; {e['skipped']}" if "skipped" in e else ""), ""]
-    return "\n".join(lines)
+            lines.append(f"| {r['shape']} | {r['batch']} | {fmt(r['ours_tokens_per_s'])} | {fmt(r['ours_graphs_tokens_per_s'])} | "
+                         f"{fmt(r['theirs_tokens_per_s'])} | {r['speedup_eager']:.2f}x | {r['speedup_graphs']:.2f}x | "
+                         f"{r['compile_s']:.0f} | {r['cudagraph_skips']} |")
+    lines.append("")
+    for e in report["end_to_end"]:
+        state = e.get("skipped") or f"exit {e.get('returncode')}, {fmt(e.get('seconds'))} s"
+        lines.append(f"end to end, {e['run']}: `{e['command']}`: {state}")
+    return "\n".join(lines + [""])
 
 
 def main(argv=None) -> dict:
@@ -327,23 +427,24 @@ def main(argv=None) -> dict:
     total = args.minutes * 60
     shapes = SMALL if args.small else SHAPES
     t0 = time.time()
+
+    def until(fraction):  # a part's budget: up to `fraction` of the whole check's time from its start
+        return Budget(fraction * total - (time.time() - t0))
+
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "small": args.small}
     print(f"GPU check on {report['device']} ({'small shapes' if args.small else 'real shapes'}), budget {args.minutes} min", flush=True)
-    report["correctness"] = correctness(Budget(0.12 * total))
+    report["correctness"] = correctness(until(0.2))
     print(f"correctness: {report['correctness']['summary']}", flush=True)
-    report["training"] = training_rows(shapes, device, Budget(0.4 * total - (time.time() - t0) + 0.12 * total),
-                                       batch=16 if not args.small else 4, seq=512 if not args.small else 32,
-                                       micro=4 if not args.small else 2, repeats=3 if not args.small else 1)
+    report["training"] = training_rows(shapes, device, until(0.45), batch=16 if not args.small else 4,
+                                       seq=512 if not args.small else 32, micro=4 if not args.small else 2,
+                                       repeats=3 if not args.small else 1)
     decode_shapes = {k: v for k, v in shapes.items() if k != "qwen2.5-1.5b"}
-    report["decoding"] = decoding_rows(decode_shapes, device, Budget(0.8 * total - (time.time() - t0)),
-                                       batches=(1, 16, 64) if not args.small else (1, 4), prompt_len=128 if not args.small else 16,
-                                       new_tokens=256 if not args.small else 8, gsm8k_batches=2 if not args.small else 1)
-    left = Budget(total - (time.time() - t0))
-    if left.left() > 45 or args.small:
-        report["end_to_end"] = end_to_end(SHAPES["qwen2.5-0.5b"] if not args.small else SMALL["small"], device, 20 if not args.small else 2, left)
-    else:
-        report["end_to_end"] = {"skipped": "end-to-end budget spent"}
+    report["decoding"] = decoding_rows(decode_shapes, device, until(0.85), batches=(1, 16, 64) if not args.small else (1, 4),
+                                       gsm8k_for={"qwen2-7b", "small"}, prompt_len=128 if not args.small else 16,
+                                       new_tokens=256 if not args.small else 8)
+    report["end_to_end"] = end_to_end(SHAPES["qwen2.5-0.5b"] if not args.small else SMALL["small"], device,
+                                      20 if not args.small else 2, until(1.0) if not args.small else Budget(600))
     report["minutes"] = (time.time() - t0) / 60
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,9 +21,23 @@ def test_gpu_check_small_runs_every_part(tmp_path):
     assert saved["small"] and saved["correctness"]["returncode"] in (0, 5)  # 5: every cuda test skipped (no GPU)
     row = saved["training"][0]
     assert row["shape"] == "small" and row["ours_tokens_per_s"] > 0 and row["theirs_tokens_per_s"] > 0
-    assert {r.get("batch") for r in saved["decoding"] if "batch" in r} == {1, 4}
-    assert any("gsm8k_1319_prompts_s" in r for r in saved["decoding"])
-    assert saved["end_to_end"]["returncode"] == 0, saved["end_to_end"]["tail"]
-    assert saved["end_to_end"]["results"]["transfer_new"]["total"] == 8
+    decoding = {r["batch"]: r for r in saved["decoding"]}
+    assert set(decoding) == {1, 4, "gsm8k"} and not any("error" in r for r in saved["decoding"])
+    assert all(decoding[b]["ours_graphs_tokens_per_s"] > 0 for b in (1, 4))
+    assert decoding["gsm8k"]["gsm8k_eager_s"] > 0 and decoding["gsm8k"]["gsm8k_graphs_s"] > 0
+    toy, paper = saved["end_to_end"]
+    assert toy["returncode"] == 0 and paper["returncode"] == 0, toy["tail"] + paper["tail"]
+    assert paper["results"]["transfer_new"]["total"] == 8 and toy["results"]["rows"]
     table = (tmp_path / "gpu.md").read_text()
-    assert "| small |" in table and "end to end:" in table and report["minutes"] < 6
+    assert "| small |" in table and "end to end, toy (quick)" in table and report["minutes"] < 6
+
+
+def test_a_failing_row_is_reported_and_the_check_goes_on():
+    import gpu
+
+    def fails():
+        raise RuntimeError("CUDA out of memory")
+
+    row = gpu.guarded("decode x", fails, shape="x", batch=1)
+    assert row == {"shape": "x", "batch": 1, "error": "RuntimeError: CUDA out of memory"}
+    assert gpu.guarded("decode x", lambda: {"tokens_per_s": 1.0}, shape="x") == {"shape": "x", "tokens_per_s": 1.0}

@@ -202,9 +202,9 @@ def test_kv_cache_decoding_equals_full_forward(hf_checkpoint, family, static):
     assert max_diff(torch.cat(steps, 1), full) <= 1e-5
 
 
-@pytest.mark.parametrize("static", [False, True])
-def test_left_padded_batch_equals_rows_alone(hf_checkpoint, static):
-    path, _ = hf_checkpoint("qwen2")
+@pytest.mark.parametrize("static, kv_heads", [(False, 2), (True, 2), (False, 4)])  # 4 of 4: no grouped queries
+def test_left_padded_batch_equals_rows_alone(hf_checkpoint, static, kv_heads):
+    path, _ = hf_checkpoint("qwen2", num_key_value_heads=kv_heads)
     model = load_model(path)
     g = torch.Generator().manual_seed(3)
     rows = [torch.randint(1, 96, (n,), generator=g) for n in (12, 5, 9)]

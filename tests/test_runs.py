@@ -322,3 +322,14 @@ def test_paper_command_runs_offline_from_a_hub_cache(tmp_path):
     results = json.loads((run / "results.json").read_text())
     assert results["transfer_new"]["total"] == 4 and results["old"] == "qwen2"
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "qwen2"
+
+
+@pytest.mark.parametrize("device, phrase", [("gpu", "not a device torch knows"),
+                                            ("cuda:7", "no CUDA device" if not torch.cuda.is_available() else "only")])
+def test_a_device_that_is_not_there_is_refused_in_one_line(world, capsys, device, phrase):
+    for main, argv in ((train.main, ["--quick", "--device", device]),
+                       (eval_cli.main, ["--model", world["old"], "--device", device])):
+        with pytest.raises(SystemExit):
+            main(argv)
+        err = capsys.readouterr().err
+        assert phrase in err and "Traceback" not in err

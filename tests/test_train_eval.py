@@ -242,6 +242,34 @@ def test_compiled_decoding_equals_eager_and_compiles_once(world, batch_size, mod
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_static_cache_reaches_the_compiled_step_as_static_inputs(world):
+    """CUDA graphs replay a step at the addresses they recorded, and torch skips the graphs of a step that mutates an
+    input it does not know to be static: the cache's keys, values and slot, written in place by every step, must reach
+    the graph as static inputs (as the weights do); the tokens and the attention mask, which only are read, need not.
+    Checked on the graph dynamo hands to the compiler, so that a CPU shows it."""
+    model, _ = lora_model(world)
+    model.eval()
+    inputs = {}
+
+    def backend(gm, example_inputs):  # records each graph input's static marking, then runs the graph as is
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                inputs[node.name] = node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")
+        return gm.forward
+
+    with torch.inference_mode():
+        cache, mask = model.new_cache(2, 16, static=True), torch.ones(2, 16, dtype=torch.long)
+        model(torch.ones(2, 3, dtype=torch.long), attention_mask=mask, cache=cache)
+        torch._dynamo.reset()
+        torch.compile(model, backend=backend, dynamic=False)(torch.ones(2, 1, dtype=torch.long), attention_mask=mask,
+                                                             cache=cache)
+    n_layers = len(model.model.layers)
+    cached = {name: kind for name, kind in inputs.items() if "cache" in name}
+    assert len(cached) == 2 * n_layers + 1 and all(kind is not None for kind in cached.values()), cached
+    assert all(kind is not None for name, kind in inputs.items() if "parameters" in name)
+    assert inputs["l_input_ids_"] is None and inputs["l_attention_mask_"] is None
+
+
 @pytest.mark.parametrize("total, ratio", [(50, 0.03), (200, 0.05), (10, 0.0), (7, 0.5)])
 def test_lr_schedule_is_transformers_cosine_with_warmup(total, ratio):
     """The HF Trainer of the official run: get_cosine_schedule_with_warmup, stepped after each optimizer step, so

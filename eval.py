@@ -53,6 +53,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, ba
     completions: list[str] = [""] * len(prompts)
     longest_stop = max((len(s) for s in stop_strings), default=0)
     graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+    # With lookahead the next step is queued before the host reads this step's tokens (.tolist() waits for the
+    # device): a GPU computes while the host checks stop strings, at the price of one unused step per batch that
+    # stops early.
+    ahead = device.type == "cuda" if lookahead is None else lookahead
     step = torch.compile(model, dynamic=False, mode="reduce-overhead" if graphs else None) if compile else model
     static_len = max(map(len, encoded), default=0) + max_new_tokens  # a static cache's length, the same for every batch
     static_caches = {}  # batch size -> its static cache, reused by every batch of that size: a CUDA graph reads and
@@ -83,9 +87,6 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, ba
         n = T  # positions in the cache
         generated = [[] for _ in range(B)]
         done = [False] * B
-        # With lookahead the next step is queued before the host reads this step's tokens (.tolist() waits for the
-        # device): a GPU computes while the host checks stop strings, at the price of one unused step per batch.
-        ahead = device.type == "cuda" if lookahead is None else lookahead
         for k in range(max_new_tokens):
             next_ids = logits.argmax(-1)  # (B,)
             more = k + 1 < max_new_tokens  # the cache holds max_new_tokens - 1 more steps after the prefill's

@@ -53,7 +53,7 @@ from bench import IdsTokenizer  # noqa: E402
 from data import next_token_targets  # noqa: E402
 from eval import generate  # noqa: E402
 from lora import add_lora  # noqa: E402
-from model import ModelConfig, Transformer, rope_inv_freq  # noqa: E402
+from model import ModelConfig, Transformer, check_device, rope_inv_freq  # noqa: E402
 from transpeft import apply_transpeft  # noqa: E402
 
 QWEN2 = dict(model_type="qwen2", hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
@@ -207,7 +207,6 @@ def training_row(shape: dict, device, batch: int, seq: int, micro: int, repeats:
             torch.cuda.reset_peak_memory_stats()
         seconds[side], _ = timed(step, device, repeats)
         peak_mb[side] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-        del opt
     tokens = batch * seq
     return {"params": N, "tokens_per_step": tokens,
             "ours_tokens_per_s": tokens / seconds["ours"], "theirs_tokens_per_s": tokens / seconds["theirs"],
@@ -422,9 +421,10 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--minutes", type=float, default=7.5, help="the whole check's time budget")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda, but torch sees no CUDA device: run on a GPU machine, or pass --small --device cpu.")
+    try:
+        device = check_device(args.device)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     total = args.minutes * 60
     shapes = SMALL if args.small else SHAPES
     t0 = time.time()

@@ -13,10 +13,12 @@ after its part's budget is spent is skipped, and says so.
 2. LoRA training at real shapes (Qwen2.5-0.5B, Qwen2.5-1.5B, Qwen2-7B configs; random bf16 base built on the device,
    shared by both sides): a step of the recipe's shapes, 16 sequences of 512 tokens in micro-batches of 4, LoRA r 64
    on q,k,v,o, bf16 autocast, AdamW. Tokens/s ours vs transformers + peft (interleaved, median), Trans-PEFT's
-   overhead at the paper's rates (p_cross 0.1), peak memory both sides, and MFU:
-       MFU = tokens/s * 4 * N_base / peak bf16 FLOP/s
-   4 N_base FLOPs per token: the forward's 2 N and the backward's 2 N through the frozen weights (no weight
-   gradients); attention's and LoRA's own FLOPs are not counted, so MFU is slightly understated.
+   overhead at the released recipe's rate (p_cross 0.1) and with knowledge masking on too (p_intra 0.1), peak memory
+   both sides, and MFU:
+       MFU = tokens/s * 4 * N / peak bf16 FLOP/s,  N = the base's weights that multiply (all but the input embedding
+                                                     table, a lookup; a tied table counts once, as the output layer)
+   4 N FLOPs per token: the forward's 2 N and the backward's 2 N through the frozen weights (no weight gradients);
+   attention's and LoRA's own FLOPs are not counted, so MFU is slightly understated.
 3. Decoding, at Qwen2-7B then Qwen2.5-0.5B shapes: greedy new tokens/s at batch 1, 16 and 64 (128-token prompts,
    256 new tokens), ours eager, ours compiled over the static cache with each step replayed as a CUDA graph
    (generate(compile=True); how long the compilation took, and how many graphs torch skipped), transformers'
@@ -54,7 +56,7 @@ from data import next_token_targets  # noqa: E402
 from eval import generate  # noqa: E402
 from lora import add_lora  # noqa: E402
 from model import ModelConfig, Transformer, check_device, rope_inv_freq  # noqa: E402
-from transpeft import apply_transpeft  # noqa: E402
+from transpeft import apply_transpeft, remove_transpeft  # noqa: E402
 
 QWEN2 = dict(model_type="qwen2", hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
              use_sliding_window=False)
@@ -87,21 +89,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeats: int) -> tuple[float, float]:
-    """(median seconds of fn over repeats, seconds of the first call before them: warm-up, compilation included)."""
+def once(fn, device) -> float:
+    """Seconds of one call of fn, the GPU's queued work included."""
     sync(device)
     t0 = time.perf_counter()
     fn()
     sync(device)
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), first
+    return time.perf_counter() - t0
+
+
+def timed(fn, device, repeats: int) -> tuple[float, float]:
+    """(median seconds of fn over repeats, seconds of the first call before them: warm-up, compilation included)."""
+    first = once(fn, device)
+    return statistics.median(once(fn, device) for _ in range(repeats)), first
 
 
 def failure(label: str, e: Exception, **row) -> dict:
@@ -146,6 +146,12 @@ def n_params(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def matmul_params(model) -> int:
+    """The parameters a token multiplies through: all but an untied input embedding table (a row lookup)."""
+    embed = model.model.embed_tokens.weight
+    return n_params(model) - (0 if model.lm_head.weight is embed else embed.numel())
+
+
 # ---- 1. correctness --------------------------------------------------------------------------------------------
 
 
@@ -184,36 +190,53 @@ def training_row(shape: dict, device, batch: int, seq: int, micro: int, repeats:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     ours, theirs = twin_models(shape, device, dtype)
-    N = n_params(ours)
+    N, N_matmul = n_params(ours), matmul_params(ours)
     torch.manual_seed(0)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     add_lora(ours, r=64, alpha=128, dropout=0.05, targets=targets, verbose=False)
     theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=64, lora_alpha=128, lora_dropout=0.05,
                                                          target_modules=targets))
     ids = torch.randint(0, shape["vocab_size"], (batch, seq), device=device)
-    seconds, peak_mb = {}, {}
-    for side, model in (("ours", ours), ("theirs", theirs), ("transpeft", ours)):
-        if side == "transpeft":
-            apply_transpeft(ours, p_intra=0.0, p_cross=0.1, seed=0)
+    opts = {id(m): torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5) for m in (ours, theirs)}
+    # side: (model, Trans-PEFT's (p_intra, p_cross) on ours, or None). The last two: the released recipe's rate, then
+    # with the paper's other intervention, knowledge masking, on as well.
+    sides = {"ours": (ours, None), "theirs": (theirs, None), "transpeft": (ours, (0.0, 0.1)), "masking": (ours, (0.1, 0.1))}
+
+    def step(side):
+        model, rates = sides[side]
+        if model is ours and rates is None:  # a class swap per layer, outside the timed part
+            remove_transpeft(ours)
+        elif model is ours:  # drops drawn from torch's seeded RNG: a fresh pattern each repeat, as in training
+            apply_transpeft(ours, *rates)
         model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
-        def step(model=model, opt=opt, is_ours=side != "theirs"):
-            train_step(model, ids, micro, autocast, is_ours)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        def run():
+            train_step(model, ids, micro, autocast, model is ours)
+            opts[id(model)].step()
+            opts[id(model)].zero_grad(set_to_none=True)
+        return run
 
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        seconds[side], _ = timed(step, device, repeats)
-        peak_mb[side] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    times, peak_mb = {side: [] for side in sides}, {side: 0.0 for side in sides}
+    for side in sides:  # warm-up: kernels chosen, optimizer states made
+        step(side)()
+    for _ in range(repeats):  # interleaved, so that a drift in the GPU's clock or load hits every side alike
+        for side in sides:
+            run = step(side)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            times[side].append(once(run, device))
+            if device.type == "cuda":
+                peak_mb[side] = max(peak_mb[side], torch.cuda.max_memory_allocated() / 2**20)
+    seconds = {side: statistics.median(t) for side, t in times.items()}
+    peak_mb = {side: mb if device.type == "cuda" else None for side, mb in peak_mb.items()}
     tokens = batch * seq
-    return {"params": N, "tokens_per_step": tokens,
+    return {"params": N, "matmul_params": N_matmul, "tokens_per_step": tokens,
             "ours_tokens_per_s": tokens / seconds["ours"], "theirs_tokens_per_s": tokens / seconds["theirs"],
             "speedup": seconds["theirs"] / seconds["ours"], "transpeft_overhead": seconds["transpeft"] / seconds["ours"] - 1,
+            "masking_overhead": seconds["masking"] / seconds["ours"] - 1,
             "ours_peak_mb": peak_mb["ours"], "theirs_peak_mb": peak_mb["theirs"],
-            "mfu_ours": tokens / seconds["ours"] * 4 * N / peak if peak else None,
-            "mfu_theirs": tokens / seconds["theirs"] * 4 * N / peak if peak else None}
+            "mfu_ours": tokens / seconds["ours"] * 4 * N_matmul / peak if peak else None,
+            "mfu_theirs": tokens / seconds["theirs"] * 4 * N_matmul / peak if peak else None}
 
 
 def training_rows(shapes: dict, device, budget: Budget, **kw) -> list[dict]:
@@ -226,7 +249,8 @@ def training_rows(shapes: dict, device, budget: Budget, **kw) -> list[dict]:
         rows.append(row)
         if "error" not in row:
             print(f"train {name}: ours {row['ours_tokens_per_s']:.0f} tok/s, theirs {row['theirs_tokens_per_s']:.0f}, "
-                  f"x{row['speedup']:.2f}, Trans-PEFT {row['transpeft_overhead']:+.1%}", flush=True)
+                  f"x{row['speedup']:.2f}, Trans-PEFT {row['transpeft_overhead']:+.1%} (with masking "
+                  f"{row['masking_overhead']:+.1%})", flush=True)
         if device.type == "cuda":  # the models of this shape are gone: give their memory back before the next
             torch.cuda.empty_cache()
     return rows
@@ -386,13 +410,14 @@ def markdown(report: dict) -> str:
     lines = [f"# GPU check: {report['device']}, torch {report['torch']}, {report['date']}", "",
              f"correctness: `{c['command']}`: {c['summary']} (exit {c['returncode']})", "",
              "| training (LoRA r 64 on q,k,v,o) | params | tokens / step | ours tok/s | theirs tok/s | ours / theirs speed | "
-             "Trans-PEFT overhead | MFU ours | MFU theirs | peak MB ours | peak MB theirs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Trans-PEFT overhead (p_cross 0.1) | with masking (p_intra 0.1) | MFU ours | MFU theirs | peak MB ours | "
+             "peak MB theirs |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["training"]:
         if "skipped" in r or "error" in r:
-            lines.append(f"| {r['shape']} | {r.get('skipped') or 'error: ' + r['error']} ||||||||||")
+            lines.append(f"| {r['shape']} | {r.get('skipped') or 'error: ' + r['error']} |||||||||||")
             continue
         lines.append(f"| {r['shape']} | {r['params'] / 1e6:.1f}M | {r['tokens_per_step']} | {fmt(r['ours_tokens_per_s'])} | {fmt(r['theirs_tokens_per_s'])} | "
-                     f"{r['speedup']:.2f}x | {r['transpeft_overhead']:+.1%} | {fmt(r['mfu_ours'], '.1%')} | {fmt(r['mfu_theirs'], '.1%')} | "
+                     f"{r['speedup']:.2f}x | {r['transpeft_overhead']:+.1%} | {r['masking_overhead']:+.1%} | {fmt(r['mfu_ours'], '.1%')} | {fmt(r['mfu_theirs'], '.1%')} | "
                      f"{fmt(r['ours_peak_mb'])} | {fmt(r['theirs_peak_mb'])} |")
     lines += ["", "| decoding | batch | ours eager tok/s | ours compiled + CUDA graphs tok/s | generate tok/s | eager / generate | "
               "compiled / generate | compiling s | graphs skipped |", "|---|---|---|---|---|---|---|---|---|"]

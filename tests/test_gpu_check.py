@@ -41,3 +41,16 @@ def test_a_failing_row_is_reported_and_the_check_goes_on():
     row = gpu.guarded("decode x", fails, shape="x", batch=1)
     assert row == {"shape": "x", "batch": 1, "error": "RuntimeError: CUDA out of memory"}
     assert gpu.guarded("decode x", lambda: {"tokens_per_s": 1.0}, shape="x") == {"shape": "x", "tokens_per_s": 1.0}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_mfu_counts_the_weights_a_token_multiplies_through(tied):
+    """Untied: every weight but the input embedding table (transformers' own count without embeddings); tied: the
+    table is the output layer's weight, counted once."""
+    pytest.importorskip("transformers")
+    import gpu
+    import torch
+
+    ours, theirs = gpu.twin_models({**gpu.SMALL["small"], "tie_word_embeddings": tied}, torch.device("cpu"), torch.float32)
+    expected = theirs.num_parameters() if tied else theirs.num_parameters(exclude_embeddings=True)
+    assert gpu.matmul_params(ours) == expected

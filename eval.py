@@ -84,15 +84,13 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, ba
         else:
             cache = static_caches[B] = model.new_cache(B, max_len, static=True)
         logits = model(ids, attention_mask=visible(T), cache=cache, last_only=True)[:, -1]  # (B, V) prefill
-        n = T  # positions in the cache
         generated = [[] for _ in range(B)]
         done = [False] * B
         for k in range(max_new_tokens):
             next_ids = logits.argmax(-1)  # (B,)
             more = k + 1 < max_new_tokens  # the cache holds max_new_tokens - 1 more steps after the prefill's
-            if ahead and more:
-                n += 1
-                logits = step(next_ids[:, None], attention_mask=visible(n), cache=cache)[:, -1]
+            if ahead and more:  # the cache then holds T + k + 1 positions
+                logits = step(next_ids[:, None], attention_mask=visible(T + k + 1), cache=cache)[:, -1]
             for b, t in enumerate(next_ids.tolist()):
                 if done[b]:
                     continue
@@ -111,8 +109,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, ba
             if finished or not more:
                 break
             if not ahead:
-                n += 1
-                logits = step(next_ids[:, None], attention_mask=visible(n), cache=cache)[:, -1]
+                logits = step(next_ids[:, None], attention_mask=visible(T + k + 1), cache=cache)[:, -1]
         for b, i in enumerate(rows):
             text = tokenizer.decode(generated[b])
             cut = min([text.find(s) for s in stop_strings if s in text], default=len(text))

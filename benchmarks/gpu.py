@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from bench import IdsTokenizer  # noqa: E402
+from bench import IdsTokenizer, interleaved  # noqa: E402
 from data import next_token_targets  # noqa: E402
 from eval import generate  # noqa: E402
 from lora import add_lora  # noqa: E402
@@ -89,19 +89,21 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def once(fn, device) -> float:
-    """Seconds of one call of fn, the GPU's queued work included."""
+def timed(fn, device, repeats: int) -> tuple[float, float]:
+    """(median seconds of fn over repeats, seconds of the first call before them: warm-up, compilation included)."""
     sync(device)
     t0 = time.perf_counter()
     fn()
     sync(device)
-    return time.perf_counter() - t0
-
-
-def timed(fn, device, repeats: int) -> tuple[float, float]:
-    """(median seconds of fn over repeats, seconds of the first call before them: warm-up, compilation included)."""
-    first = once(fn, device)
-    return statistics.median(once(fn, device) for _ in range(repeats)), first
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), first
 
 
 def failure(label: str, e: Exception, **row) -> dict:
@@ -201,34 +203,25 @@ def training_row(shape: dict, device, batch: int, seq: int, micro: int, repeats:
     # side: (model, Trans-PEFT's (p_intra, p_cross) on ours, or None). The last two: the released recipe's rate, then
     # with the paper's other intervention, knowledge masking, on as well.
     sides = {"ours": (ours, None), "theirs": (theirs, None), "transpeft": (ours, (0.0, 0.1)), "masking": (ours, (0.1, 0.1))}
+    peak_mb = {side: None for side in sides}
 
-    def step(side):
+    def step(side):  # each ends with the GPU idle, so that bench.interleaved's clock sees the whole step
         model, rates = sides[side]
-        if model is ours and rates is None:  # a class swap per layer, outside the timed part
+        if model is ours and rates is None:  # a class swap per layer: microseconds
             remove_transpeft(ours)
         elif model is ours:  # drops drawn from torch's seeded RNG: a fresh pattern each repeat, as in training
             apply_transpeft(ours, *rates)
         model.train()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        train_step(model, ids, micro, autocast, model is ours)
+        opts[id(model)].step()
+        opts[id(model)].zero_grad(set_to_none=True)
+        sync(device)
+        if device.type == "cuda":
+            peak_mb[side] = max(peak_mb[side] or 0.0, torch.cuda.max_memory_allocated() / 2**20)
 
-        def run():
-            train_step(model, ids, micro, autocast, model is ours)
-            opts[id(model)].step()
-            opts[id(model)].zero_grad(set_to_none=True)
-        return run
-
-    times, peak_mb = {side: [] for side in sides}, {side: 0.0 for side in sides}
-    for side in sides:  # warm-up: kernels chosen, optimizer states made
-        step(side)()
-    for _ in range(repeats):  # interleaved, so that a drift in the GPU's clock or load hits every side alike
-        for side in sides:
-            run = step(side)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            times[side].append(once(run, device))
-            if device.type == "cuda":
-                peak_mb[side] = max(peak_mb[side], torch.cuda.max_memory_allocated() / 2**20)
-    seconds = {side: statistics.median(t) for side, t in times.items()}
-    peak_mb = {side: mb if device.type == "cuda" else None for side, mb in peak_mb.items()}
+    seconds = interleaved({side: lambda side=side: step(side) for side in sides}, repeats)
     tokens = batch * seq
     return {"params": N, "matmul_params": N_matmul, "tokens_per_step": tokens,
             "ours_tokens_per_s": tokens / seconds["ours"], "theirs_tokens_per_s": tokens / seconds["theirs"],

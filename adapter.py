@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (check_made_for, full_tensor, is_main_process, load_selected, print_trainable, read_json,
-                   read_safetensors)
+from checkpoint import (check_made_for, full_tensor, is_main_process, load_selected, print_trainable, read_json,
+                        read_safetensors)
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 PLACEMENTS = ("series", "parallel")

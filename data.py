@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from model import read_json
+from checkpoint import read_json
 
 IGNORE_INDEX = -100  # label of a position that carries no loss (F.cross_entropy's default ignore_index)
 

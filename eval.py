@@ -195,7 +195,7 @@ def load_for_eval(base: str, adapter_dir=None, device: str = "cpu", merged: bool
     merge_and_unload, then decoding the merged bf16 model): W <- bf16(W + (alpha/r) B A) for every LoRA layer, on
     any device, and decoding in bfloat16."""
     from lora import lora_layers, merge_lora
-    from model import load_model
+    from checkpoint import load_model
 
     dtype = torch.bfloat16 if merged or device.startswith("cuda") else torch.float32
     model = load_model(base, dtype=dtype, device=device)
@@ -227,7 +227,7 @@ def check_writable(path: Path) -> None:
 def main(argv=None) -> None:
     import argparse
 
-    from model import check_device, load_tokenizer
+    from checkpoint import check_device, load_tokenizer
 
     p = argparse.ArgumentParser(description="GSM8K exact match of a base model, with or without an adapter.")
     p.add_argument("--model", required=True, help="alias, local checkpoint directory or hub repo id of the base")

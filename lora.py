@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from model import (check_made_for, convert_internlm2, full_tensor, is_main_process, load_selected, print_trainable,
-                   read_json, read_safetensors, read_torch_file)
+from checkpoint import (check_made_for, convert_internlm2, full_tensor, is_main_process, load_selected, print_trainable,
+                        read_json, read_safetensors, read_torch_file)
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."  # what peft puts before a module path in saved keys
@@ -44,8 +44,8 @@ CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + (alpha / r) * B(A(dropout(x))), with `base` frozen. Submodule names follow peft
-    (`base_layer`, `lora_A`, `lora_B`), so state-dict keys are peft's without the adapter name."""
+    """y = base(x) + delta(x), delta(x) = (alpha / r) * B(A(dropout(x))), with `base` frozen. Submodule names follow
+    peft (`base_layer`, `lora_A`, `lora_B`), so state-dict keys are peft's without the adapter name."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -69,19 +69,27 @@ class LoRALinear(nn.Module):
                 raise RuntimeError("This LoRA is merged into its base weight; call unmerge_lora(model) before training "
                                    "it.")
             return y.view(shape)
+        return self.delta(x, out=y).view(shape)
+
+    def delta(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The update this LoRA adds to the frozen layer's output, (alpha / r) B A dropout(x), for x (N, in): the one
+        place it is computed, so a variant (DoRA, a gated LoRA) overrides this method. With `out` (the base layer's
+        output, (N, out)) the update is added into it and the sum returned."""
         # Under autocast both branches run in the autocast dtype; without it, x is cast to A's float32 and back.
         # The scaling multiplies the r-wide branch, not the (N, out) output: cheap, and never an alpha= argument,
         # which torch.compile's matmul fusions have dropped silently (pytorch/pytorch#167313; here add(y, a @ B^T,
         # alpha=s) compiled to y + a @ B^T on torch 2.13). For a power-of-two scaling (alpha = 2r) it is exact.
         a = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))) * self.scaling  # (N, r)
-        # y += a B^T as one in-place addmm: the sum rides on the GEMM instead of costing passes over the (N, out)
-        # output, forward and backward (benchmarks/NOTES.md). In place is safe: y is no view, and the base layer's
+        if out is None:
+            return a @ self.lora_B.weight.t().to(a.dtype)
+        # out += a B^T as one in-place addmm: the sum rides on the GEMM instead of costing passes over the (N, out)
+        # output, forward and backward (benchmarks/NOTES.md). In place is safe: out is no view, and the base layer's
         # backward does not need its output.
-        if y.dtype == a.dtype:  # float32, or both in the autocast dtype
-            return y.addmm_(a, self.lora_B.weight.t().to(a.dtype)).view(shape)
+        if out.dtype == a.dtype:  # float32, or both in the autocast dtype
+            return out.addmm_(a, self.lora_B.weight.t().to(a.dtype))
         # dtypes that differ without autocast (a bf16 base and float32 LoRA, or the reverse): the sum in float32, as
         # peft does, then back to the base's dtype
-        return torch.addmm(y.float(), a.float(), self.lora_B.weight.t().float()).to(y.dtype).view(shape)
+        return torch.addmm(out.float(), a.float(), self.lora_B.weight.t().float()).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """(alpha / r) * B A in float32, shape (out, in): what merging adds to W0."""

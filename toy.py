@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import eval_prompt
-from model import ModelConfig, Transformer, cache_dir, load_model, load_tokenizer
+from checkpoint import cache_dir, load_model, load_tokenizer
+from model import ModelConfig, Transformer
 
 # -----------------------------------------------------------------------------------------------------------
 # The world
@@ -284,29 +285,7 @@ def build_bases(update_seed: int = 0, force: bool = False, recipe: dict = RECIPE
 
 
 # -----------------------------------------------------------------------------------------------------------
-# The study: which training makes a LoRA trained on toy-v1 keep working on toy-v2?
-
-RATE = 0.1  # the released recipe's p_cross, used for every intervention so that the arms are comparable
-# Chosen on pilot seeds 100-111, which no reported study uses, for plain LoRA to learn the task (source accuracy
-# >= 0.9) on every seed: it did on 12 of 12 with this recipe (source >= 0.96), on 9 of 12 with 300 steps, and on
-# seeds 100-105 on 2 of 6 at lr 1e-2 for 200 steps and 4 of 6 at lr 5e-3 for 200 steps. Learning to copy the
-# question's quantity comes late and suddenly; too high a rate or too few steps miss it.
-LORA_RECIPE = dict(r=8, alpha=16, dropout=0.05, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
-                   lr=5e-3, steps=500, warmup_ratio=0.1, batch_size=16, max_len=128, max_new_tokens=24)
-# Every arm is compared with plain LoRA on the same seeds. An arm changes the recipe by these keys: p_intra, p_cross
-# (Trans-PEFT), p_attn (control A, transpeft.apply_attention_masking), lora_dropout, train_on="new".
-# Two arms run on request only (--arms all, as in the full study), so that the default fits 10 minutes: masking
-# alone (the released recipe drops only; masking + dropping contains it) and the upper bound (a training per seed).
-ARMS = [
-    dict(key="plain", name="plain LoRA"),
-    dict(key="mask", name=f"Trans-PEFT masking (p_intra {RATE})", p_intra=RATE, on_request=True),
-    dict(key="drop", name=f"Trans-PEFT dropping (p_cross {RATE})", p_cross=RATE),
-    dict(key="both", name="Trans-PEFT masking + dropping", p_intra=RATE, p_cross=RATE),
-    dict(key="attn_mask", name=f"control A: masking attention ({RATE})", p_attn=RATE),
-    dict(key="lora_dropout", name="control B: LoRA dropout 0.3", lora_dropout=0.3),
-    dict(key="refit", name="upper bound: LoRA trained on the update", train_on="new",  # on the first update only
-         on_request=True),
-]
+# What the bases know
 
 
 @torch.no_grad()
@@ -344,84 +323,3 @@ if __name__ == "__main__":
     if args.force:
         build_bases(args.update_seed, force=True, regime=args.regime)
     describe(args.update_seed, args.regime)
-
-
-# -----------------------------------------------------------------------------------------------------------
-# The chart: the study's gains as a PNG, drawn into a tensor (no plotting library is a requirement)
-
-# A 3 x 5 pixel font: per glyph, five rows of three bits (4 = left pixel, 1 = right).
-FONT = {"0": (7, 5, 5, 5, 7), "1": (2, 6, 2, 2, 7), "2": (7, 1, 7, 4, 7), "3": (7, 1, 7, 1, 7), "4": (5, 5, 7, 1, 1),
-        "5": (7, 4, 7, 1, 7), "6": (7, 4, 7, 5, 7), "7": (7, 1, 1, 1, 1), "8": (7, 5, 7, 5, 7), "9": (7, 5, 7, 1, 7),
-        "a": (2, 5, 7, 5, 5), "b": (6, 5, 6, 5, 6), "c": (3, 4, 4, 4, 3), "d": (6, 5, 5, 5, 6), "e": (7, 4, 6, 4, 7),
-        "f": (7, 4, 6, 4, 4), "g": (3, 4, 5, 5, 3), "h": (5, 5, 7, 5, 5), "i": (7, 2, 2, 2, 7), "j": (1, 1, 1, 5, 2),
-        "k": (5, 5, 6, 5, 5), "l": (4, 4, 4, 4, 7), "m": (5, 7, 7, 5, 5), "n": (6, 5, 5, 5, 5), "o": (2, 5, 5, 5, 2),
-        "p": (6, 5, 6, 4, 4), "q": (2, 5, 5, 6, 3), "r": (6, 5, 6, 5, 5), "s": (3, 4, 2, 1, 6), "t": (7, 2, 2, 2, 2),
-        "u": (5, 5, 5, 5, 7), "v": (5, 5, 5, 5, 2), "w": (5, 5, 7, 7, 5), "x": (5, 5, 2, 5, 5), "y": (5, 5, 2, 2, 2),
-        "z": (7, 1, 2, 4, 7), " ": (0, 0, 0, 0, 0), "-": (0, 0, 7, 0, 0), "+": (0, 2, 7, 2, 0), ".": (0, 0, 0, 0, 2),
-        ",": (0, 0, 0, 2, 4), ":": (0, 2, 0, 2, 0), "_": (0, 0, 0, 0, 7), "%": (5, 1, 2, 4, 5), "(": (1, 2, 2, 2, 1),
-        ")": (4, 2, 2, 2, 4), "=": (0, 7, 0, 7, 0), "/": (1, 1, 2, 4, 4), "*": (0, 5, 2, 5, 0), "<": (1, 2, 4, 2, 1)}
-
-
-def write_png(image: torch.Tensor, path: Path) -> None:
-    """An (H, W, 3) uint8 tensor as an RGB PNG: signature, IHDR, one zlib-compressed IDAT (each row prefixed with
-    filter type 0), IEND; every chunk is length, type, data, CRC-32 of type and data."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    h, w, _ = image.shape
-    rows = torch.cat([torch.zeros(h, 1, dtype=torch.uint8), image.reshape(h, w * 3)], dim=1)  # (H, 1 + 3W)
-    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8 bits per channel, RGB, no interlace
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.numpy().tobytes(), 9))
-    Path(path).write_bytes(png + chunk(b"IEND", b""))
-
-
-def chart(summary: dict, arms: list[str], regimes: list[str], path: Path) -> None:
-    """One panel per regime: each arm's paired transfer gain over plain LoRA (every seed) as a bar, its 95% t
-    interval as a whisker; blue where the Holm-adjusted sign-flip p < 0.05, grey elsewhere."""
-    S, row, left, panel, gap, top = 2, 26, 120, 260, 70, 60  # font scale, row height, margins and sizes in pixels
-    cells = {(r, a): summary["regimes"][r]["arms"].get(a, {}).get("itt") for r in regimes for a in arms}
-    reach = max([abs(c["mean"]) + c["ci95"] for c in cells.values() if c] + [0.1])
-    xm = math.ceil(reach * 10) / 10  # the axis: [-xm, xm]
-    W, H = left + len(regimes) * (panel + gap), top + len(arms) * row + 50
-    img = torch.full((H, W, 3), 255, dtype=torch.uint8)
-
-    def rect(x0, y0, x1, y1, color):
-        img[max(0, int(y0)) : int(y1), max(0, int(x0)) : int(x1)] = torch.tensor(color, dtype=torch.uint8)
-
-    def text(x, y, s, color=(0, 0, 0)):
-        for k, ch in enumerate(s.lower()):
-            for r, bits in enumerate(FONT.get(ch, FONT["*"])):
-                for c in range(3):
-                    if bits >> (2 - c) & 1:
-                        rect(x + (4 * k + c) * S, y + r * S, x + (4 * k + c + 1) * S, y + (r + 1) * S, color)
-
-    text(10, 10, "transfer gain over plain lora, every seed: mean and 95% t interval")
-    text(10, 26, "blue: holm-adjusted sign-flip p < 0.05")
-    for i, a in enumerate(arms):
-        text(10, top + i * row + 8, a)
-    for j, regime in enumerate(regimes):
-        x0 = left + j * (panel + gap)
-
-        def x(v):
-            return x0 + (v + xm) / (2 * xm) * panel
-
-        text(x0, top - 16, f"{regime} update")
-        rect(x(0), top, x(0) + 1, top + len(arms) * row, (0, 0, 0))
-        for t in (-xm, 0.0, xm):
-            rect(x(t), top + len(arms) * row, x(t) + 1, top + len(arms) * row + 5, (0, 0, 0))
-            label = f"{t:+.1f}" if t else "0"
-            text(x(t) - len(label) * 4 * S / 2, top + len(arms) * row + 10, label)
-        for i, a in enumerate(arms):
-            c, y = cells[(regime, a)], top + i * row
-            if not c:
-                continue
-            color = (60, 110, 200) if c.get("p_holm", 1) < 0.05 else (170, 170, 170)
-            rect(min(x(0), x(c["mean"])), y + 6, max(x(0), x(c["mean"])) + 1, y + row - 6, color)
-            lo, hi = x(max(-xm, c["mean"] - c["ci95"])), x(min(xm, c["mean"] + c["ci95"]))
-            rect(lo, y + row // 2 - 1, hi + 1, y + row // 2 + 1, (0, 0, 0))
-            rect(lo, y + 8, lo + 2, y + row - 8, (0, 0, 0))
-            rect(hi - 1, y + 8, hi + 1, y + row - 8, (0, 0, 0))
-    write_png(img, path)

@@ -55,7 +55,8 @@ from bench import IdsTokenizer, interleaved  # noqa: E402
 from data import next_token_targets  # noqa: E402
 from eval import generate  # noqa: E402
 from lora import add_lora  # noqa: E402
-from model import ModelConfig, Transformer, check_device, rope_inv_freq  # noqa: E402
+from checkpoint import check_device  # noqa: E402
+from model import ModelConfig, Transformer, rope_inv_freq  # noqa: E402
 from transpeft import apply_transpeft, remove_transpeft  # noqa: E402
 
 QWEN2 = dict(model_type="qwen2", hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,

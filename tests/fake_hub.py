@@ -48,7 +48,8 @@ def gsm8k_records(split: str, n: int | None = None) -> list[dict]:
         lines = path.read_text(encoding="utf-8").splitlines()
         return [json.loads(line) for line in lines[:n]]
     records = [{"question": q, "answer": f"{work}\n#### {a}"} for q, work, a in FALLBACK_QA]
-    return (records * (n // len(records) + 1))[:n] if n else records  # repeated up to n: a batch of 16 fills
+    n = n or 16  # repeated up to n (a whole split: 16): a batch of 16 fills, and --eval-limit 8 finds 8
+    return (records * (n // len(records) + 1))[:n]
 
 
 def metamath_records(n: int) -> list[dict]:

@@ -198,7 +198,7 @@ def test_tokenisation_matches_the_official_preprocess(tmp_path):
     """Prompt and response tokenised as one string, the prompt's token count masked: ids and labels equal the
     official ones computed with transformers' tokenizer, including where that differs from tokenising the parts apart."""
     transformers = pytest.importorskip("transformers")
-    from model import load_tokenizer
+    from checkpoint import load_tokenizer
 
     texts = [official_source(r) + r["response"] for r in METAMATH]
     write_checkpoint_tokenizer(tmp_path, "qwen2", post="bytelevel", corpus=texts * 5, vocab_size=700)  # Qwen2's pipeline: "Response:The" is one pre-token

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import build_hf_model, pack_internlm2, train_a_few_steps, write_internlm2_checkpoint
 from lora import LoRALinear, add_lora, is_lora_parameter, load_lora, merge_lora, save_lora, unmerge_lora
-from model import load_model
+from checkpoint import load_model
 
 peft = pytest.importorskip("peft")
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -198,3 +198,28 @@ def test_dropout_in_training_acts_on_the_input_as_in_peft():
     mask = torch.nn.functional.dropout(torch.ones(10, 16), 0.5, training=True)  # the same draw, on ones: the mask / (1-p)
     expected = base(x) + 2.0 * (x * mask.view(2, 5, 16)) @ ours.lora_A.weight.T @ ours.lora_B.weight.T
     assert torch.allclose(y, expected, atol=1e-5)
+
+
+def test_delta_is_the_one_place_the_update_is_computed():
+    """forward(x) = base(x) + delta(x), delta(x) = (alpha/r) B A x (peft's get_delta_weight applied to x); a subclass
+    that overrides delta alone (a DoRA-style fork) changes what forward adds, and nothing else."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 12)
+    ours = LoRALinear(base, r=4, alpha=8).eval()
+    with torch.no_grad():
+        ours.lora_B.weight.normal_()
+    x = torch.randn(10, 16)
+    with torch.no_grad():
+        expected = (ours.lora_B.weight @ ours.lora_A.weight) * (8 / 4)  # (out, in)
+        assert torch.allclose(ours.delta(x), x @ expected.T, atol=1e-5)
+        assert torch.allclose(ours(x), base(x) + ours.delta(x), atol=1e-5)
+
+    class Doubled(LoRALinear):
+        def delta(self, x, out=None):
+            d = 2 * super().delta(x)
+            return d if out is None else out + d
+
+    fork = Doubled(base, r=4, alpha=8).eval()
+    fork.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(fork(x), base(x) + 2 * ours.delta(x), atol=1e-5)

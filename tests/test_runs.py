@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import analysis
 import eval as eval_cli
+import rundir
 import train
-import transpeft
 from lora import add_lora, load_lora, save_lora
-from model import load_model
+from checkpoint import load_model
 from test_train_eval import run_args
 
 
@@ -86,7 +87,7 @@ def test_overwrite_clears_the_old_run_first_and_stale_temporaries_go(world):
 def test_an_interrupted_adapter_save_leaves_the_old_adapter_whole(world, monkeypatch):
     model = add_lora(load_model(world["old"]), r=2, alpha=4, targets=["q_proj"], verbose=False)
     out = world["tmp"] / "adapter"
-    train.save_peft(model, out, world["old"])
+    rundir.save_peft(model, out, world["old"])
     before = files(out)
 
     def killed(model, out_dir, **kw):  # the weights are written, then the process dies before the config
@@ -94,9 +95,9 @@ def test_an_interrupted_adapter_save_leaves_the_old_adapter_whole(world, monkeyp
         (out_dir / "adapter_model.safetensors").write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train.lora_lib, "save_lora", killed)
+    monkeypatch.setattr(rundir.lora_lib, "save_lora", killed)
     with pytest.raises(KeyboardInterrupt):
-        train.save_peft(model, out, world["old"])
+        rundir.save_peft(model, out, world["old"])
     assert files(out) == before
 
 
@@ -293,10 +294,10 @@ def test_impossible_settings_are_refused_before_anything_is_written(world, extra
 
 def test_analyze_refuses_other_architectures_and_sizes_in_one_sentence(world, hf_checkpoint, capsys):
     llama, _ = hf_checkpoint("llama3", vocab_size=512)
-    refused(["analyze", "--old", world["old"], "--new", world["other"]], "differ in intermediate_size (128 vs 96)", main=transpeft.main)
-    refused(["analyze", "--old", world["old"], "--new", str(llama)], "differ in model_type (qwen2 vs llama)", main=transpeft.main)
+    refused(["analyze", "--old", world["old"], "--new", world["other"]], "differ in intermediate_size (128 vs 96)", main=analysis.main)
+    refused(["analyze", "--old", world["old"], "--new", str(llama)], "differ in model_type (qwen2 vs llama)", main=analysis.main)
     with pytest.raises(SystemExit):
-        transpeft.main(["analyze", "--old", world["old"], "--new", world["new"], "--max-tokens", "0"])
+        analysis.main(["analyze", "--old", world["old"], "--new", world["new"], "--max-tokens", "0"])
     assert "--max-tokens must be a positive number" in capsys.readouterr().err
 
 

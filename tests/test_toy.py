@@ -1,20 +1,21 @@
-"""toy.py: the task's answers are right by construction, the toy checkpoints are ordinary HF checkpoints that
-transformers loads with our logits, and a reduced toy study runs end to end."""
+"""toy.py and study.py: the task's answers are right by construction, the toy checkpoints are ordinary HF checkpoints
+that transformers loads with our logits, a reduced toy study runs end to end, and the study's statistics match hand
+calculations."""
 
 import json
 import re
-import struct
-import zlib
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import study
 import toy
 import train
 from data import gold_answer, gsm8k_response, is_correct, tokenize_example
-from model import load_model, load_tokenizer
+from checkpoint import load_model, load_tokenizer
 
+ALL = study.select_arms(["all"])  # the toy study's --arms all, the upper bound last
 QUICK = {"v1": {**toy.RECIPE["v1"], "steps": 20}, "v2": {**toy.RECIPE["v2"], "steps": 5}}
 
 
@@ -73,28 +74,31 @@ def test_reduced_toy_study_end_to_end(tmp_path, monkeypatch):
     regimes = ["full", "ffn", "attn"]
     # every arm of every seed, on every update; the upper bound trained on the first update itself
     assert sorted({(r["arm"], r["seed"], r["regime"]) for r in results["rows"]}) == sorted(
-        [(a["key"], s, g) for a in toy.ARMS[:-1] for s in (0, 1) for g in regimes] + [("refit", s, "full") for s in (0, 1)])
+        [(a["key"], s, g) for a in ALL[:-1] for s in (0, 1) for g in regimes] + [("refit", s, "full") for s in (0, 1)])
     assert list(results["summary"]["regimes"]) == regimes
     for regime in regimes:
         arms = results["summary"]["regimes"][regime]["arms"]
-        assert set(arms) == {a["key"] for a in toy.ARMS} - ({"refit"} if regime != "full" else set())
+        assert set(arms) == {a["key"] for a in ALL} - ({"refit"} if regime != "full" else set())
         assert arms["mask"]["itt"]["n"] == 2
         assert 0 <= arms["mask"]["itt"]["p_holm"] <= 1
-    assert results["summary"]["comparisons"] == (len(toy.ARMS) - 2) * len(regimes) + 1
+    assert results["summary"]["comparisons"] == (len(ALL) - 2) * len(regimes) + 1
     assert set(results["drift"]) == {"toy-v2", "toy-v2-ffn-u0", "toy-v2-attn-u0"}
     assert all(layer["attn_weight"] == 0 for layer in results["drift"]["toy-v2-ffn-u0"])  # the FFN-only update
     # every trained arm wrote a PEFT adapter and per-example evaluations; the upper bound one per update
     arm_dir = tmp_path / "study" / "seed1" / "drop"
     assert (arm_dir / "adapter" / "adapter_config.json").exists() and (arm_dir / "eval-toy-v2-attn-u0.jsonl").exists()
     assert (tmp_path / "study" / "seed1" / "refit" / "toy-v2" / "adapter" / "adapter_config.json").exists()
-    assert (tmp_path / "study" / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if study.pyplot() is not None:
+        assert (tmp_path / "study" / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (tmp_path / "study" / "report.txt").read_text()
+    assert "regime contrast" in report and "drift of each update" in report
     with pytest.raises(SystemExit, match="already holds a finished study"):
         train.main(["--quick", "--seeds", "2", "--out", str(tmp_path / "study")])
     # without --arms: every arm but the two run on request only (masking alone and the upper bound)
     train.main(["--quick", "--seeds", "1", "--out", str(tmp_path / "default")])
     results = json.loads((tmp_path / "default" / "results.json").read_text())
     assert [a["key"] for a in results["arms"]] == ["plain", "drop", "both", "attn_mask", "lora_dropout"]
-    with pytest.raises(SystemExit, match="Unknown toy arm"):
+    with pytest.raises(SystemExit, match="Unknown arm"):
         train.main(["--quick", "--arms", "plain,upper", "--out", str(tmp_path / "bad")])
 
 
@@ -114,7 +118,7 @@ def test_study_summary_intention_to_treat_by_hand():
     +0.3, +0.1, +0.3 -> mean 0.2333, std 0.11547, SE 0.06667, t(0.975, 2) = 4.303. The sign-flip p: of the 8 sign
     patterns of (0.3, 0.1, 0.3) only (+,+,+) and (-,-,-) reach |mean| 0.2333 ((+,-,+) gives 0.1667): p = 2/8. Secondary:
     seeds 0 and 1 only (seed 2's masked LoRA never learned: source 0.3), t(0.975, 1) = 12.706."""
-    table, summary = train.summarize_study(rows_for([(0.2, 0.5, 1.0), (0.4, 0.5, 0.95), (0.6, 0.9, 0.3)]))
+    table, summary = study.summarize_study(rows_for([(0.2, 0.5, 1.0), (0.4, 0.5, 0.95), (0.6, 0.9, 0.3)]))
     mask = summary["regimes"]["full"]["arms"]["mask"]
     itt = mask["itt"]
     assert itt["n"] == 3 and itt["mean"] == pytest.approx(0.7 / 3)
@@ -131,7 +135,7 @@ def test_study_summary_counts_seeds_not_update_pairs():
     """Every update seed of a regime evaluates the same trained LoRA of a seed: a seed's differences are averaged,
     and the standard error is over seeds (two here), not over the four (update, seed) pairs."""
     rows = rows_for([(0.2, 0.5, 1.0), (0.4, 0.5, 1.0)], update=0) + rows_for([(0.3, 0.8, 1.0), (0.5, 0.8, 1.0)], update=1)
-    _, summary = train.summarize_study(rows)
+    _, summary = study.summarize_study(rows)
     itt = summary["regimes"]["full"]["arms"]["mask"]["itt"]
     per_seed = [(0.3 + 0.5) / 2, (0.1 + 0.3) / 2]
     assert itt["n"] == 2 and itt["mean"] == pytest.approx(sum(per_seed) / 2)
@@ -143,7 +147,7 @@ def test_study_summary_is_per_regime_with_holm_over_every_comparison():
     p = 2/16; attn: differences summing to 0, p = 1. Holm over the two: 2 * 0.125 = 0.25, then max(0.25, 1)."""
     rows = rows_for([(0.2, 0.3, 1.0), (0.2, 0.4, 1.0), (0.2, 0.5, 1.0), (0.2, 0.6, 1.0)], regime="ffn")
     rows += rows_for([(0.2, 0.1, 1.0), (0.4, 0.5, 1.0), (0.6, 0.6, 1.0)], regime="attn")
-    _, summary = train.summarize_study(rows)
+    _, summary = study.summarize_study(rows)
     ffn, attn = summary["regimes"]["ffn"]["arms"]["mask"]["itt"], summary["regimes"]["attn"]["arms"]["mask"]["itt"]
     assert ffn["mean"] == pytest.approx(0.25) and attn["mean"] == pytest.approx(0.0) and summary["comparisons"] == 2
     assert (ffn["p"], ffn["p_holm"]) == (pytest.approx(0.125), pytest.approx(0.25))
@@ -159,24 +163,24 @@ def test_regime_contrast_by_hand():
     rows += rows_for([(0.5, 0.5, 1.0), (0.5, 0.6, 1.0), (0.5, 0.4, 1.0)], arm="drop", regime="attn")
     rows += [r for r in rows_for([(0.2, 0.2, 1.0)] * 3, arm="attn_mask", regime="ffn") if r["arm"] != "plain"]
     rows += [r for r in rows_for([(0.5, 0.5, 1.0)] * 3, arm="attn_mask", regime="attn") if r["arm"] != "plain"]
-    table, summary = train.summarize_study(rows)
+    table, summary = study.summarize_study(rows)
     drop, control = summary["regime_contrast"]["drop"], summary["regime_contrast"]["attn_mask"]
     assert drop["n"] == 3 and drop["mean"] == pytest.approx(0.3) and drop["std"] == pytest.approx(0.2)
     assert drop["ci95"] == pytest.approx(4.303 * 0.2 / 3**0.5)
     assert (drop["p"], drop["p_holm"]) == (pytest.approx(0.25), pytest.approx(0.5))
     assert (control["mean"], control["p"], control["p_holm"]) == (pytest.approx(0.0), pytest.approx(1.0), pytest.approx(1.0))
     assert "plain" not in summary["regime_contrast"] and "regime contrast" in table
-    assert train.summarize_study(rows_for([(0.2, 0.5, 1.0), (0.4, 0.5, 1.0)]))[1]["regime_contrast"] == {}  # full only
+    assert study.summarize_study(rows_for([(0.2, 0.5, 1.0), (0.4, 0.5, 1.0)]))[1]["regime_contrast"] == {}  # full only
 
 
 def test_sign_flip_holm_and_spearman_by_hand():
-    assert train.sign_flip_p([0.1, 0.2, 0.3]) == pytest.approx(2 / 8)  # only all-plus and all-minus reach |mean| 0.2
-    assert train.sign_flip_p([0.1, -0.1]) == pytest.approx(1.0)
+    assert study.sign_flip_p([0.1, 0.2, 0.3]) == pytest.approx(2 / 8)  # only all-plus and all-minus reach |mean| 0.2
+    assert study.sign_flip_p([0.1, -0.1]) == pytest.approx(1.0)
     # Holm: sorted 0.01, 0.03, 0.04 -> 3 * 0.01, 2 * 0.03, max(0.06, 1 * 0.04)
-    assert train.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert study.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     # Spearman: ranks (1,2,3,4) vs (1,3,2,4): 1 - 6 * 2 / (4 * 15) = 0.8; ties share their mean rank
-    assert train.spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)
-    assert train.spearman([1, 1, 2], [5, 5, 9]) == pytest.approx(1.0)
+    assert study.spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)
+    assert study.spearman([1, 1, 2], [5, 5, 9]) == pytest.approx(1.0)
 
 
 def test_the_study_bound_correlates_gradient_norms_with_loss_gaps():
@@ -185,37 +189,18 @@ def test_the_study_bound_correlates_gradient_norms_with_loss_gaps():
         for arm in ("plain", "drop"):
             rows.append({"arm": arm, "seed": seed, "regime": "ffn", "update_seed": 0, "source": 1.0, "transfer": 0.5,
                          "ffn_grad_norm": g * (2 if arm == "drop" else 1), "loss_old": 1.0, "loss_new": 1.0 + gap})
-    _, summary = train.summarize_study(rows)
+    _, summary = study.summarize_study(rows)
     bound = summary["regimes"]["ffn"]["bound"]
     assert bound["arms"]["plain"]["grad_norm"] == pytest.approx(0.25) and bound["arms"]["drop"]["grad_norm"] == pytest.approx(0.5)
     assert bound["arms"]["plain"]["loss_gap"] == pytest.approx(0.0275)
     g = [r["ffn_grad_norm"] for r in rows]
-    assert bound["n"] == 8 and bound["spearman"] == pytest.approx(train.spearman(g, [r["loss_new"] - 1 for r in rows]))
+    assert bound["n"] == 8 and bound["spearman"] == pytest.approx(study.spearman(g, [r["loss_new"] - 1 for r in rows]))
 
 
-def read_png(path):
-    """Decode an 8-bit RGB PNG written with filter type 0 by the PNG specification: chunks with CRC-32, zlib IDAT."""
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
-    while pos < len(data):
-        n = struct.unpack(">I", data[pos : pos + 4])[0]
-        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]
-        assert struct.unpack(">I", data[pos + 8 + n : pos + 12 + n])[0] == zlib.crc32(kind + body)
-        chunks[kind] = chunks.get(kind, b"") + body
-        pos += 12 + n
-    w, h, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    assert (depth, color) == (8, 2) and b"IEND" in chunks
-    raw = torch.tensor(list(zlib.decompress(chunks[b"IDAT"])), dtype=torch.uint8).view(h, 1 + 3 * w)
-    assert (raw[:, 0] == 0).all()
-    return raw[:, 1:].reshape(h, w, 3)
-
-
-def test_chart_is_a_png_of_the_gains(tmp_path):
-    img = torch.randint(0, 256, (5, 7, 3), dtype=torch.uint8)
-    toy.write_png(img, tmp_path / "a.png")
-    assert torch.equal(read_png(tmp_path / "a.png"), img)
-    _, summary = train.summarize_study(rows_for([(0.2, 0.5, 1.0), (0.4, 0.5, 1.0), (0.6, 0.9, 1.0)]))
-    toy.chart(summary, ["mask"], ["full"], tmp_path / "study.png")
-    chart = read_png(tmp_path / "study.png")
-    assert (chart == 170).all(-1).any()  # the gain's bar (grey: not beyond noise)
+def test_chart_draws_the_gains(tmp_path):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    _, summary = study.summarize_study(rows_for([(0.2, 0.5, 1.0), (0.4, 0.5, 1.0), (0.6, 0.9, 1.0)]))
+    assert study.chart(summary, tmp_path / "study.png")
+    chart = plt.imread(tmp_path / "study.png")[..., :3]  # (H, W, 3) floats in [0, 1]
+    grey = (abs(chart - 0.7) < 0.01).all(-1)
+    assert grey.any()  # the gain's bar (grey: not beyond noise)

@@ -18,7 +18,7 @@ import train
 from data import eval_prompt
 from eval import generate
 from lora import add_lora
-from model import load_model, load_tokenizer
+from checkpoint import load_model, load_tokenizer
 from conftest import QUESTIONS
 
 needs_cxx = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")),
@@ -310,8 +310,6 @@ def test_loss_and_gradient_are_the_defined_token_means(world, loss_mean, micro):
     batch, however it is split; micro-batch (the released run's HF Trainer): each micro-batch's own token mean,
     averaged over the micro-batches. The step's logged loss and gradient norm (taken before clipping) equal the
     definition's, computed here in one pass with F.cross_entropy."""
-    import argparse
-
     import torch.nn.functional as F
 
     from data import IGNORE_INDEX, tokenize_dataset
@@ -338,10 +336,10 @@ def test_loss_and_gradient_are_the_defined_token_means(world, loss_mean, micro):
     loss.backward()
     grad_norm = torch.cat([p.grad.flatten() for p in ref.parameters() if p.requires_grad]).norm().item()
 
-    args = argparse.Namespace(lr=0.0, weight_decay=0.0, warmup_ratio=0.0, grad_clip=1e9, batch_size=4,
-                              micro_batch_size=micro,
-                              max_steps=1, epochs=1, seed=0, save_every=100, resume=False, stop_after=None,
-                              loss_mean=loss_mean)
+    args = train.TrainSettings(lr=0.0, weight_decay=0.0, warmup_ratio=0.0, grad_clip=1e9, batch_size=4,
+                               micro_batch_size=micro,
+                               max_steps=1, epochs=1, seed=0, save_every=100, resume=False, stop_after=None,
+                               loss_mean=loss_mean)
     logged = train.train(fresh(), dataset, args, world["tmp"] / f"{loss_mean}-{micro}", pad_id=0)[0]
     assert logged["loss"] == pytest.approx(loss.item(), rel=1e-5)
     assert logged["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)

@@ -1,0 +1,167 @@
+"""
+The run directory (--out): what a run writes there, the checks that keep two runs from mixing in it, and the
+checkpoint that lets an interrupted run continue exactly where it stopped (--resume).
+
+    args.json         the flags of the run (a resumed run keeps the ones it started with)
+    train_log.jsonl   one line per optimizer step
+    checkpoint.pt     PEFT weights, optimizer state, step and RNG states, written atomically (tmp file, rename)
+    adapter/          the trained module, in the PEFT format for a LoRA
+    eval-*.jsonl      per-example evaluations; results.json marks a finished run
+    refit-new/        the upper bound's own run (--refit-new)
+
+A resumed run reproduces the uninterrupted one bit for bit: the data order and the layer drops are functions of
+(seed, step), and the checkpoint restores the weights, AdamW's moments and torch's RNG states.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+from pathlib import Path
+
+import torch
+
+import adapter as adapter_lib
+import lora as lora_lib
+from checkpoint import is_main_process, read_json, read_torch_file
+
+
+def default_out(args, kind: str = "") -> Path:
+    def short(name):
+        return Path(str(name)).name.replace("/", "_")
+
+    def rate(r):  # per-layer rates by a short hash of their values: two schedules never share a directory
+        return r if isinstance(r, float) else "layerwise-" + hashlib.sha1(json.dumps(r).encode()).hexdigest()[:8]
+
+    rates = f"cross{rate(args.p_cross)}-intra{rate(args.p_intra)}" + (f"-attn{args.p_attn}" if args.p_attn else "")
+    return Path("runs") / f"{short(args.old)}-{short(args.new)}-{args.peft}{kind}-{rates}-seed{args.seed}"
+
+
+def save_peft(model, out_dir: Path, base: str) -> None:
+    """Write the module to out_dir.tmp, then rename: a kill while saving never leaves a half-written adapter."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if is_main_process():
+        shutil.rmtree(tmp, ignore_errors=True)
+    if any(isinstance(m, lora_lib.LoRALinear) for m in model.modules()):
+        lora_lib.save_lora(model, tmp, base_model_name_or_path=base)
+    else:
+        adapter_lib.save_adapter(model, tmp, base_model_name_or_path=base)
+    if is_main_process():
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+
+
+def save_atomic(obj, path: Path) -> None:
+    """Write to a temporary file, then rename: an interrupted save never leaves a half-written checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint_state(model, optimizer, step: int) -> dict:
+    return {
+        "step": step,
+        "trainable": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+        "optimizer": optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+CHECKPOINT_KEYS = {"step", "trainable", "optimizer", "torch_rng", "cuda_rng"}
+
+
+def restore_checkpoint(model, optimizer, path: Path) -> int:
+    state = read_torch_file(path)
+    if not CHECKPOINT_KEYS <= state.keys():
+        raise ValueError(f"{path} is not a checkpoint written by train.py (it lacks "
+                         f"{', '.join(sorted(CHECKPOINT_KEYS - state.keys()))}): "
+                         "start the run again with --overwrite.")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(state["trainable"]):
+        raise ValueError(f"{path} holds other trainable weights than this run's PEFT module: start the run again with "
+                         "--overwrite.")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state["trainable"][n])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"]
+
+
+# What a run writes into its directory, and the flags a resumed run may change: they decide how it runs, not what
+# it computes (the checkpoint and the data order are the same whatever they are).
+RUN_OUTPUTS = ("args.json", "train_log.jsonl", "checkpoint.pt", "adapter", "eval-old.jsonl", "eval-new.jsonl",
+               "results.json", "refit-new")
+HOW_FLAGS = ("device", "micro_batch_size", "eval_batch_size", "save_every", "stop_after", "resume", "overwrite",
+             "compile", "grad_checkpointing", "out")
+
+
+def check_run_dir(out: Path, args) -> None:
+    """Refuse, before anything is written, a run that would lose or mix another: a finished run without --overwrite,
+    an unfinished one without --resume or --overwrite, a --resume with other result-deciding flags than the run's."""
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them.")
+    started = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if (out / "results.json").exists() and not args.overwrite:
+        raise ValueError(f"{out} already holds a finished run (results.json): pass --overwrite to replace it, or "
+                         "another --out.")
+    if started and not (args.resume or args.overwrite):
+        raise ValueError(f"{out} holds an unfinished run ({', '.join(started)}): pass --resume to continue it, or "
+                         "--overwrite to start it again (or choose another --out).")
+    if not args.resume:
+        return
+    if not (out / "checkpoint.pt").exists():
+        raise ValueError(f"Nothing to resume in {out}: it has no checkpoint.pt (none is written before step "
+                         "--save-every). Start the run again with --overwrite.")
+    if not (out / "args.json").exists():
+        raise ValueError(f"{out} has a checkpoint but no args.json, so its flags are unknown: start the run again with "
+                         "--overwrite.")
+    stored, now = read_json(out / "args.json"), json.loads(json.dumps(vars(args), default=str))
+    for name, value in now.items():
+        if name not in HOW_FLAGS and stored.get(name) != value:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{out} was started with {flag} {stored.get(name)} and this command says {value}: a "
+                             "resumed run keeps the flags that decide its result (only "
+                             f"{', '.join('--' + h.replace('_', '-') for h in HOW_FLAGS)} "
+                             "may change). Resume with the original value, or start again with --overwrite.")
+
+
+def remove(*paths: Path) -> None:
+    """Delete files and directories that may or may not exist."""
+    for path in paths:
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def begin_run(out: Path, args) -> None:
+    """After every check: clear a run that --overwrite replaces, remove what an interrupted save left behind, and
+    record the flags (a resumed run keeps the args.json it started with)."""
+    if not is_main_process():
+        return
+    if args.overwrite:
+        remove(*(out / name for name in RUN_OUTPUTS))
+    remove(out / "checkpoint.pt.tmp", out / "adapter.tmp", out / "refit-new" / "checkpoint.pt.tmp",
+           out / "refit-new" / "adapter.tmp")
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+
+
+def interrupted(args, argv: list[str], toy_out: Path) -> str:
+    """The one line a Ctrl-C ends with: where the last checkpoint is, and the command that continues from it."""
+    if args.old is None:
+        return (f"interrupted: the toy study in {toy_out} is incomplete; run the same command with --overwrite to "
+                "start it again.")
+    out = Path(args.out) if args.out else default_out(args)
+    flags = [a for a in argv if a not in ("--resume", "--overwrite")]
+    ckpt = next((c for c in (out / "refit-new" / "checkpoint.pt", out / "checkpoint.pt") if c.exists()), None)
+    if ckpt is None:
+        again = shlex.join(flags + ["--overwrite"])
+        return f"interrupted before the first checkpoint in {out}; start again with: python train.py {again}"
+    again = shlex.join(flags + ["--resume"])
+    return f"interrupted: the last checkpoint is {ckpt}; continue with: python train.py {again}"

@@ -1,0 +1,582 @@
+"""
+The study: does Trans-PEFT make a PEFT module survive an update better than plain training, and for the reason the
+paper gives? Arms x seeds x bases, paired; the same code for the toy world (python train.py, no flags) and for real
+bases (python train.py --old A --new B --arms plain,transpeft,refit).
+
+Terms, in the order a reader meets them:
+    arm          one way of training the module (ARMS): plain, Trans-PEFT's interventions, a control, the upper bound.
+                 Every arm is compared with plain training of the same seed.
+    seed         pairs the arms: every arm of a seed starts from the same module initialisation and sees the same data
+                 order; only the arm's own intervention differs. The seeds are the independent samples.
+    source       accuracy of the trained module on the base it was trained on (toy-v1, or --old).
+    transfer     accuracy of the same module, unchanged, on the update (toy-v2..., or --new).
+    regime       (toy) which weights an update may change: all (full), the FFN only, attention only (toy.REGIMES).
+                 The paper's account predicts gains where the FFN moves, none where only attention does.
+    control A    masking at the same rate on attention's input to o_proj instead of the FFN (transpeft.py): is a gain
+                 specific to taking FFN knowledge away? control B: stronger LoRA dropout, a generic regulariser.
+    paired difference   per seed, transfer(arm) - transfer(plain); its mean with a 95% t interval (mean ± t SE).
+    intention to treat  every seed counts, also one whose module never learned the task: failing to learn is part of
+                 an intervention's effect. (Secondary, in the report: only seeds where both arms learned it.)
+    sign-flip p  the exact permutation test of "mean difference 0": under it each seed's difference is as likely to
+                 have either sign. Holm: the p-values of all comparisons adjusted together, so that "beyond noise"
+                 (adjusted p < 0.05) keeps a 5% chance of any false alarm among them.
+    regime contrast  per arm and seed, gain under the FFN-only update minus gain under the attention-only update: the
+                 paper's account predicts > 0 for Trans-PEFT and < 0 for control A.
+    the bound    G = ||dL/d(FFN outputs)|| on the old base (transpeft.ffn_gradient) against the loss gap the update
+                 causes: the paper's first-order account, with Spearman's rank correlation over arms x seeds.
+
+What `python train.py` prints at the end: the transfer table and one sentence per regime; everything else (source
+accuracy, the learned-seeds comparison, the regime contrast, the bound, each update's drift) goes to report.txt
+beside results.json, and the chart to study.png (where matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import lora as lora_lib
+import toy
+from analysis import analyze_drift, pyplot
+from checkpoint import cache_dir, is_main_process, load_model, load_tokenizer, read_json
+from data import IGNORE_INDEX, collate, next_token_targets, tokenize_dataset
+from eval import evaluate
+from rundir import remove
+from train import TrainSettings, default_out, interventions, run_experiment, train
+from transpeft import ffn_gradient
+
+# -----------------------------------------------------------------------------------------------------------
+# The arms: one schema for the toy and for real bases
+
+RATE = 0.1  # the released recipe's p_cross, used for every intervention so that the arms are comparable
+# An arm changes a run by these keys, every other intervention staying off: p_intra, p_cross (Trans-PEFT), p_attn
+# (control A), lora_dropout, train_on="new" (the upper bound), rates_from_flags (the rates of --p-intra, --p-cross,
+# --p-attn). "{peft}" in a name is LoRA or adapter. Arms marked on_request run only when named (or with --arms all):
+# so that the toy's default fits 10 minutes, masking alone (masking + dropping contains it) and the upper bound (a
+# training per seed) are among them.
+ARMS = [
+    dict(key="plain", name="plain {peft}"),
+    dict(key="transpeft", name="Trans-PEFT trained on old (the flags' rates)", rates_from_flags=True, on_request=True),
+    dict(key="mask", name=f"Trans-PEFT masking (p_intra {RATE})", p_intra=RATE, on_request=True),
+    dict(key="drop", name=f"Trans-PEFT dropping (p_cross {RATE})", p_cross=RATE),
+    dict(key="both", name="Trans-PEFT masking + dropping", p_intra=RATE, p_cross=RATE),
+    dict(key="attn_mask", name=f"control A: masking attention ({RATE})", p_attn=RATE),
+    dict(key="lora_dropout", name="control B: LoRA dropout 0.3", lora_dropout=0.3),
+    dict(key="refit", name="upper bound: {peft} trained on the update", train_on="new", on_request=True),
+]
+# The toy's LoRA recipe. Chosen on pilot seeds 100-111, which no reported study uses, for plain LoRA to learn the
+# task (source accuracy >= 0.9) on every seed: it did on 12 of 12 with this recipe (source >= 0.96), on 9 of 12 with
+# 300 steps, and on seeds 100-105 on 2 of 6 at lr 1e-2 for 200 steps and 4 of 6 at lr 5e-3 for 200 steps. Learning
+# to copy the question's quantity comes late and suddenly; too high a rate or too few steps miss it.
+TOY_LORA = dict(r=8, alpha=16, dropout=0.05, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+                lr=5e-3, steps=500, warmup_ratio=0.1, batch_size=16, max_len=128, max_new_tokens=24)
+
+
+def select_arms(wanted: list[str] | None, peft: str = "LoRA") -> list[dict]:
+    """The arms named, in ARMS order, names filled in. None: every arm not run on request; "all": every arm with
+    settings of its own (not "transpeft", which at the default flags is "drop")."""
+    keys = [a["key"] for a in ARMS]
+    if wanted and (unknown := set(wanted) - set(keys) - {"all"}):
+        raise ValueError(f"Unknown arm(s) {', '.join(sorted(unknown))}: choose from {', '.join(keys)}, or all.")
+
+    def chosen(a):
+        if not wanted:
+            return not a.get("on_request")
+        return a["key"] in wanted or ("all" in wanted and not a.get("rates_from_flags"))
+
+    return [{**a, "name": a["name"].format(peft=peft)} for a in ARMS if chosen(a)]
+
+
+def arm_settings(arm: dict, flags: argparse.Namespace | None = None) -> dict:
+    """The interventions an arm trains with: its own (every other rate 0); rates_from_flags: those of the flags."""
+    own = {k: getattr(flags, k) for k in ("p_intra", "p_cross", "p_attn")} if arm.get("rates_from_flags") else {}
+    return {"p_intra": 0.0, "p_cross": 0.0, "p_attn": 0.0, **own,
+            **{k: arm[k] for k in ("p_intra", "p_cross", "p_attn", "lora_dropout") if k in arm}}
+
+
+# -----------------------------------------------------------------------------------------------------------
+# One arm of the toy study
+
+
+def toy_lora(arm: dict, settings: dict, seed: int, base: str, dataset, tokenizer, run_dir: Path, recipe: dict,
+             device="cpu"):
+    """One arm's LoRA for one seed, trained on base and saved to run_dir/adapter; returns (model, log).
+
+    Pairing: every arm of a seed starts from the same LoRA initialisation (torch.manual_seed(seed) right before
+    add_lora) and sees the same data order (train() draws it from the seed); the Trans-PEFT drops from a generator
+    seeded with the seed. Only the arm's own intervention differs."""
+    s = TrainSettings(lr=recipe["lr"], batch_size=recipe["batch_size"], micro_batch_size=recipe["batch_size"],
+                      max_steps=recipe["steps"], warmup_ratio=recipe["warmup_ratio"], seed=seed, save_every=10**9)
+    torch.manual_seed(seed)
+    model = load_model(base, device=device)
+    lora_lib.add_lora(model, r=recipe["r"], alpha=recipe["alpha"],
+                      dropout=settings.get("lora_dropout", recipe["dropout"]), targets=list(recipe["targets"]),
+                      verbose=False)
+    rates = {k: settings[k] for k in ("p_intra", "p_cross", "p_attn")}
+    with interventions(model, **rates, seed=seed):
+        log = train(model, dataset, s, run_dir, tokenizer.pad_token_id,
+                    desc=f"seed {seed} {arm['key']} on {Path(base).name}")
+    lora_lib.save_lora(model, run_dir / "adapter", base_model_name_or_path=base)
+    return model, log
+
+
+def toy_arm(arm: dict, settings: dict, seed: int, old: str, updates: list[tuple], dataset, test, test_batch,
+            tokenizer, run_dir: Path, recipe: dict, device="cpu") -> list[dict]:
+    """Train one arm for one seed on toy-v1 and evaluate it there (source) and, unchanged, on every update (transfer),
+    with both sides of the paper's bound (transpeft.ffn_gradient) on the test questions; one row per update.
+    updates: (regime, update seed, directory). The upper bound (train_on="new") is trained on each of `updates`
+    itself; the study passes it the first update only, as each costs a training."""
+    ev = dict(max_new_tokens=recipe["max_new_tokens"], batch_size=len(test))
+    ids, targets = test_batch
+    if arm.get("train_on") == "new":
+        rows = []
+        for regime, u, path in updates:
+            model, log = toy_lora(arm, settings, seed, path, dataset, tokenizer, run_dir / Path(path).name, recipe,
+                                  device)
+            acc = evaluate(model, tokenizer, test, out_jsonl=run_dir / Path(path).name / "eval.jsonl",
+                           desc=f"eval on {Path(path).name}", **ev)
+            rows.append({"arm": arm["key"], "seed": seed, "regime": regime, "update_seed": u,
+                         "final_loss": log[-1]["loss"], "source": None, "transfer": acc["accuracy"]})
+        return rows
+    model, log = toy_lora(arm, settings, seed, old, dataset, tokenizer, run_dir, recipe, device)
+    own = evaluate(model, tokenizer, test, out_jsonl=run_dir / "eval-toy-v1.jsonl", desc="eval on toy-v1", **ev)
+    loss_old, grad = ffn_gradient(model, ids, targets)
+    rows = []
+    for regime, u, path in updates:
+        moved = lora_lib.load_lora(load_model(path, device=device), run_dir / "adapter")
+        name = Path(path).name
+        on_new = evaluate(moved, tokenizer, test, out_jsonl=run_dir / f"eval-{name}.jsonl", desc=f"eval on {name}",
+                          **ev)
+        with torch.no_grad():
+            loss_new = (moved(ids, targets=targets) / (targets != IGNORE_INDEX).sum()).item()
+        rows.append({"arm": arm["key"], "seed": seed, "regime": regime, "update_seed": u, "final_loss": log[-1]["loss"],
+                     "source": own["accuracy"], "transfer": on_new["accuracy"], "ffn_grad_norm": grad,
+                     "loss_old": loss_old, "loss_new": loss_new})
+    return rows
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Statistics: paired differences over seeds
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+
+LEARNED = 0.9  # source accuracy from which an arm counts as having learned the task on toy-v1
+
+
+# Student's t quantile t(0.975, df): a 95% interval for a mean is mean ± T975[df] * SE (df = n - 1; a df between
+# the listed ones takes the next smaller one, which widens the interval slightly).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228, 11: 2.201,
+        12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060,
+        30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+
+
+def sign_flip_p(diffs: list[float]) -> float:
+    """Two-sided p-value of the paired sign-flip (permutation) test of "mean difference 0": under that hypothesis
+    each seed's difference is as likely to have either sign, so p = the fraction of the 2^n sign patterns whose
+    |mean| reaches the observed one. Exact up to n = 16 (65,536 patterns); beyond, 2^16 random patterns."""
+    d = torch.tensor(diffs, dtype=torch.float64)
+    n = len(diffs)
+    if n <= 16:
+        signs = (torch.arange(2**n)[:, None] >> torch.arange(n)) & 1  # (2^n, n): every pattern, the identity included
+    else:
+        signs = torch.randint(0, 2, (2**16, n), generator=torch.Generator().manual_seed(0))
+        signs[0] = 0
+    flipped = ((1 - 2 * signs.double()) * d).mean(1).abs()
+    return (flipped >= d.mean().abs() - 1e-12).double().mean().item()
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment: the k-th smallest of m p-values times (m - k + 1), kept monotone, capped at 1.
+    Rejecting where the adjusted p < 0.05 keeps the chance of any false "beyond noise" among the m at 5%."""
+    m, adjusted, running = len(pvalues), [0.0] * len(pvalues), 0.0
+    for k, i in enumerate(sorted(range(m), key=lambda i: pvalues[i])):
+        running = max(running, min(1.0, (m - k) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def paired_interval(diffs: list[float]) -> dict:
+    """Mean of paired differences, its std, SE, the half-width of its 95% t interval (n >= 2), and the sign-flip p."""
+    m, sd = mean_std(diffs)
+    se = sd / len(diffs) ** 0.5
+    half = T975[max(k for k in T975 if k <= len(diffs) - 1)] * se
+    return {"n": len(diffs), "mean": m, "std": sd, "se": se, "ci95": half, "excludes_0": abs(m) > half,
+            "p": sign_flip_p(diffs)}
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the ranks (ties share their mean rank)."""
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return cov / var if var > 0 else float("nan")
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Summary, tables and chart
+
+PREDICTION = {"full": "the paper expects Trans-PEFT to help where an update rewrites FFN knowledge more than attention",
+              "ffn": "the paper predicts the largest Trans-PEFT gains here and none from control A",
+              "attn": "the paper predicts no Trans-PEFT gain here; control A, which hides attention instead, should "
+                      "gain"}
+
+
+def summarize_study(rows: list[dict], arms: list[dict] | None = None, source_label: str = "source (toy-v1)",
+                    learned: float | None = LEARNED) -> tuple[str, dict]:
+    """The study's tables from its rows (one per arm, seed, regime, update seed).
+
+    Per regime and arm: transfer accuracy, and the paired difference of transfer against plain LoRA over seeds
+    (primary: every seed, intention to treat, since whether an intervention lets the task be learned at all is part
+    of its effect; secondary, where `learned` is given: the seeds where both arms reached that source accuracy,
+    labelled so, since it compares arms on different subsets). Every update seed of a regime evaluates the same
+    trained modules, so the independent samples are the seeds: a seed's differences are averaged over the regime's
+    update seeds, and n is the number of seeds. 95% intervals from the t distribution; p from the sign-flip test,
+    Holm-adjusted over every arm × regime comparison.
+    Then, where both the FFN-only and the attention-only update were run, the regime contrast: the paper's own
+    prediction is that Trans-PEFT's gain depends on what the update moved, so per arm and seed
+    c = Δ(ffn update) − Δ(attn update), with its t interval and sign-flip p, Holm-adjusted over the arms (a family of
+    its own): c > 0 for the FFN interventions, c < 0 for control A, if the paper's account is the one at work.
+    Then the paper's bound: per arm the FFN-output gradient norm G on toy-v1 and the loss gap per regime, with
+    Spearman's rank correlation of the two over arms × seeds."""
+    arms = arms or select_arms(["all"])
+    names = {a["key"]: a["name"] for a in arms}
+    present = [a["key"] for a in arms if any(r["arm"] == a["key"] for r in rows)]
+    regimes = list(dict.fromkeys(r["regime"] for r in rows))
+    threshold = learned
+
+    def has_learned(r):  # the upper bound is trained on the update itself
+        return threshold is not None and (r["source"] is None or r["source"] >= threshold)
+
+    summary: dict = {"regimes": {}, "arms": {}, "learned_threshold": threshold}
+    for key in present:  # source accuracy does not depend on the regime: one value per seed
+        src = {r["seed"]: r["source"] for r in rows if r["arm"] == key and r["source"] is not None}
+        summary["arms"][key] = {"name": names[key], "seeds": len({r["seed"] for r in rows if r["arm"] == key}),
+                                "learned": (sum(s >= threshold for s in src.values())
+                                            if src and threshold is not None else None),
+                                "source": mean_std(list(src.values())) if src else None}
+    tests = []  # (regime, arm, p) of every primary comparison, for Holm
+    gains = {}  # (regime, arm) -> {seed: its difference from plain LoRA, averaged over the regime's update seeds}
+    for regime in regimes:
+        rr = [r for r in rows if r["regime"] == regime]
+        plain = {(r["update_seed"], r["seed"]): r for r in rr if r["arm"] == "plain"}
+        per_arm = {}
+        for key in present:
+            rs = [r for r in rr if r["arm"] == key]
+            if not rs:  # (the upper bound is trained on the first update only)
+                continue
+            s = {"transfer": mean_std([r["transfer"] for r in rs])}
+            every, learned_only = {}, {}  # seed -> its differences, one per update seed
+            for r in rs:
+                p = plain.get((r["update_seed"], r["seed"]))
+                if p is None or key == "plain":
+                    continue
+                every.setdefault(r["seed"], []).append(r["transfer"] - p["transfer"])
+                if has_learned(r) and has_learned(p):
+                    learned_only.setdefault(r["seed"], []).append(r["transfer"] - p["transfer"])
+            for name, by_seed in (("itt", every), ("learned_subset", learned_only)):
+                diffs = [sum(d) / len(d) for d in by_seed.values()]
+                if len(diffs) > 1:
+                    s[name] = paired_interval(diffs)
+                if name == "itt":
+                    gains[regime, key] = dict(zip(by_seed, diffs))
+            if "itt" in s:
+                tests.append((regime, key, s["itt"]["p"]))
+            per_arm[key] = s
+        summary["regimes"][regime] = {"arms": per_arm, "bound": bound_summary(rr, present)}
+    for (regime, key, _), adj in zip(tests, holm([t[2] for t in tests])):
+        summary["regimes"][regime]["arms"][key]["itt"]["p_holm"] = adj
+    summary["comparisons"] = len(tests)
+    contrast = {}
+    for key in present:
+        ffn, attn = gains.get(("ffn", key), {}), gains.get(("attn", key), {})
+        c = [ffn[seed] - attn[seed] for seed in ffn if seed in attn]
+        if len(c) > 1:
+            contrast[key] = paired_interval(c)
+    for key, adj in zip(contrast, holm([c["p"] for c in contrast.values()])):
+        contrast[key]["p_holm"] = adj
+    summary["regime_contrast"] = contrast
+    return format_study(summary, names, present, regimes, source_label), summary
+
+
+def bound_summary(rows: list[dict], present: list[str]) -> dict:
+    """For one regime: per arm the mean FFN-output gradient norm G on toy-v1 and the mean loss gap |L_new - L_old|
+    (a seed's gap averaged over the regime's update seeds), and Spearman's ρ(G, gap) over every arm's seeds."""
+    gaps = {}  # (arm, seed) -> (G, [gap per update seed])
+    for r in rows:
+        if r.get("ffn_grad_norm") is not None:
+            gap = abs(r["loss_new"] - r["loss_old"])
+            gaps.setdefault((r["arm"], r["seed"]), (r["ffn_grad_norm"], []))[1].append(gap)
+    points = {key: (g, sum(gs) / len(gs)) for key, (g, gs) in gaps.items()}  # (arm, seed) -> (G, mean gap)
+    out = {"arms": {}}
+    for key in present:
+        pts = [pt for (a, _), pt in points.items() if a == key]
+        if pts:
+            out["arms"][key] = {"grad_norm": sum(p[0] for p in pts) / len(pts),
+                                "loss_gap": sum(p[1] for p in pts) / len(pts)}
+    if len(points) > 2:
+        g, gap = zip(*points.values())
+        out["spearman"], out["n"] = spearman(list(g), list(gap)), len(points)
+    return out
+
+
+def delta(c: dict | None) -> str:
+    """A paired difference as 'mean ± half-width p p-value', marked * where beyond noise (Holm-adjusted p < 0.05)."""
+    if c is None:
+        return ""
+    mark = " *" if c.get("p_holm", 1) < 0.05 else ""
+    return f"{c['mean']:+.2f} ± {c['ci95']:.2f} p {c.get('p_holm', c['p']):.2f}{mark}"
+
+
+def transfer_table(summary: dict) -> list[str]:
+    """The study's main table: per arm and regime, transfer accuracy and its paired difference to plain training."""
+    names = {key: a["name"] for key, a in summary["arms"].items()}
+    regimes, w, cell = list(summary["regimes"]), max(map(len, names.values())), 34
+    lines = ["transfer accuracy on the updates (mean ± std) and its paired difference to plain LoRA over every seed "
+             "(95% t interval, sign-flip p Holm-adjusted; * p < 0.05)",
+             f"{'arm':<{w}}  " + "  ".join(f"{regime + ' update':<{cell}}" for regime in regimes)]
+    for key, name in names.items():
+        cells = []
+        for regime in regimes:
+            s = summary["regimes"][regime]["arms"].get(key)
+            cells.append(f"{s['transfer'][0]:.2f} ± {s['transfer'][1]:.2f}  {delta(s.get('itt')):<20}" if s else "-")
+        lines.append(f"{name:<{w}}  " + "  ".join(f"{c:<{cell}}" for c in cells))
+    return lines
+
+
+def headline(summary: dict) -> str:
+    """What a study prints at its end: the transfer table and one sentence per regime."""
+    names = {key: a["name"] for key, a in summary["arms"].items()}
+    sentences = [verdict(regime, s, names) for regime, s in summary["regimes"].items()]
+    return "\n".join(transfer_table(summary) + [""] + sentences)
+
+
+def format_study(summary: dict, names: dict, present: list[str], regimes: list[str], source_label: str) -> str:
+    """Every table of the study (the report): source accuracy, transfer, the learned-seeds comparison, the regime
+    contrast, the bound, and the sentences."""
+    w = max(len(names[k]) for k in present)
+    with_learned = summary["learned_threshold"] is not None
+    lines = [f"{'arm':<{w}}  " + (f"{'learned':>7}  " if with_learned else "") + f"{source_label:>15}"]
+    for key in present:
+        a = summary["arms"][key]
+        src = f"{a['source'][0]:.2f} ± {a['source'][1]:.2f}" if a["source"] else "(trained on it)"
+        learned = f"{a['learned']}/{a['seeds']}  " if a["learned"] is not None else "-  "
+        lines.append(f"{names[key]:<{w}}  " + (f"{learned:>9}" if with_learned else "") + f"{src:>15}")
+    cell = 34
+    lines += [""] + transfer_table(summary)
+    if summary["learned_threshold"] is not None:
+        lines += ["", "secondary: the same difference over the seeds where both arms learned the task (source >= "
+                  f"{summary['learned_threshold']}); unadjusted p",
+                  f"{'arm':<{w}}  " + "  ".join(f"{regime + ' update':<{cell}}" for regime in regimes)]
+    for key in present[1:] if summary["learned_threshold"] is not None else []:
+        cells = []
+        for regime in regimes:
+            c = summary["regimes"][regime]["arms"].get(key, {}).get("learned_subset")
+            cells.append(f"{delta(c)} (n {c['n']})" if c else "")
+        lines.append(f"{names[key]:<{w}}  " + "  ".join(f"{c:<{cell}}" for c in cells))
+    if summary["regime_contrast"]:
+        lines += ["", "regime contrast: the gain over plain LoRA under the FFN-only update minus that under the "
+                  "attention-only update, per seed (95% t interval, sign-flip p Holm-adjusted over the arms); the "
+                  "paper's account predicts > 0 for the FFN interventions and < 0 for control A"]
+        lines += [f"{names[key]:<{w}}  {delta(c)}" for key, c in summary["regime_contrast"].items()]
+    if any(summary["regimes"][regime]["bound"]["arms"] for regime in regimes):
+        lines += ["", "the paper's bound: G = ‖∂L/∂(FFN outputs)‖ on toy-v1 and the loss gap |L(update) − L(toy-v1)|, "
+                  "test questions, module attached, means over seeds",
+                  f"{'arm':<{w}}  {'G':>8}  " + "  ".join(f"{'gap ' + regime:>10}" for regime in regimes)]
+        for key in present:
+            b = [summary["regimes"][regime]["bound"]["arms"].get(key) for regime in regimes]
+            if b[0]:
+                gaps = "  ".join(f"{x['loss_gap']:>10.4f}" for x in b)
+                lines.append(f"{names[key]:<{w}}  {b[0]['grad_norm']:>8.4f}  {gaps}")
+        lines.append(f"{'Spearman ρ(G, gap), arms × seeds':<{w}}  {'':>8}  " + "  ".join(
+            f"{summary['regimes'][regime]['bound'].get('spearman', float('nan')):>+10.2f}" for regime in regimes))
+    lines.append("")
+    for regime in regimes:
+        lines.append(verdict(regime, summary["regimes"][regime], names))
+    if summary["regime_contrast"]:
+        beyond = [f"{names[k]} {c['mean']:+.2f}" for k, c in summary["regime_contrast"].items() if c["p_holm"] < 0.05]
+        lines.append("regime contrast (ffn − attn): " + ("beyond noise: " + "; ".join(beyond) if beyond else
+                     "no arm's gain depends on what the update moved beyond noise") + " (the paper's account predicts "
+                     "> 0 for masking and dropping, < 0 for control A).")
+    return "\n".join(lines)
+
+
+def verdict(regime: str, s: dict, names: dict) -> str:
+    """One sentence per regime: what differs from plain LoRA beyond noise, beside what the paper predicts."""
+    beyond = [f"{names[k]} {c['itt']['mean']:+.2f}" for k, c in s["arms"].items()
+              if c.get("itt", {}).get("p_holm", 1) < 0.05]
+    rho = s["bound"].get("spearman")
+    found = ("beyond noise: " + "; ".join(beyond)) if beyond else "no arm differs from plain LoRA beyond noise"
+    plain = s["arms"].get("plain", {}).get("transfer", (float("nan"),))[0]
+    bound = f"; ρ(G, gap) {rho:+.2f}" if rho is not None else ""
+    predicted = f" ({PREDICTION[regime]})" if regime in PREDICTION else ""
+    return f"{regime} update: plain transfers {plain:.2f}; {found}{bound}{predicted}."
+
+
+def chart(summary: dict, path: Path) -> bool:
+    """One panel per regime: each arm's paired transfer gain over plain training (every seed) as a bar, its 95% t
+    interval as a whisker; blue where the Holm-adjusted sign-flip p < 0.05, grey elsewhere. False (nothing written)
+    where matplotlib is not installed."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    regimes = list(summary["regimes"])
+    arms = [key for key in summary["arms"] if key != "plain"]
+    names = [summary["arms"][key]["name"] for key in arms]
+    fig, axes = plt.subplots(1, len(regimes), figsize=(3.2 * len(regimes) + 2.6, 0.45 * len(arms) + 1.4),
+                             sharex=True, sharey=True, squeeze=False)
+    for ax, regime in zip(axes[0], regimes):
+        cells = [summary["regimes"][regime]["arms"].get(key, {}).get("itt") for key in arms]
+        y = [i for i, c in enumerate(cells) if c]
+        shown = [c for c in cells if c]
+        colors = ["tab:blue" if c.get("p_holm", 1) < 0.05 else "0.7" for c in shown]
+        ax.barh(y, [c["mean"] for c in shown], xerr=[c["ci95"] for c in shown], color=colors, capsize=3)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_title(f"{regime} update")
+        ax.set_xlabel("transfer gain over plain")
+    axes[0][0].set_yticks(range(len(arms)), names)
+    axes[0][0].invert_yaxis()
+    fig.suptitle("transfer gain over plain training, every seed: mean and 95% t interval "
+                 "(blue: Holm-adjusted sign-flip p < 0.05)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def drift_table(drift: dict) -> str:
+    """Per update, its drift averaged over layers (analysis.analyze_drift)."""
+    columns = (("attn_weight", "attn ΔW/W"), ("ffn_weight", "ffn ΔW/W"), ("attn_cos", "attn 1-cos"),
+               ("ffn_cos", "ffn 1-cos"))
+    lines = ["drift of each update, mean over layers (each block fed toy-v1's hidden states on the test questions)",
+             f"{'update':<20} " + " ".join(f"{title:>11}" for _, title in columns)]
+    for name, layers in drift.items():
+        means = [sum(layer[k] for layer in layers) / len(layers) for k, _ in columns]
+        lines.append(f"{name:<20} " + " ".join(f"{m:>11.3f}" for m in means))
+    return "\n".join(lines)
+
+
+def finish(out: Path, results: dict, report: str, results_name: str = "results.json") -> None:
+    """Write results, report and chart; print the headline and, last, where everything is."""
+    (out / results_name).write_text(json.dumps(results, indent=2))
+    (out / "report.txt").write_text(report + "\n")
+    charted = chart(results["summary"], out / "study.png")
+    print("\n" + headline(results["summary"]))
+    if not charted:
+        print("(pip install matplotlib for the chart, study.png)")
+    written = ", ".join(str(out / name) for name in [results_name, "report.txt"] + ["study.png"] * charted)
+    print(f"\nwrote {written}; every table is in {out / 'report.txt'}" +
+          (f" ({results['minutes']:.1f} min)" if "minutes" in results else ""))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The toy study (python train.py, no flags) and the study on real bases (--old, --new, --arms)
+
+
+def toy_out(args) -> Path:
+    return Path(args.out or ("runs/toy-study-quick" if args.quick else "runs/toy-study"))
+
+
+def run_toy_study(args) -> dict:
+    """The embedded default: every arm (or --arms) for every seed, trained on toy-v1 and moved to every update of
+    every regime; then the drift analysis of each update, the tables and the chart."""
+    t_start = time.time()
+    recipe, base_recipe, root = dict(TOY_LORA), toy.RECIPE, None
+    if args.quick:  # a smoke test of the whole path, for CI: tiny bases, a few steps; the numbers mean nothing
+        base_recipe = {"v1": {**toy.RECIPE["v1"], "steps": 30}, "v2": {**toy.RECIPE["v2"], "steps": 10}}
+        root = cache_dir() / "quick"  # beside, not over, the real bases
+        recipe.update(steps=6)
+    arms = select_arms(args.arms)
+    if arms[0]["key"] != "plain":
+        raise ValueError("The toy study compares every arm with plain LoRA: --arms must include plain.")
+    out = toy_out(args)
+    if args.resume:
+        raise ValueError("The toy study cannot be resumed: run it again with --overwrite.")
+    started = (out / "args.json").exists() or (out / "results.json").exists()
+    if started and not args.overwrite:
+        state = "a finished study (results.json)" if (out / "results.json").exists() else "an unfinished study"
+        raise ValueError(f"{out} already holds {state}: pass --overwrite to replace it, or another --out.")
+    if args.overwrite:  # the study's own outputs only
+        remove(out / "args.json", out / "results.json", out / "report.txt", out / "study.png", *out.glob("seed[0-9]*"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "args.json").write_text(json.dumps({**vars(args), "recipe": recipe}, indent=2, default=str))
+
+    updates = []  # (regime, update seed, directory)
+    for regime in args.regimes:
+        for u in args.update_seeds:
+            old, new = toy.build_bases(u, recipe=base_recipe, root=root, regime=regime)
+            toy.task(toy.make_world(u))  # asserts that the task's answers hold on this update too
+            updates.append((regime, u, new))
+    train_examples, test = toy.task(toy.make_world(0))
+    if args.quick:
+        test = test[:12]
+    tokenizer = load_tokenizer(old)
+    dataset, _ = tokenize_dataset(train_examples, tokenizer, recipe["max_len"], prompt_fn=toy.train_prompt)
+    scored, _ = tokenize_dataset(test, tokenizer, recipe["max_len"], prompt_fn=toy.train_prompt)  # for the losses
+    ids, labels = collate(scored, tokenizer.pad_token_id)
+    test_batch = (ids.to(args.device), next_token_targets(labels).to(args.device))
+
+    rows = []
+    for seed in range(args.seeds):
+        for arm in arms:
+            t0 = time.time()
+            on = updates[:1] if arm.get("train_on") == "new" else updates  # the upper bound: on the first update only
+            new_rows = toy_arm(arm, arm_settings(arm, args), seed, old, on, dataset, test, test_batch, tokenizer,
+                               out / f"seed{seed}" / arm["key"], recipe, args.device)
+            rows += new_rows
+            src = f"{new_rows[0]['source']:.2f}" if new_rows[0]["source"] is not None else "  - "
+            transfer = " ".join(f"{r['regime']}-u{r['update_seed']} {r['transfer']:.2f}" for r in new_rows)
+            print(f"seed {seed} | {arm['name']:<42} | source {src} | transfer {transfer} | {time.time() - t0:.0f}s")
+    prompts = torch.tensor([tokenizer.encode(e["question"]) for e in test])  # every toy question is 8 words long
+    drift = {Path(new).name: analyze_drift(load_model(old), load_model(new), prompts) for _, _, new in updates}
+    report, summary = summarize_study(rows, arms)
+    results = {"recipe": recipe, "arms": arms, "seeds": args.seeds, "regimes": args.regimes,
+               "update_seeds": args.update_seeds,
+               "rows": rows, "summary": summary, "drift": drift, "minutes": (time.time() - t_start) / 60}
+    finish(out, results, report + "\n\n" + drift_table(drift))
+    return results
+
+
+def run_arms(args) -> dict:
+    """python train.py --old A --new B --arms plain,transpeft,refit: the paper's comparison, one run per arm and seed
+    under <out>/<arm>-seed<s> (each an ordinary run: --resume continues it, a finished one is reused), summarised as
+    the toy study is: seeds pair the arms (the same PEFT initialisation and data order)."""
+    arms = select_arms(args.arms, peft="LoRA" if args.peft == "lora" else "adapter")
+    out = Path(args.out) if args.out else default_out(args, kind="-arms")
+    rows = []
+    for seed in range(args.seed, args.seed + (args.seeds or 1)):
+        for arm in arms:
+            key = arm["key"]
+            run = argparse.Namespace(**{**vars(args), "arms": None, "seed": seed, "out": str(out / f"{key}-seed{seed}"),
+                                        "refit_new": False, **arm_settings(arm, args)})
+            done = Path(run.out) / "results.json"
+            refit = arm.get("train_on") == "new"
+            r = read_json(done) if done.exists() and args.resume else run_experiment(run, train_on_new=refit)
+            rows.append({"arm": key, "seed": seed, "regime": Path(str(args.new)).name, "update_seed": 0,
+                         "source": None if refit else r["source_old"]["accuracy"],
+                         "transfer": (r["refit_new"] if refit else r["transfer_new"])["accuracy"]})
+    report, summary = summarize_study(rows, arms, source_label=f"source ({Path(str(args.old)).name})", learned=None)
+    if is_main_process():
+        finish(out, {"rows": rows, "summary": summary}, report, results_name="arms.json")
+    return summary

@@ -7,9 +7,9 @@ A small two-layer network with a residual connection, inserted into every decode
     Adapter(h) = h + up(act(down(h)))        down: C -> b, up: b -> C, b << C (bottleneck), biases on
 
 `up` (weight and bias) and `down`'s bias start at zero, so every adapter is the identity and the model is unchanged at
-step 0; `down`'s weight starts N(0, 0.02). Only that last draw is the official code's: its adapter biases keep
-nn.Linear's default init, and models built through transformers' from_pretrained get both matrices re-drawn
-N(0, 0.02) by _init_weights, so the official adapter is not the identity at step 0 (README: where this code differs).
+step 0; `down`'s weight starts N(0, 0.02). The official adapter is built through transformers' from_pretrained,
+whose _init_weights draws both matrices N(0, 0.02) and zeroes both biases: the same but for `up`, so it is not the
+identity at step 0 (docs/differences.md).
 Two adapters per layer, on the attention and the FFN sub-block:
 
     series (default; the official placement):   x = x + Adapter(Attn(norm(x)))     then the same for the FFN

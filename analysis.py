@@ -100,7 +100,8 @@ def track_output_norms(model: nn.Module, batches: Sequence[torch.Tensor],
     every nn.Linear records, for each batch b, the L2 norm of each output channel c over the batch's tokens,
     n_b[c] = ‖Y_b[:, c]‖_2, and keeps an exponential moving average started at zero: s <- 0.9 s + 0.1 n_b.
     Returns s per module name; the model runs on its own activations. Unlike the official hook, the norms are taken
-    in float32 (it takes them in the activations' dtype) and not averaged over processes."""
+    in float32 (it takes them in the activations' dtype), not averaged over processes, and only on the batches given
+    (it also runs on training batches right-padded with id 2, whose padding positions enter its norms)."""
     tracked: dict[str, torch.Tensor] = {}
 
     def keep(name):

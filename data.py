@@ -1,6 +1,6 @@
 """
-The data side of the transfer experiment: GSM8K and MetaMathQA, the official prompts, tokenisation with labels,
-batching, and GSM8K answer extraction and scoring.
+The data side of the transfer experiment: GSM8K, MetaMathQA and MATH, the official prompts, tokenisation with
+labels, batching. (scoring.py reads the answers.)
 
 Training follows the official Trans-PEFT code (training_utils.py: SupervisedDataset, preprocess) byte for byte: a
 MetaMathQA query is split at its first newline into an instruction and an input; an example with an input gets
@@ -14,33 +14,26 @@ and its first len(tokens(prompt)) tokens are masked out of the loss:
 Tokenising the two parts together matters with byte-level BPE: the prompt's last ":" and the response's first
 word form one pre-token (":The"), so the joint ids are not the two parts' ids side by side. The labels come from
 the prompt's length, never from matching pad values (the pad id is often the EOS id, and matching would mask the
-EOS the model must learn to emit). Two details of the official code are not reproduced (README, "Where this code
-differs"): its collator pads with id 2 and derives both the prompt length and the attention mask from `!= 2`, so a
-prompt token with id 2 shortens the masked span and such tokens are hidden from attention; and an example whose
-prompt fills max_len is kept there with no supervised token, dropped here.
+EOS the model must learn to emit). Two details of the official code are not reproduced (docs/differences.md): its
+collator pads with id 2 and derives both the prompt length and the attention mask from `!= 2`, so a prompt token with
+id 2 shortens the masked span and such tokens are hidden from attention; and an example whose prompt fills max_len
+is kept there with no supervised token, dropped here.
 
-Scoring (is_correct), two scorers:
-    official  Trans-PEFT's (math_infer/gsm8k_infer.py + grader.py), the default: the first number after the last
-              "The answer is: " (MetaMathQA-trained models end that way), rounded to an integer, equal to the gold
-              number or within rel_tol 1e-4 of it, of gold/100 or of gold*100; no such phrase or number is wrong;
-    lenient   this project's: the number from the first of three rules that finds one, "The answer is: " (as above),
-              "#### " (the GSM8K answer format), the last number in the completion (LLM-Adapters' rule), equal to
-              the gold number. Numbers may carry a sign, a "$", thousands commas ("1,234") and decimals; "a/b" is a
-              fraction. A comma not followed by three digits ends a number ("72, altogether" is 72).
+Evaluation sets (load_eval_set): GSM8K's test split (question / answer ending in "#### N") and MATH's 5,000 test
+problems (problem / solution with its \\boxed answer; MetaMath's MATH_test.jsonl spells them instruction / output),
+each prompted with eval_prompt, as the released math_infer/ scripts do.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
-import unicodedata
-from fractions import Fraction
 from pathlib import Path
 
 import torch
 
-from checkpoint import read_json
+from checkpoint import is_main_process, read_json
+from scoring import gold_answer, math_gold
 
 IGNORE_INDEX = -100  # label of a position that carries no loss (F.cross_entropy's default ignore_index)
 
@@ -158,12 +151,11 @@ def _hub_file(repo_id: str, filename: str, what: str) -> Path:
                       "cache.") from None
 
 
-def load_examples(source: str, split: str = "train", max_samples: int | None = None,
-                  need_answers: bool = False) -> list[dict]:
+def load_examples(source: str, split: str = "train", max_samples: int | None = None) -> list[dict]:
     """Examples from "gsm8k" (hub openai/gsm8k, config main), "metamath" (hub meta-math/MetaMathQA) or a local
     .jsonl/.json/.parquet file; the first max_samples of them (the official recipe takes MetaMathQA's first 100,000).
     Every record used is checked when loaded (a bad one is named by file and line), so that bad data stops a run
-    before any compute. need_answers: every record must be GSM8K's question/answer with '#### N' (evaluation)."""
+    before any compute. (Evaluation sets: load_eval_sets.)"""
     if source == "gsm8k":
         path = _hub_file("openai/gsm8k", f"main/{split}-00000-of-00001.parquet", f"GSM8K's {split} split")
     elif source == "metamath":
@@ -179,39 +171,83 @@ def load_examples(source: str, split: str = "train", max_samples: int | None = N
     if not records:
         raise ValueError(f"{source} holds no examples: nothing to train or evaluate on.")
     examples = [_normalise(r, where) for where, r in records]
-    for (where, _), e in zip(records, examples):
-        if need_answers and "answer" not in e:
-            raise ValueError(f"{where} has no GSM8K answer: evaluation needs question/answer records ending in '#### "
-                             "N'.")
     return examples
 
 
+def load_training_set(source: str, tokenizer, max_samples: int | None, max_len: int) -> list[dict]:
+    """The first max_samples examples of source, tokenised (tokenize_dataset); an example whose prompt alone fills
+    max_len is dropped, and the count printed."""
+    examples = load_examples(source, "train", max_samples)
+    dataset, dropped = tokenize_dataset(examples, tokenizer, max_len)
+    if not dataset:
+        raise ValueError(f"No training example of {source} fits in --max-len {max_len}: every prompt fills it.")
+    if dropped and is_main_process():
+        print(f"note: {dropped} of {len(examples)} examples dropped: their prompt alone fills --max-len {max_len}")
+    return dataset
+
+
+MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
+                 "prealgebra", "precalculus")  # EleutherAI/hendrycks_math's configs: the 5,000 test problems together
+MAX_NEW_TOKENS = {"gsm8k": 1024, "math": 2048}  # the released evaluations' max_tokens per task
+
+
+def _eval_records(source: str, limit: int | None) -> list[tuple[str, object]]:
+    if source == "gsm8k":
+        path = _hub_file("openai/gsm8k", "main/test-00000-of-00001.parquet", "GSM8K's test split")
+        return _read_records(path)[:limit]
+    if source == "math":
+        records = []
+        for subject in MATH_SUBJECTS:  # (stops early: --eval-limit 8 reads one subject's file)
+            path = _hub_file("EleutherAI/hendrycks_math", f"{subject}/test-00000-of-00001.parquet",
+                             f"MATH's {subject} test problems")
+            records += _read_records(path)
+            if limit is not None and len(records) >= limit:
+                break
+        return records[:limit]
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--eval-data {source}: not gsm8k or math, and no such file: give gsm8k, math, or a "
+                                "local .jsonl/.json/.parquet file.")
+    return _read_records(path)[:limit]
+
+
+def _eval_example(record, where: str) -> tuple[str, dict]:
+    """(task, example) of one evaluation record: GSM8K {question, answer}; MATH {question, solution}."""
+    if not isinstance(record, dict) or ("question" in record and "answer" in record):
+        return "gsm8k", _normalise(record, where)  # (which names a record that is no JSON object)
+    for problem, solution in (("problem", "solution"), ("instruction", "output")):  # the hub's / MetaMath's names
+        if problem in record and solution in record:
+            return "math", {"question": _text(record, problem, where), "solution": _text(record, solution, where)}
+    raise ValueError(f"{where} has fields {sorted(record)}; an evaluation record needs GSM8K's question/answer, or "
+                     "MATH's problem/solution (MetaMath's copy: instruction/output).")
+
+
+def load_eval_sets(sources: list[str], limit: int | None = None) -> dict[str, list[dict]]:
+    """The evaluation sets named (gsm8k, math, or local files of either), checked before any compute: task name ->
+    its first `limit` examples ({question, answer} for GSM8K, {question, solution} for MATH). A MATH solution without
+    a \\boxed answer is named in one warning and kept: the official code scores it wrong, and so does this one."""
+    sets, origin = {}, {}
+    for source in sources:
+        records = _eval_records(source, limit)
+        if not records:
+            raise ValueError(f"--eval-data {source} holds no examples: nothing to evaluate on.")
+        tasks, examples = zip(*(_eval_example(r, where) for where, r in records))
+        task = tasks[0]
+        if other := next((w for (w, _), t in zip(records, tasks) if t != task), None):
+            raise ValueError(f"{other} is not a {task} record like the ones before it: keep one task per file.")
+        if task in sets:
+            raise ValueError(f"--eval-data names two {task} sets ({origin[task]} and {source}): give each task once.")
+        sets[task], origin[task] = list(examples), source
+        if task == "math":
+            missing = [where for (where, _), e in zip(records, examples) if math_gold(e["solution"]) is None]
+            if missing and is_main_process():
+                print(f"warning: {len(missing)} MATH solution(s) without a \\boxed answer ({', '.join(missing[:3])}"
+                      f"{', ...' if len(missing) > 3 else ''}): scored wrong, as the official code scores them")
+    return sets
+
+
 # -----------------------------------------------------------------------------------------------------------
-# Answers
-
-
-# A minus sign only when it touches the digits and follows no word character ("-3", "= -3", "(-3)" are negative;
-# "10-20" and "16 - 3" give no negative number), an optional "$", the integer part with proper thousands commas or
-# plain digits, decimals, and an optional "/denominator".
-NUMBER = re.compile(r"(?:(?<![\w)])(-))?\$?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?:\s?/\s?(\d+))?")
-
-
-def _value(match: re.Match) -> float:
-    sign, number, denominator = match.groups()
-    value = float(number.replace(",", ""))
-    if denominator is not None:
-        value = value / float(denominator) if float(denominator) != 0 else value
-    return -value if sign else value
-
-
-def gold_answer(answer_text: str) -> float:
-    """The number after the last "#### " of a GSM8K answer (commas removed)."""
-    if "#### " not in answer_text:
-        raise ValueError(f"not a GSM8K answer (no '#### ' before the final number): {answer_text[-80:]!r}")
-    match = NUMBER.search(answer_text.rsplit("#### ", 1)[1])
-    if match is None:
-        raise ValueError(f"no number after '#### ' in the answer {answer_text[-80:]!r}")
-    return _value(match)
+# Training targets
 
 
 def gsm8k_response(answer_text: str) -> str:
@@ -221,96 +257,6 @@ def gsm8k_response(answer_text: str) -> str:
     reasoning, final = answer_text.rsplit("#### ", 1)
     reasoning = re.sub(r"<<[^>]*>>", "", reasoning).strip()
     return f"{reasoning}\nThe answer is: {final.strip()}"
-
-
-def extract_answer_with_rule(completion: str) -> tuple[float | None, str | None]:
-    """The lenient scorer's number: (number, rule) from the first rule that finds one: official, gsm8k, last;
-    (None, None) if none does."""
-    if "The answer is: " in completion:
-        match = NUMBER.search(completion.rsplit("The answer is: ", 1)[1])
-        if match:
-            return float(round(_value(match))), "official"
-    if "#### " in completion:
-        match = NUMBER.search(completion.rsplit("#### ", 1)[1])
-        if match:
-            return _value(match), "gsm8k"
-    matches = list(NUMBER.finditer(completion))
-    if matches:
-        return _value(matches[-1]), "last"
-    return None, None
-
-
-def extract_answer(completion: str) -> float | None:
-    """The number a completion answers with by the lenient scorer (see extract_answer_with_rule), or None."""
-    return extract_answer_with_rule(completion)[0]
-
-
-# Trans-PEFT's own number pattern (math_infer/gsm8k_infer.py): an optional sign, digits, at most ONE of ".", "," or
-# "/", digits. So "1,234,567" reads as 1,234 and "1 / 2" as 1; a comma is a thousands separator wherever it stands.
-OFFICIAL_NUMBER = re.compile(r"[\-+]?\d*[\.,/]?\d+")
-
-
-def _is_number(text: str) -> bool:  # the official is_number: float() or a single numeric unicode character
-    try:
-        float(text)
-        return True
-    except ValueError:
-        pass
-    try:
-        unicodedata.numeric(text)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
-def official_prediction(completion: str) -> int | None:
-    """The official scorer's number (math_infer/gsm8k_infer.py, extract_answer_number), rule for rule: the first
-    OFFICIAL_NUMBER in the text after the LAST "The answer is: " (stripped), commas removed, rounded to an integer
-    with Python's round (half to even, so ".5" is 0); "a/b" is round(a / b), or round(a) where b is "0". None (wrong)
-    when the phrase or a number is missing. Differences: "a/00" crashes the official script (ZeroDivisionError),
-    here it is None; and its Fraction is the PyPI package `fraction`'s, here the standard library's."""
-    parts = completion.split("The answer is: ")
-    if len(parts) < 2:
-        return None
-    match = OFFICIAL_NUMBER.search(parts[-1].strip())
-    if match is None:
-        return None
-    text = match.group()
-    if "/" in text:
-        numerator, denominator = text.split("/")[:2]
-        if not (_is_number(numerator) and _is_number(denominator)):
-            return None
-        if denominator == "0":
-            return round(float(numerator.replace(",", "")))
-        try:
-            fraction = Fraction(text.replace(",", ""))
-        except ZeroDivisionError:
-            return None
-        return round(float(fraction.numerator / fraction.denominator))
-    value = float(text.replace(",", ""))
-    return None if value == float("inf") else round(value)
-
-
-SCORERS = ("official", "lenient")
-
-
-def is_correct(completion: str, gold_answer_text: str, scorer: str = "official") -> bool:
-    """Whether a completion answers a GSM8K question (gold: the number after '#### ').
-
-    official (Trans-PEFT's math_infer/gsm8k_infer.py + grader.py): official_prediction(completion) == gold, or, as
-    its math_equal does for two numbers, isclose(x, prediction, rel_tol=1e-4) for x in (gold/100, gold, gold*100):
-    so 100 answers 1 and 10000 answers 100 (percentages), and 123,460 answers 123,456 (within 1e-4).
-    lenient (this project's): the number of extract_answer_with_rule (The answer is:, then '#### ', then the last
-    number), equal to gold within 1e-6."""
-    gold = gold_answer(gold_answer_text)
-    if scorer == "official":
-        predicted = official_prediction(completion)
-        return predicted is not None and (float(predicted) == float(gold) or any(
-            math.isclose(x, predicted, rel_tol=1e-4) for x in (gold / 100, gold, gold * 100)))
-    if scorer == "lenient":
-        predicted = extract_answer(completion)
-        return predicted is not None and abs(predicted - gold) < 1e-6
-    raise ValueError(f"Unknown scorer {scorer!r}: choose from {', '.join(SCORERS)}.")
 
 
 # -----------------------------------------------------------------------------------------------------------

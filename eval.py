@@ -1,5 +1,6 @@
 """
-GSM8K evaluation: batched greedy decoding with the KV cache, and exact match of the final number.
+Evaluation on GSM8K and MATH: batched greedy decoding with the KV cache, and each completion scored as the released
+evaluation scores it (scoring.py).
 
 Decoding (the official protocol: greedy, the prompt ending "### Response: Let's think step by step.", stop
 strings "Instruction:", "Instruction", "Response:", "Response", and EOS):
@@ -11,10 +12,10 @@ strings "Instruction:", "Instruction", "Response:", "Response", and EOS):
              string, or max_new_tokens is reached
 
 Prompts are sorted by length before batching, so that rows of a batch need little padding, and the results are
-put back in input order. Each completion is scored by data.is_correct (both scorers) and written, with the question,
-predictions, gold answer and rule, to a jsonl file a reader can inspect.
+put back in input order. Each completion is scored by scoring.is_correct (both scorers) and written, with the
+question, both scorers' predictions and verdicts and the gold answer, to a jsonl file a reader can inspect.
 
-    python eval.py --model qwen2.5 --adapter runs/<run>/adapter [--eval-data gsm8k|PATH] [--eval-limit N]
+    python eval.py --model qwen2.5 --adapter runs/<run>/adapter [--eval-data gsm8k,math|PATH] [--eval-limit N]
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import (SCORERS, STOP_STRINGS, eval_prompt, extract_answer_with_rule, gold_answer, is_correct, load_examples,
-                  official_prediction)
+from data import MAX_NEW_TOKENS, STOP_STRINGS, eval_prompt, load_eval_sets
+from scoring import SCORERS, extract_answer_with_rule, gold, is_correct, predictions
 
 
 @torch.inference_mode()
@@ -121,15 +122,16 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, ba
 
 def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 512, batch_size: int = 16,
              out_jsonl: str | os.PathLike | None = None, desc: str = "eval", compile: bool = False,
-             scorer: str = "official") -> dict:
-    """GSM8K exact match of model on examples ({question, answer}) by `scorer` ("official" or "lenient",
-    data.is_correct); the other scorer's accuracy is reported beside it, so a reader sees how much the rule matters.
+             scorer: str = "official", task: str = "gsm8k") -> dict:
+    """Accuracy of model on examples of `task` (GSM8K {question, answer}, MATH {question, solution}) by `scorer`
+    (scoring.SCORERS); the other scorer's accuracy is reported beside it, so a reader sees how much the rule matters.
     Per-example records (both predictions and verdicts) to out_jsonl if given.
 
     Under torchrun every process decodes every N-th example and the records are gathered; process 0 writes them.
     The shares are padded to one length and decoding runs in lockstep, since a model sharded by FSDP needs every
     process in each forward pass."""
     rank, n_proc = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    references = [e["answer"] if task == "gsm8k" else e["solution"] for e in examples]
     mine = list(range(rank, len(examples), n_proc))
     share = math.ceil(len(examples) / n_proc)
     mine += [mine[-1] if mine else 0] * (share - len(mine))  # padding, dropped again below
@@ -139,7 +141,7 @@ def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 512, 
 
     def progress(rows, completions):
         nonlocal correct, seen
-        correct += sum(is_correct(completions[r], examples[mine[r]]["answer"], scorer) for r in rows)
+        correct += sum(is_correct(completions[r], references[mine[r]], scorer, task) for r in rows)
         seen += len(rows)
         bar.update(len(rows))
         bar.set_postfix(acc=f"{correct / seen:.1%}")  # of this process's share
@@ -155,19 +157,22 @@ def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 512, 
         done = {i: c for part in gathered for i, c in part.items()}
     records = []
     for i, e in enumerate(examples):
-        lenient, rule = extract_answer_with_rule(done[i])
-        verdicts = {name: is_correct(done[i], e["answer"], name) for name in SCORERS}
-        records.append({"question": e["question"], "completion": done[i], "gold": gold_answer(e["answer"]),
-                        "prediction_official": official_prediction(done[i]), "prediction_lenient": lenient,
-                        "rule_lenient": rule,
-                        **{f"correct_{name}": v for name, v in verdicts.items()}, "correct": verdicts[scorer]})
+        verdicts = {name: is_correct(done[i], references[i], name, task) for name in SCORERS}
+        read = predictions(done[i], task)
+        record = {"question": e["question"], "completion": done[i], "gold": gold(references[i], task),
+                  "prediction_official": read["official"], "prediction_lenient": read["lenient"]}
+        if task == "gsm8k":
+            record["rule_lenient"] = extract_answer_with_rule(done[i])[1]
+        records.append({**record, **{f"correct_{name}": v for name, v in verdicts.items()},
+                        "correct": verdicts[scorer]})
     if out_jsonl is not None and rank == 0:
         Path(out_jsonl).parent.mkdir(parents=True, exist_ok=True)
         with open(out_jsonl, "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
     n_correct = sum(r["correct"] for r in records)
-    result = {"scorer": scorer, "accuracy": n_correct / len(records), "correct": n_correct, "total": len(records)}
+    result = {"task": task, "scorer": scorer, "accuracy": n_correct / len(records), "correct": n_correct,
+              "total": len(records)}
     for name in SCORERS:
         result[f"accuracy_{name}"] = sum(r[f"correct_{name}"] for r in records) / len(records)
     return {**result, "seconds": time.time() - t0}
@@ -191,9 +196,9 @@ def load_for_eval(base: str, adapter_dir=None, device: str = "cpu", merged: bool
     """A base model for decoding, with the adapter in adapter_dir (if any) attached.
 
     merged=False: the base in bfloat16 on CUDA and float32 elsewhere, the adapter applied beside it (float32 weights).
-    merged=True, the released evaluation's path (math_infer/load_peft_utils.py: the base loaded in bfloat16, peft's
-    merge_and_unload, then decoding the merged bf16 model): W <- bf16(W + (alpha/r) B A) for every LoRA layer, on
-    any device, and decoding in bfloat16."""
+    merged=True, the released evaluation's path (math_infer/load_peft_utils.py: the base loaded in bfloat16, the
+    adapter merged by its bundled peft 0.9.0, the merged bf16 model decoded): W <- W + (alpha/r) B A with every step
+    in bfloat16 (lora.merge_lora(in_base_dtype=True)), on any device, and decoding in bfloat16."""
     from lora import lora_layers, merge_lora
     from checkpoint import load_model
 
@@ -205,7 +210,7 @@ def load_for_eval(base: str, adapter_dir=None, device: str = "cpu", merged: bool
             if not lora_layers(model):
                 raise ValueError(f"{adapter_dir} is not a LoRA: only a LoRA can be merged into its base (drop "
                                  "--eval-merged).")
-            merge_lora(model)
+            merge_lora(model, in_base_dtype=True)
     return model.eval()
 
 
@@ -224,29 +229,40 @@ def check_writable(path: Path) -> None:
         path.unlink()
 
 
+def eval_sources(text: str) -> list[str]:
+    """--eval-data's comma list (gsm8k, math, local files), each once."""
+    return list(dict.fromkeys(s.strip() for s in str(text).split(",") if s.strip()))
+
+
+def task_file(path: Path, task: str, several: bool) -> Path:
+    """The per-example file of one task: path itself, or path with -<task> before its suffix when there are several."""
+    return path.with_name(f"{path.stem}-{task}{path.suffix}") if several else path
+
+
 def main(argv=None) -> None:
     import argparse
 
     from checkpoint import check_device, load_tokenizer
 
-    p = argparse.ArgumentParser(description="GSM8K exact match of a base model, with or without an adapter.")
+    p = argparse.ArgumentParser(description="GSM8K and MATH accuracy of a base model, with or without an adapter.")
     p.add_argument("--model", required=True, help="alias, local checkpoint directory or hub repo id of the base")
     p.add_argument("--adapter", help="a LoRA (PEFT format) or bottleneck-adapter directory to load onto the base")
     # The evaluation flags are spelled as in train.py; the short spellings are kept as aliases.
     p.add_argument("--eval-data", "--data", dest="eval_data", default="gsm8k",
-                   help="gsm8k (hub), or a local GSM8K-format .jsonl/.parquet")
-    p.add_argument("--split", default="test")
+                   help="comma-separated: gsm8k, math (from the hub), or local .jsonl/.json/.parquet files")
     p.add_argument("--eval-limit", "--limit", dest="eval_limit", type=int, help="evaluate only the first N examples")
     p.add_argument("--eval-batch-size", "--batch-size", dest="eval_batch_size", type=int, default=16,
                    help="prompts decoded at once")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="the official evaluation allows 1024")
+    p.add_argument("--max-new-tokens", type=int,
+                   help="default per task, as released: " + ", ".join(f"{t} {n}" for t, n in MAX_NEW_TOKENS.items()))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", help="per-example jsonl (default: beside the adapter, or eval.jsonl)")
+    p.add_argument("--out", help="per-example jsonl (default: beside the adapter, or eval.jsonl; -<task> is added "
+                   "before the suffix when several tasks are evaluated)")
     p.add_argument("--compile", action="store_true",
                    help="decode with a static KV cache and the step compiled by torch.compile, replayed as a CUDA "
                         "graph on CUDA (the first batch of each size compiles)")
     p.add_argument("--scorer", choices=SCORERS, default="official",
-                   help="official: Trans-PEFT's GSM8K rule; lenient: ours (see data.is_correct)")
+                   help="official: the released evaluation's rules; lenient: ours (see scoring.py)")
     p.add_argument("--eval-merged", "--merged", dest="eval_merged", action="store_true",
                    help="merge the LoRA into the base in bfloat16 and decode that, as the released evaluation does")
     p.add_argument("--allow-other-architecture", action="store_true",
@@ -262,19 +278,25 @@ def main(argv=None) -> None:
     default = Path(args.adapter) / f"eval-{Path(str(args.model)).name}.jsonl" if args.adapter else "eval.jsonl"
     out = Path(args.out or default)
     try:
-        examples = load_examples(args.eval_data, args.split, args.eval_limit, need_answers=True)
-        check_writable(out)
+        sets = load_eval_sets(eval_sources(args.eval_data), args.eval_limit)
+        for task in sets:
+            check_writable(task_file(out, task, len(sets) > 1))
         model = load_for_eval(args.model, args.adapter, args.device, args.eval_merged, args.allow_other_architecture)
         tokenizer = load_tokenizer(args.model)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    result = evaluate(model, tokenizer, examples, args.max_new_tokens, args.eval_batch_size, out, compile=args.compile,
-                      scorer=args.scorer)
     other = next(name for name in SCORERS if name != args.scorer)
-    print(f"{args.model}{' + ' + args.adapter if args.adapter else ''}: GSM8K exact match ({args.scorer} scorer) "
-          f"{result['accuracy']:.2%} ({result['correct']}/{result['total']}; {other} scorer "
-          f"{result['accuracy_' + other]:.2%}) "
-          f"in {result['seconds']:.0f}s; per-example results in {out}")
+    for task, examples in sets.items():
+        path = task_file(out, task, len(sets) > 1)
+        result = evaluate(model, tokenizer, examples, args.max_new_tokens or MAX_NEW_TOKENS[task],
+                          args.eval_batch_size, path, desc=f"eval {task}", compile=args.compile, scorer=args.scorer,
+                          task=task)
+        print(f"{args.model}{' + ' + args.adapter if args.adapter else ''}: {TASK_NAMES[task]} ({args.scorer} scorer) "
+              f"{result['accuracy']:.2%} ({result['correct']}/{result['total']}; {other} scorer "
+              f"{result['accuracy_' + other]:.2%}) in {result['seconds']:.0f}s; per-example results in {path}")
+
+
+TASK_NAMES = {"gsm8k": "GSM8K exact match", "math": "MATH accuracy"}
 
 
 if __name__ == "__main__":

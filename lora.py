@@ -269,8 +269,12 @@ def _from_internlm2_names(sd: dict, model_config, targets):
 
 
 @torch.no_grad()
-def merge_lora(model: nn.Module) -> nn.Module:
+def merge_lora(model: nn.Module, in_base_dtype: bool = False) -> nn.Module:
     """Fold every LoRA into its base weight, W0 <- W0 + (alpha/r) B A, computed in float32 (then cast to W0's dtype).
+
+    in_base_dtype: the released evaluation's arithmetic instead (its bundled peft 0.9.0, whose LoRA layers take the
+    base weight's dtype): A and B cast to W0's dtype, B A formed and scaled in it, added to W0 in it. For a bf16 base
+    that rounds B A, its scaled copy and the sum, each to bf16.
 
     Explicit and idempotent: a merged layer is skipped, and forward stops adding BA. Nothing merges as a side effect
     of train() or eval(). In bf16, W0 + BA is rounded: unmerge_lora subtracts BA again, which restores W0 exactly
@@ -279,7 +283,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for m in lora_layers(model).values():
         if not m.merged:
             w = m.base_layer.weight
-            w.copy_((w.float() + m.delta_weight()).to(w.dtype))
+            if in_base_dtype:
+                w.add_((m.lora_B.weight.to(w.dtype) @ m.lora_A.weight.to(w.dtype)) * m.scaling)
+            else:
+                w.copy_((w.float() + m.delta_weight()).to(w.dtype))
             m.merged = True
     return model
 

@@ -6,7 +6,8 @@ checkpoint that lets an interrupted run continue exactly where it stopped (--res
     train_log.jsonl   one line per optimizer step
     checkpoint.pt     PEFT weights, optimizer state, step and RNG states, written atomically (tmp file, rename)
     adapter/          the trained module, in the PEFT format for a LoRA
-    eval-*.jsonl      per-example evaluations; results.json marks a finished run
+    eval-*.jsonl      per-example evaluations, one file per base and task (eval-old-gsm8k.jsonl, ...)
+    results.json      the accuracies per task, by both scorers; it marks a finished run
     refit-new/        the upper bound's own run (--refit-new)
 
 A resumed run reproduces the uninterrupted one bit for bit: the data order and the layer drops are functions of
@@ -96,10 +97,14 @@ def restore_checkpoint(model, optimizer, path: Path) -> int:
 
 # What a run writes into its directory, and the flags a resumed run may change: they decide how it runs, not what
 # it computes (the checkpoint and the data order are the same whatever they are).
-RUN_OUTPUTS = ("args.json", "train_log.jsonl", "checkpoint.pt", "adapter", "eval-old.jsonl", "eval-new.jsonl",
-               "results.json", "refit-new")
+RUN_OUTPUTS = ("args.json", "train_log.jsonl", "checkpoint.pt", "adapter", "results.json", "refit-new")
 HOW_FLAGS = ("device", "micro_batch_size", "eval_batch_size", "save_every", "stop_after", "resume", "overwrite",
              "compile", "grad_checkpointing", "out")
+
+
+def run_outputs(out: Path) -> list[Path]:
+    """What a run has written into out: RUN_OUTPUTS and the per-example evaluations (eval-<base>-<task>.jsonl)."""
+    return [out / name for name in RUN_OUTPUTS if (out / name).exists()] + sorted(out.glob("eval-*.jsonl"))
 
 
 def check_run_dir(out: Path, args) -> None:
@@ -107,7 +112,7 @@ def check_run_dir(out: Path, args) -> None:
     an unfinished one without --resume or --overwrite, a --resume with other result-deciding flags than the run's."""
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them.")
-    started = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    started = [path.name for path in run_outputs(out)]
     if (out / "results.json").exists() and not args.overwrite:
         raise ValueError(f"{out} already holds a finished run (results.json): pass --overwrite to replace it, or "
                          "another --out.")
@@ -144,7 +149,7 @@ def begin_run(out: Path, args) -> None:
     if not is_main_process():
         return
     if args.overwrite:
-        remove(*(out / name for name in RUN_OUTPUTS))
+        remove(*run_outputs(out))
     remove(out / "checkpoint.pt.tmp", out / "adapter.tmp", out / "refit-new" / "checkpoint.pt.tmp",
            out / "refit-new" / "adapter.tmp")
     out.mkdir(parents=True, exist_ok=True)

@@ -573,9 +573,11 @@ def run_arms(args) -> dict:
             done = Path(run.out) / "results.json"
             refit = arm.get("train_on") == "new"
             r = read_json(done) if done.exists() and args.resume else run_experiment(run, train_on_new=refit)
-            rows.append({"arm": key, "seed": seed, "regime": Path(str(args.new)).name, "update_seed": 0,
-                         "source": None if refit else r["source_old"]["accuracy"],
-                         "transfer": (r["refit_new"] if refit else r["transfer_new"])["accuracy"]})
+            for task in r["tasks"]:  # each task a "regime" of the summary: its own comparison
+                res = r[task]
+                rows.append({"arm": key, "seed": seed, "regime": f"{Path(str(args.new)).name} {task}",
+                             "update_seed": 0, "source": None if refit else res["source_old"]["accuracy"],
+                             "transfer": (res["refit_new"] if refit else res["transfer_new"])["accuracy"]})
     report, summary = summarize_study(rows, arms, source_label=f"source ({Path(str(args.old)).name})", learned=None)
     if is_main_process():
         finish(out, {"rows": rows, "summary": summary}, report, results_name="arms.json")

@@ -39,9 +39,10 @@ import adapter as adapter_lib
 import lora as lora_lib
 from checkpoint import (check_device, check_same_architecture, is_main_process, load_config, load_model, load_tokenizer,
                         print_trainable)
-from data import IGNORE_INDEX, SCORERS, collate, load_examples, next_token_targets, tokenize_dataset
-from eval import evaluate, load_for_eval
+from data import IGNORE_INDEX, MAX_NEW_TOKENS, collate, load_eval_sets, load_training_set, next_token_targets
+from eval import TASK_NAMES, eval_sources, evaluate, load_for_eval
 from model import Transformer
+from scoring import SCORERS
 from rundir import (begin_run, check_run_dir, checkpoint_state, default_out, interrupted, restore_checkpoint,
                     save_atomic, save_peft)
 from toy import REGIMES
@@ -74,7 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adapter-bottleneck", type=int, default=8)
     p.add_argument("--adapter-placement", choices=["series", "parallel"], default="series")
     p.add_argument("--train-data", default="metamath", help="metamath, gsm8k, or a local .jsonl/.json/.parquet")
-    p.add_argument("--eval-data", default="gsm8k", help="gsm8k (its test split), or a local GSM8K-format file")
+    p.add_argument("--eval-data", help="comma-separated evaluation sets: gsm8k, math (the hub's test problems), or "
+                   "local .jsonl/.json/.parquet files of either (default gsm8k; --as-released: gsm8k,math)")
     p.add_argument("--max-samples", type=int, default=100_000, help="train on the first N examples")
     p.add_argument("--epochs", type=float, default=3)
     p.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
@@ -93,9 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default: all but the ones run on request)")
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N examples only")
     p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--max-new-tokens", type=int, help="default per task, as released: " +
+                   ", ".join(f"{task} {n}" for task, n in MAX_NEW_TOKENS.items()))
     p.add_argument("--scorer", choices=SCORERS, default="official",
-                   help="official: Trans-PEFT's GSM8K rule; lenient: ours (see data.is_correct)")
+                   help="official: the released evaluation's rules; lenient: ours (see scoring.py)")
     released = p.add_argument_group("this code's choices vs the released run's (docs/differences.md)")
     released.add_argument("--peft-dtype", choices=["float32", "bfloat16"],
                           help="dtype of the trained weights and their AdamW state (default float32; the released "
@@ -103,11 +106,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     released.add_argument("--loss-mean", choices=["batch", "micro-batch"],
                           help="batch (default): the summed loss / the global batch's supervised tokens; micro-batch "
                           "(the released run): each micro-batch's token mean, averaged")
-    released.add_argument("--eval-merged", action="store_true", default=None,
-                          help="evaluate with the LoRA merged into the base in bfloat16, as the released evaluation "
+    released.add_argument("--eval-merged", action=argparse.BooleanOptionalAction,
+                          help="evaluate with the LoRA merged into the base in bfloat16 as the released evaluation "
                           "does (default: the adapter kept apart, the base as trained)")
-    released.add_argument("--as-released", action="store_true", help="every released choice above: --peft-dtype "
-                          "bfloat16 --loss-mean micro-batch --eval-merged (flags given explicitly still win)")
+    released.add_argument("--as-released", action="store_true", help="every released choice above, and the released "
+                          "evaluation sets: --peft-dtype bfloat16 --loss-mean micro-batch --eval-merged --eval-data "
+                          "gsm8k,math (flags given explicitly still win)")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
@@ -154,7 +158,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if (args.old is None) != (args.new is None):
         p.error("give both --old and --new, or neither (the toy study)")
     for name, ours, official in (("peft_dtype", "float32", "bfloat16"), ("loss_mean", "batch", "micro-batch"),
-                                 ("eval_merged", False, True)):
+                                 ("eval_merged", False, True), ("eval_data", "gsm8k", "gsm8k,math")):
         if getattr(args, name) is None:
             setattr(args, name, official if args.as_released else ours)
     if args.eval_merged and args.peft != "lora":
@@ -230,7 +234,7 @@ def add_peft(model, args, verbose: bool = True) -> None:
 def check_settings(args) -> None:
     """Refuse, before anything is written or computed, what would fail later: an old/new pair a PEFT module cannot
     move between, per-layer rates of the wrong length, PEFT settings the model cannot take (tried on a weightless
-    `meta` copy of the model), a new base whose tokenizer cannot be read."""
+    `meta` copy), a new base whose tokenizer cannot be read."""
     cfg = load_config(args.old)
     check_same_architecture(cfg, load_config(args.new), args.old, args.new)
     per_layer(args.p_intra, cfg.num_hidden_layers, "--p-intra")
@@ -478,16 +482,6 @@ def train_and_save(base: str, dataset, args, run_dir: Path, pad_id: int, desc: s
     return model, log
 
 
-def prepare_data(source: str, tokenizer, args) -> list[dict]:
-    examples = load_examples(source, "train", args.max_samples)
-    dataset, dropped = tokenize_dataset(examples, tokenizer, args.max_len)
-    if not dataset:
-        raise ValueError(f"No training example of {source} fits in --max-len {args.max_len}: every prompt fills it.")
-    if dropped and is_main_process():
-        print(f"note: {dropped} of {len(examples)} examples dropped: their prompt alone fills --max-len {args.max_len}")
-    return dataset
-
-
 def model_for_eval(base: str, adapter_dir: Path, args):
     """base with the saved adapter (merged in bf16 with --eval-merged; eval.load_for_eval), sharded under --fsdp."""
     model = load_for_eval(base, adapter_dir, args.device, args.eval_merged)
@@ -497,26 +491,33 @@ def model_for_eval(base: str, adapter_dir: Path, args):
 
 
 def run_experiment(args, train_on_new: bool = False) -> dict:
-    """Train on --old, evaluate there (source) and, unchanged, on --new (transfer); with --refit-new, or alone with
-    train_on_new (the refit arm of --arms), a plain module trained on --new and evaluated there (the upper bound)."""
+    """Train on --old, evaluate there (source) and, unchanged, on --new (transfer), on every --eval-data task; with
+    --refit-new, or alone with train_on_new (the refit arm of --arms), a plain module trained on --new and evaluated
+    there (the upper bound). results.json holds one entry per task: {"source_old", "transfer_new", "refit_new"}."""
     out = Path(args.out) if args.out else default_out(args)
     check_run_dir(out, args)
     check_settings(args)
     old_tok, new_tok = load_tokenizer(args.old), load_tokenizer(args.new)
-    train_set = None if train_on_new else prepare_data(args.train_data, old_tok, args)
-    eval_set = load_examples(args.eval_data, "test", args.eval_limit, need_answers=True)
+    train_set = None if train_on_new else load_training_set(args.train_data, old_tok, args.max_samples, args.max_len)
+    eval_sets = load_eval_sets(eval_sources(args.eval_data), args.eval_limit)
     begin_run(out, args)
     if is_main_process() and train_set is not None:
-        print(f"run directory: {out}  ({len(train_set)} training examples, {len(eval_set)} evaluation examples)")
+        sizes = ", ".join(f"{len(examples)} {task}" for task, examples in eval_sets.items())
+        print(f"run directory: {out}  ({len(train_set)} training examples; evaluation: {sizes})")
 
     t0 = time.time()
-    ev = dict(max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
-              compile=args.compile and not dist.is_initialized(),
-              scorer=args.scorer)
     results = {"old": args.old, "new": args.new, "peft": args.peft, "p_intra": args.p_intra, "p_cross": args.p_cross,
-               "p_attn": args.p_attn,
-               "peft_dtype": args.peft_dtype, "loss_mean": args.loss_mean, "eval_merged": args.eval_merged,
-               "source_old": None, "transfer_new": None, "refit_new": None}
+               "p_attn": args.p_attn, "peft_dtype": args.peft_dtype, "loss_mean": args.loss_mean,
+               "eval_merged": args.eval_merged, "tasks": list(eval_sets)}
+    results.update({task: {"source_old": None, "transfer_new": None, "refit_new": None} for task in eval_sets})
+
+    def evaluate_all(model, tokenizer, setting: str, where: Path, name: str) -> None:
+        for task, examples in eval_sets.items():
+            results[task][setting] = evaluate(
+                model, tokenizer, examples, args.max_new_tokens or MAX_NEW_TOKENS[task], args.eval_batch_size,
+                where / f"eval-{name}-{task}.jsonl", desc=f"{task} on {name}",
+                compile=args.compile and not dist.is_initialized(), scorer=args.scorer, task=task)
+
     if not train_on_new:
         model, log = train_and_save(args.old, train_set, args, out, old_tok.pad_token_id, "train on old",
                                     intervene=True)
@@ -524,23 +525,20 @@ def run_experiment(args, train_on_new: bool = False) -> dict:
         if args.eval_merged:  # the released evaluation: the saved adapter merged into a freshly loaded bf16 base
             del model
             model = model_for_eval(args.old, out / "adapter", args)
-        results["source_old"] = evaluate(model, old_tok, eval_set, out_jsonl=out / "eval-old.jsonl", desc="eval on old",
-                                         **ev)
+        evaluate_all(model, old_tok, "source_old", out, "old")
         del model
         moved = model_for_eval(args.new, out / "adapter", args)
-        results["transfer_new"] = evaluate(moved, new_tok, eval_set, out_jsonl=out / "eval-new.jsonl",
-                                           desc="eval on new", **ev)
+        evaluate_all(moved, new_tok, "transfer_new", out, "new")
         del moved
 
     if args.refit_new or train_on_new:  # the upper bound: a plain PEFT module trained on the new base itself
-        refit_set = prepare_data(args.train_data, new_tok, args)
+        refit_set = load_training_set(args.train_data, new_tok, args.max_samples, args.max_len)
         refit, _ = train_and_save(args.new, refit_set, args, out / "refit-new", new_tok.pad_token_id, "train on new",
                                   intervene=False)
         if args.eval_merged:
             del refit
             refit = model_for_eval(args.new, out / "refit-new" / "adapter", args)
-        results["refit_new"] = evaluate(refit, new_tok, eval_set, out_jsonl=out / "refit-new" / "eval-new.jsonl",
-                                        desc="eval refit", **ev)
+        evaluate_all(refit, new_tok, "refit_new", out / "refit-new", "new")
     results["minutes"] = (time.time() - t0) / 60
     if is_main_process():
         (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -549,15 +547,18 @@ def run_experiment(args, train_on_new: bool = False) -> dict:
 
 
 def results_table(r: dict) -> str:
-    rows = [("trained on old, on old (source)", r["old"], r["source_old"]),
-            ("same module on new (direct transfer)", r["new"], r["transfer_new"]),
-            ("trained on new, on new (upper bound)", r["new"], r["refit_new"])]
-    rows = [row for row in rows if row[2]]
-    width = max(len(str(base)) for _, base, _ in rows)
-    lines = [f"\n{'setting':<38} {'base':<{width}}  GSM8K exact match ({rows[0][2]['scorer']} scorer)   lenient / "
-             "official scorer"]
-    lines += [f"{name:<38} {str(base):<{width}}  {res['accuracy']:7.2%}  ({res['correct']}/{res['total']}){'':16}"
-              f"{res['accuracy_lenient']:7.2%} / {res['accuracy_official']:.2%}" for name, base, res in rows]
+    """The run's final table: per task and setting, the accuracy by the chosen scorer, and both scorers'."""
+    settings = [("source_old", "trained on old, on old (source)", r["old"]),
+                ("transfer_new", "same module on new (direct transfer)", r["new"]),
+                ("refit_new", "trained on new, on new (upper bound)", r["new"])]
+    width = max(len(str(r["old"])), len(str(r["new"])))
+    lines = []
+    for task in r["tasks"]:
+        rows = [(name, base, r[task][key]) for key, name, base in settings if r[task][key]]
+        lines += ["", f"{'setting':<38} {'base':<{width}}  {TASK_NAMES[task]} ({rows[0][2]['scorer']} scorer)   "
+                  "lenient / official scorer"]
+        lines += [f"{name:<38} {str(base):<{width}}  {res['accuracy']:7.2%}  ({res['correct']}/{res['total']}){'':16}"
+                  f"{res['accuracy_lenient']:7.2%} / {res['accuracy_official']:.2%}" for name, base, res in rows]
     return "\n".join(lines)
 
 

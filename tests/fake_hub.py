@@ -7,10 +7,12 @@ A Hugging Face hub cache on disk, laid out as huggingface_hub writes it, so that
     <cache>/models--Qwen--Qwen2-7B/blobs/<sha256>                 the file's content
     <cache>/datasets--openai--gsm8k/snapshots/<hash>/main/test-00000-of-00001.parquet
     <cache>/datasets--meta-math--MetaMathQA/snapshots/<hash>/MetaMathQA-395K.json
+    <cache>/datasets--EleutherAI--hendrycks_math/snapshots/<hash>/<subject>/test-00000-of-00001.parquet
 
 The models are Qwen2-architecture checkpoints with random weights and a byte-level BPE tokenizer trained here;
 GSM8K comes from ../shared/gsm8k (the real test split, written as the parquet file the hub serves), MetaMathQA in
-its real schema (type, query, original_question, response). It needs only the project's requirements (no
+its real schema (type, query, original_question, response), MATH in the hub's (problem, level, type, solution; a few
+problems written here, in each of the seven subjects' files). It needs only the project's requirements (no
 transformers): .ci/run builds it in the venv that holds nothing else.
 
     python tests/fake_hub.py CACHE_DIR        # then HF_HUB_CACHE=CACHE_DIR HF_HUB_OFFLINE=1 python train.py --old qwen2 ...
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data import MATH_SUBJECTS  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "gsm8k"
@@ -40,6 +43,15 @@ FALLBACK_QA = [("A farmer has 12 cows and buys 7 more. How many cows does he hav
                ("Sam reads 15 pages a day.\nHow many pages does he read in 4 days?", "15 * 4 = 60", 60),
                ("A box holds 36 pens. Ana gives away 9 of them. How many are left?", "36 - 9 = 27", 27),
                ("Lena has 8 bags with 6 apples each.\nHow many apples is that?", "8 * 6 = 48", 48)]
+
+
+# Written for this file: MATH-style problems, solutions ending in a \boxed answer.
+MATH_PROBLEMS = [("What is $\\frac{1}{2} + \\frac{1}{4}$?",
+                  "$\\frac{1}{2} + \\frac{1}{4} = \\frac{2}{4} + \\frac{1}{4} = \\boxed{\\frac{3}{4}}$."),
+                 ("Find $x$ if $2x + 3 = 11$.", "Subtracting 3 gives $2x = 8$, so $x = \\boxed{4}$."),
+                 ("How many degrees are in each interior angle of a regular hexagon?",
+                  "The angles sum to $180(6-2) = 720$ degrees, so each is $\\boxed{120^\\circ}$."),
+                 ("Simplify $\\sqrt{50}$.", "$\\sqrt{50} = \\sqrt{25 \\cdot 2} = \\boxed{5\\sqrt{2}}$.")]
 
 
 def gsm8k_records(split: str, n: int | None = None) -> list[dict]:
@@ -112,7 +124,8 @@ def build(cache: Path, n_train: int = 64, config: dict = CONFIG, std: float = 0.
 
     test = gsm8k_records("test")
     metamath = metamath_records(n_train)
-    tok = train_tokenizer([r["question"] + "\n" + r["answer"] for r in test] + [r["query"] + "\n" + r["response"] for r in metamath])
+    tok = train_tokenizer([r["question"] + "\n" + r["answer"] for r in test] + [r["query"] + "\n" + r["response"] for r in metamath]
+                          + [p + "\n" + s for p, s in MATH_PROBLEMS])
     tokenizer_config = {"eos_token": EOS, "pad_token": EOS, "bos_token": None, "model_max_length": 32768}
     for seed, repo_id in enumerate(["Qwen/Qwen2-7B", "Qwen/Qwen2.5-7B"]):
         cfg, tensors = random_checkpoint(tok.get_vocab_size(), seed, config, std)
@@ -128,10 +141,18 @@ def build(cache: Path, n_train: int = 64, config: dict = CONFIG, std: float = 0.
     pq.write_table(table, sink)
     put_snapshot(cache, "dataset", "openai/gsm8k", {"main/test-00000-of-00001.parquet": sink.getvalue().to_pybytes()})
     put_snapshot(cache, "dataset", "meta-math/MetaMathQA", {"MetaMathQA-395K.json": json.dumps(metamath, indent=2).encode()})
+    files = {}
+    for subject in MATH_SUBJECTS:
+        rows = [{"problem": p, "level": "Level 1", "type": subject, "solution": s} for p, s in MATH_PROBLEMS]
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(rows), sink)
+        files[f"{subject}/test-00000-of-00001.parquet"] = sink.getvalue().to_pybytes()
+    put_snapshot(cache, "dataset", "EleutherAI/hendrycks_math", files)
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python tests/fake_hub.py CACHE_DIR")
     build(Path(sys.argv[1]))
-    print(f"hub cache with Qwen/Qwen2-7B, Qwen/Qwen2.5-7B, openai/gsm8k (test) and meta-math/MetaMathQA at {sys.argv[1]}")
+    print(f"hub cache with Qwen/Qwen2-7B, Qwen/Qwen2.5-7B, openai/gsm8k (test), EleutherAI/hendrycks_math (test) and "
+          f"meta-math/MetaMathQA at {sys.argv[1]}")

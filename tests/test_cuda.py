@@ -71,4 +71,4 @@ def test_train_run_with_transpeft_on_cuda(world):
                 "--max-new-tokens", "6", "--device", "cuda"])
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 4 and all(torch.isfinite(torch.tensor(e["loss"])) for e in log)
-    assert json.loads((out / "results.json").read_text())["transfer_new"]["total"] == 3
+    assert json.loads((out / "results.json").read_text())["gsm8k"]["transfer_new"]["total"] == 3

@@ -43,7 +43,7 @@ def assert_same_run(a, b):
     # element's step by its own gradient scale, turns that into a visible difference of that one weight
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
     ra, rb = json.loads((a / "results.json").read_text()), json.loads((b / "results.json").read_text())
-    assert ra["transfer_new"]["total"] == rb["transfer_new"]["total"] == 3  # evaluation split across processes, gathered
+    assert ra["gsm8k"]["transfer_new"]["total"] == rb["gsm8k"]["transfer_new"]["total"] == 3  # evaluation split across processes, gathered
 
 
 def test_ddp_with_dropping_equals_one_process(world):

@@ -27,7 +27,7 @@ def test_gpu_check_small_runs_every_part(tmp_path):
     assert decoding["gsm8k"]["gsm8k_eager_s"] > 0 and decoding["gsm8k"]["gsm8k_graphs_s"] > 0
     toy, paper = saved["end_to_end"]
     assert toy["returncode"] == 0 and paper["returncode"] == 0, toy["tail"] + paper["tail"]
-    assert paper["results"]["transfer_new"]["total"] == 8 and toy["results"]["rows"]
+    assert paper["results"]["gsm8k"]["transfer_new"]["total"] == 8 and toy["results"]["rows"]
     table = (tmp_path / "gpu.md").read_text()
     assert "| small |" in table and "end to end, toy (quick)" in table and report["minutes"] < 6
 

@@ -5,6 +5,7 @@ adapters, impossible settings."""
 import json
 import shlex
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,7 +72,7 @@ def test_resume_refuses_changed_flags_and_keeps_args_json(world):
 def test_overwrite_clears_the_old_run_first_and_stale_temporaries_go(world):
     out = world["tmp"] / "run"
     train.main(run_args(world, out, "--max-steps", "2"))
-    assert {"results.json", "eval-old.jsonl", "eval-new.jsonl", "adapter/adapter_model.safetensors"} <= set(files(out))
+    assert {"results.json", "eval-old-gsm8k.jsonl", "eval-new-gsm8k.jsonl", "adapter/adapter_model.safetensors"} <= set(files(out))
     refused(run_args(world, out, "--max-steps", "2"), "finished run", "--overwrite")
     # an --overwrite that stops early leaves nothing of the old run beside the new one
     train.main(run_args(world, out, "--max-steps", "6", "--stop-after", "2", "--overwrite"))
@@ -118,7 +119,7 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(world, monkeypatc
     command = shlex.split(message.split("continue with: ")[1])
     assert command[:2] == ["python", "train.py"]
     train.main(command[2:])  # the printed command finishes the run
-    assert json.loads((out / "results.json").read_text())["transfer_new"]["total"] == 3
+    assert json.loads((out / "results.json").read_text())["gsm8k"]["transfer_new"]["total"] == 3
 
 
 def test_ctrl_c_before_any_checkpoint_says_so(world, monkeypatch):
@@ -321,7 +322,7 @@ def test_paper_command_runs_offline_from_a_hub_cache(tmp_path):
     r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())
-    assert results["transfer_new"]["total"] == 4 and results["old"] == "qwen2"
+    assert results["gsm8k"]["transfer_new"]["total"] == 4 and results["old"] == "qwen2"
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "qwen2"
 
 
@@ -334,3 +335,14 @@ def test_a_device_that_is_not_there_is_refused_in_one_line(world, capsys, device
             main(argv)
         err = capsys.readouterr().err
         assert phrase in err and "Traceback" not in err
+
+
+def test_unknown_or_repeated_evaluation_sets_are_refused_before_anything_runs(world, monkeypatch):
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("training started"))
+    out = world["tmp"] / "run"
+    refused(run_args(world, out, "--eval-data", "gsm9k"), "--eval-data gsm9k", "give gsm8k, math, or a local")
+    copy = world["tmp"] / "copy.jsonl"
+    copy.write_text(Path(world["data"]).read_text())
+    refused(run_args(world, out, "--eval-data", f"{world['data']},{copy}"), "names two gsm8k sets", "give each task once")
+    refused(["--model", world["old"], "--eval-data", "math9"], "--eval-data math9", main=eval_cli.main)
+    assert not out.exists()

@@ -102,7 +102,7 @@ def test_llama2_style_sentencepiece_derived_tokenizer_json_adds_s(tmp_path):
                                                                  "bos_token": "<s>", "eos_token": "</s>"}))
     # Texts of the training corpus's characters only (this small vocabulary has no byte-fallback pieces), and none
     # starting with a space: transformers 5 rebuilds a LlamaTokenizer's normaliser, and there " April" loses one "▁"
-    # that tokenizer.json's own normaliser keeps (a known difference, README "Models").
+    # that tokenizer.json's own normaliser keeps (a known difference, docs/models.md).
     ours = assert_ids_as_transformers(tmp_path, [TEXT, "sold clips", "sold  clips"])
     assert ours.encode("sold")[0] == 1 and ours.eos_token_id == 2
 

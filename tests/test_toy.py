@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 import study
 import toy
 import train
-from data import gold_answer, gsm8k_response, is_correct, tokenize_example
+from data import gsm8k_response, tokenize_example
+from scoring import gold_answer, is_correct
 from checkpoint import load_model, load_tokenizer
 
 ALL = study.select_arms(["all"])  # the toy study's --arms all, the upper bound last

@@ -48,15 +48,15 @@ def test_arms_run_the_papers_comparison(world, capsys):
         assert (plain["p_cross"], plain["p_intra"], tp["p_cross"], tp["p_intra"], plain["seed"]) == (0.0, 0.0, 0.3, 0.1, seed)
         for arm in ("plain", "transpeft"):
             r = json.loads((out / f"{arm}-seed{seed}" / "results.json").read_text())
-            assert rows[(arm, seed)]["source"] == r["source_old"]["accuracy"] and rows[(arm, seed)]["transfer"] == r["transfer_new"]["accuracy"]
+            assert rows[(arm, seed)]["source"] == r["gsm8k"]["source_old"]["accuracy"] and rows[(arm, seed)]["transfer"] == r["gsm8k"]["transfer_new"]["accuracy"]
         refit = json.loads((out / f"refit-seed{seed}" / "results.json").read_text())
-        assert refit["source_old"] is None and refit["transfer_new"] is None and refit["refit_new"]["total"] == 3
-        assert rows[("refit", seed)]["transfer"] == refit["refit_new"]["accuracy"]
+        assert refit["gsm8k"]["source_old"] is None and refit["gsm8k"]["transfer_new"] is None and refit["gsm8k"]["refit_new"]["total"] == 3
+        assert rows[("refit", seed)]["transfer"] == refit["gsm8k"]["refit_new"]["accuracy"]
         config = json.loads((out / f"refit-seed{seed}" / "refit-new" / "adapter" / "adapter_config.json").read_text())
         assert config["base_model_name_or_path"] == world["new"]
         assert not (out / f"plain-seed{seed}" / "refit-new").exists()
     assert "Trans-PEFT trained on old" in capsys.readouterr().out
-    assert len(summary["summary"]["regimes"][Path(world["new"]).name]["arms"]["transpeft"]["itt"]) > 0  # paired over 2 seeds
+    assert len(summary["summary"]["regimes"][Path(world["new"]).name + " gsm8k"]["arms"]["transpeft"]["itt"]) > 0  # paired over 2 seeds
     before = (out / "plain-seed42" / "adapter" / "adapter_model.safetensors").read_bytes()
     train.main(run_args(world, out, "--max-steps", "2", "--arms", "plain,transpeft,refit", "--seeds", "2", "--resume"))
     assert (out / "plain-seed42" / "adapter" / "adapter_model.safetensors").read_bytes() == before
@@ -71,7 +71,7 @@ def test_short_run_learns_saves_and_resumes_identically(world):
     assert last < 0.8 * first, (first, last)  # the same six examples every step: the loss must fall
     results = json.loads((a / "results.json").read_text())
     for key in ("source_old", "transfer_new", "refit_new"):
-        assert results[key]["total"] == 3 and 0 <= results[key]["accuracy"] <= 1
+        assert results["gsm8k"][key]["total"] == 3 and 0 <= results["gsm8k"][key]["accuracy"] <= 1
     assert json.loads((a / "args.json").read_text())["p_cross"] == 0.3
 
     # the adapter is PEFT-format LoRA that eval.py loads onto either base
@@ -346,10 +346,10 @@ def test_loss_and_gradient_are_the_defined_token_means(world, loss_mean, micro):
 
 
 def test_merged_bf16_evaluation_is_the_released_path(world, tmp_path):
-    """--eval-merged: the released evaluation loads the base in bf16, loads the adapter with peft and merges it
-    (math_infer/load_peft_utils.py). Our merged weights equal peft's merge_and_unload on that bf16 base, and the
-    logits equal transformers' on the merged model."""
-    peft = pytest.importorskip("peft")
+    """--eval-merged: the released evaluation loads the base in bf16 and merges the adapter with its bundled peft
+    0.9.0, whose LoRA layers take the bf16 base's dtype (lora/layer.py: update_layer casts the layer, get_delta_weight
+    computes (B @ A) * scaling in that dtype, merge adds it to the weight in place). Our merged weights equal that
+    arithmetic written out here, and the logits equal transformers' on the merged weights."""
     from eval import load_for_eval
     from lora import save_lora
 
@@ -361,17 +361,24 @@ def test_merged_bf16_evaluation_is_the_released_path(world, tmp_path):
                 p.normal_(0, 0.05)
     save_lora(trained, tmp_path / "ad", base_model_name_or_path=world["old"])
     ours = load_for_eval(world["new"], tmp_path / "ad", "cpu", merged=True)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(world["new"], dtype=torch.bfloat16)
-    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "ad").merge_and_unload().eval()
-    ref = theirs.state_dict()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(world["new"], dtype=torch.bfloat16).eval()
+    ref = hf.state_dict()
+    lora = trained.state_dict()
     for name, p in ours.named_parameters():
         if ".lora_" in name:  # merged: the LoRA weights no longer act
             continue
         key = name.replace(".base_layer.", ".")
-        assert p.dtype == torch.bfloat16 and torch.equal(p, ref[key]), name
+        expected = ref[key]
+        if name.endswith(".base_layer.weight"):
+            a, b = (lora[name.replace("base_layer.weight", f"lora_{x}.weight")].to(torch.bfloat16) for x in "AB")
+            expected = expected + (b @ a) * 2.0  # every step in bf16: the product, the scaling, the sum
+        assert p.dtype == torch.bfloat16 and torch.equal(p, expected), name
+    with torch.no_grad():
+        hf.load_state_dict({name.replace(".base_layer.", "."): p for name, p in ours.state_dict().items()
+                            if ".lora_" not in name}, strict=False)
     ids = torch.tensor([load_tokenizer(world["new"]).encode(eval_prompt(QUESTIONS[0][0]))])
     with torch.no_grad():
-        assert torch.allclose(ours(ids).float(), theirs(ids).logits.float(), atol=2e-2)
+        assert torch.allclose(ours(ids).float(), hf(ids).logits.float(), atol=2e-2)
     assert not torch.equal(ours.model.layers[0].self_attn.q_proj.base_layer.weight,
                            load_model(world["new"], dtype=torch.bfloat16).model.layers[0].self_attn.q_proj.weight)
 
@@ -386,4 +393,78 @@ def test_as_released_switch_trains_bf16_with_micro_batch_means_and_merges(world)
     state = torch.load(out / "checkpoint.pt", weights_only=False)["optimizer"]["state"]
     assert {s["exp_avg"].dtype for s in state.values()} == {torch.bfloat16}
     results = json.loads((out / "results.json").read_text())
-    assert results["eval_merged"] and results["transfer_new"]["total"] == 3
+    assert results["eval_merged"] and results["gsm8k"]["transfer_new"]["total"] == 3
+
+
+MATH_RECORDS = [  # MetaMath's spelling of MATH's test problems (instruction / output), written here
+    ("What is $1 + 2$?", "We add: $1 + 2 = \\boxed{3}$."),
+    ("What is $\\frac{1}{2} \\cdot 4$?", "$\\frac{1}{2} \\cdot 4 = \\boxed{2}$."),
+    ("Simplify $\\sqrt{4}$.", "Since $2^2 = 4$, $\\sqrt{4} = \\boxed{2}$."),
+    ("What is $2^3$?", "The cube of 2 is 8, with no box."),  # the official extraction finds no gold here
+]
+
+
+def test_math_beside_gsm8k_end_to_end(world, capsys):
+    """--eval-data GSM8K,MATH: both evaluated on both bases, one results.json entry per task with both scorers, one
+    per-example file per task and base; a MATH solution without \\boxed named in one warning before decoding and
+    scored wrong, as the official code scores it."""
+    math_file = world["tmp"] / "MATH_test.jsonl"
+    math_file.write_text("".join(json.dumps({"instruction": q, "output": s}) + "\n" for q, s in MATH_RECORDS))
+    out = world["tmp"] / "both"
+    train.main(run_args(world, out, "--max-steps", "2", "--eval-data", f"{world['data']},{math_file}", "--eval-limit", "4"))
+    printed = capsys.readouterr().out
+    assert "1 MATH solution(s) without a \\boxed answer" in printed and "MATH_test.jsonl, line 4" in printed
+    assert printed.index("without a \\boxed") < printed.index("run directory")  # before any compute
+    results = json.loads((out / "results.json").read_text())
+    assert results["tasks"] == ["gsm8k", "math"]
+    for task, n in (("gsm8k", 4), ("math", 4)):
+        for setting in ("source_old", "transfer_new"):
+            r = results[task][setting]
+            assert r["task"] == task and r["total"] == n and {"accuracy_official", "accuracy_lenient"} <= set(r)
+    records = [json.loads(line) for line in (out / "eval-new-math.jsonl").read_text().splitlines()]
+    assert [r["gold"] for r in records] == ["3", "2", "2", None]
+    assert not records[3]["correct_official"] and not records[3]["correct_lenient"]
+    assert (out / "eval-old-gsm8k.jsonl").exists() and (out / "eval-old-math.jsonl").exists()
+    assert "MATH accuracy" in printed and "GSM8K exact match" in printed  # the final table shows every task
+
+
+def test_new_tokens_default_per_task_and_as_released_evaluates_both(world, monkeypatch):
+    """--max-new-tokens unset: 1,024 for GSM8K and 2,048 for MATH, as the released scripts decode; --as-released
+    evaluates both sets and sets every released choice, each flag given explicitly still winning."""
+    asked = []
+
+    def fake_evaluate(model, tokenizer, examples, max_new_tokens, *args, task, **kwargs):
+        asked.append((task, max_new_tokens))
+        return {"task": task, "scorer": "official", "accuracy": 0.0, "correct": 0, "total": len(examples),
+                "accuracy_official": 0.0, "accuracy_lenient": 0.0}
+
+    monkeypatch.setattr(train, "evaluate", fake_evaluate)
+    math_file = world["tmp"] / "MATH_test.jsonl"
+    math_file.write_text("".join(json.dumps({"problem": q, "solution": s}) + "\n" for q, s in MATH_RECORDS[:2]))
+    argv = run_args(world, world["tmp"] / "n", "--max-steps", "1")
+    i = argv.index("--max-new-tokens")
+    del argv[i : i + 2]
+    train.main(argv + ["--eval-data", f"{world['data']},{math_file}"])
+    assert sorted(set(asked)) == [("gsm8k", 1024), ("math", 2048)]
+    released = train.parse_args(["--old", "a", "--new", "b", "--as-released"])
+    assert (released.eval_data, released.eval_merged, released.peft_dtype, released.loss_mean) == (
+        "gsm8k,math", True, "bfloat16", "micro-batch")
+    explicit = train.parse_args(["--old", "a", "--new", "b", "--as-released", "--no-eval-merged", "--eval-data", "math",
+                                 "--peft-dtype", "float32", "--loss-mean", "batch"])
+    assert (explicit.eval_data, explicit.eval_merged, explicit.peft_dtype, explicit.loss_mean) == (
+        "math", False, "float32", "batch")
+
+
+@pytest.mark.slow
+def test_decoding_2048_new_tokens_at_the_gpu_checks_batch_sizes_equals_rows_alone(world):
+    """The MATH evaluation decodes up to 2,048 new tokens, the longest decode of the experiment: at the GPU check's
+    batch sizes (16 and 64) the preallocated cache holds prompt + 2,048 positions, and every row decodes what it
+    decodes alone (no stop string, so every row runs the whole length)."""
+    model, tok = load_model(world["old"]).eval(), load_tokenizer(world["old"])
+    tok.stop_ids = set()  # no end id either: every row decodes all 2,048 tokens
+    prompts = [eval_prompt(q) * (1 + i % 3) for i, (q, _) in enumerate(QUESTIONS * 11)][:64]  # unequal lengths
+    for batch in (16, 64):
+        batched = generate(model, tok, prompts[:batch], max_new_tokens=2048, batch_size=batch, stop_strings=[])
+        for i in (0, batch // 2, batch - 1):
+            alone = generate(model, tok, [prompts[i]], max_new_tokens=2048, batch_size=1, stop_strings=[])[0]
+            assert batched[i] == alone, (batch, i)

@@ -231,16 +231,35 @@ def read_lines(path) -> list[str]:
     if path is None:
         return DEFAULT_TEXT
     try:
-        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     except OSError as e:
         raise ValueError(f"--text {path} cannot be read ({e.strerror}).") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--text {path} is not UTF-8 text (byte {e.start}: {e.reason}).") from None
     if not lines:
         raise ValueError(f"{path} has no text to feed the model.")
     return lines
 
 
+def writable(path: Path, directory: bool) -> Path:
+    """Refuse, before any compute, an --out that cannot be written: a directory where a file is wanted or the reverse,
+    or a place the process cannot write. Creates the directory it will write into."""
+    if path.exists() and path.is_dir() != directory:
+        raise ValueError(f"--out {path} is a {'file' if directory else 'directory'}: give a "
+                         f"{'directory' if directory else 'file name'}.")
+    try:
+        (path if directory else path.parent).mkdir(parents=True, exist_ok=True)
+        probe = (path if directory else path.parent) / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {path} cannot be written ({e.strerror}): choose another place.") from None
+    return path
+
+
 def drop_cost_command(args) -> None:
     try:
+        out = writable(Path(args.out), directory=False)
         lines = read_lines(args.text)
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
         model, tok = load_model(args.model, dtype, args.device), load_tokenizer(args.model)
@@ -257,16 +276,13 @@ def drop_cost_command(args) -> None:
     print("layer |   loss | increase")
     for i, value in enumerate(costs["dropped"]):
         print(f"{i:>5} | {value:6.3f} | {value - costs['base']:+8.3f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, **costs}, indent=2))
     print(f"wrote {out}")
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Analyses for Trans-PEFT: how an update changes attention vs FFN, by "
-                                                 "layer "
-                                                 "(analyze), and what dropping each layer's FFN costs (drop-cost).")
+    parser = argparse.ArgumentParser(description="Analyses for Trans-PEFT: how an update changes attention vs FFN by "
+                                     "layer (analyze), and what dropping each layer's FFN costs (drop-cost).")
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("analyze", help="compare an old base model and its update")
     a.add_argument("--old", required=True, help="alias, local directory or hub id of the old base")
@@ -288,6 +304,7 @@ def main(argv=None) -> None:
     if args.command == "drop-cost":
         return drop_cost_command(args)
     try:
+        out = writable(Path(args.out), directory=True)
         lines = read_lines(args.text)
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
         old, new = load_model(args.old, dtype, args.device), load_model(args.new, dtype, args.device)
@@ -299,8 +316,6 @@ def main(argv=None) -> None:
 
     print(f"drift from {args.old} to {args.new} ({len(lines)} inputs, {sum(map(len, encoded))} tokens)")
     print(format_table(rows))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "analysis.json").write_text(json.dumps({"old": args.old, "new": args.new, "layers": rows}, indent=2))
     plotted = save_plot(rows, str(out / "drift.png"), f"{args.old} → {args.new}")
     plot = f" and {out / 'drift.png'}" if plotted else " (install matplotlib for drift.png)"

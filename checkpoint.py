@@ -126,7 +126,12 @@ def read_safetensors(path: Path, with_metadata: bool = False):
 def read_torch_file(path: Path) -> dict:
     """A torch.save'd dict (weights_only: unpickling arbitrary objects can run code); one sentence if unreadable."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # the legacy (pre-zip) format cannot be memory-mapped: read it whole
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist.") from None
     except Exception as e:  # an empty, truncated or foreign file: torch and pickle raise many types
@@ -138,8 +143,9 @@ def read_torch_file(path: Path) -> dict:
     return obj
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint directory: model.safetensors, its sharded index, or (if nothing else) .bin."""
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint directory: model.safetensors, its sharded index's files, or (if nothing
+    else) pytorch_model.bin or its shards."""
 
     def shards(index_name):
         index = read_json(path / index_name)
@@ -153,15 +159,45 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         return files
 
     if (path / "model.safetensors").exists():
-        return read_safetensors(path / "model.safetensors")
+        return [path / "model.safetensors"]
     if (path / "model.safetensors.index.json").exists():
-        return {k: v for f in shards("model.safetensors.index.json") for k, v in read_safetensors(path / f).items()}
+        return [path / f for f in shards("model.safetensors.index.json")]
     index = "pytorch_model.bin.index.json"
     bins = shards(index) if (path / index).exists() else ["pytorch_model.bin"]
     if not (path / bins[0]).exists():
         raise FileNotFoundError(f"{path} holds no weights: expected model.safetensors, model.safetensors.index.json or "
                                 "pytorch_model.bin.")
-    return {k: v for f in bins for k, v in read_torch_file(path / f).items()}
+    return [path / f for f in bins]
+
+
+def read_state_dict(path: Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory (weight_files). shapes_only: `meta` tensors of the stored shapes, read
+    from the safetensors headers alone (a .bin file is read whole)."""
+    found = {}
+    for f in weight_files(path):
+        if f.suffix != ".safetensors":
+            tensors = read_torch_file(f)
+        elif shapes_only:
+            tensors = {k: torch.empty(shape, device="meta") for k, shape in read_safetensors_shapes(f).items()}
+        else:
+            tensors = read_safetensors(f)
+        found.update({k: v.to("meta") if shapes_only else v for k, v in tensors.items()})
+    return found
+
+
+def read_safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Every tensor's shape in a .safetensors file, from its header (safetensors checks there that the file holds all
+    the data the header promises); a truncated or foreign file is one sentence that names it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist.") from None
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({str(e)[:120]}): it is truncated or corrupt; "
+                         "download or save it again.") from None
 
 
 def check_tensors(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], where: str, hint: str) -> None:
@@ -287,6 +323,34 @@ def check_device(name: str) -> torch.device:
     return device
 
 
+def _checked_tensors(path: Path, cfg: ModelConfig, shapes_only: bool = False) -> tuple[Transformer, dict]:
+    """A weightless (meta) model of cfg, and the checkpoint's tensors in its names, checked strictly against it."""
+    sd = read_state_dict(path, shapes_only)
+    if cfg.model_type == "internlm2":
+        sd = convert_internlm2(sd, cfg)
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)  # tied: the output matrix is the embedding; ignore a stored copy
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: v.shape for k,
+                v in model.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    check_tensors(expected, sd, str(path), hint="it does not match its config.json")
+    return model, sd
+
+
+def check_checkpoint(name_or_path: str | os.PathLike) -> None:
+    """Everything load_model and load_tokenizer will check, read now and without the weights' data (safetensors
+    headers): so that a base used late in a run (the new base, after training) is refused before any compute. The
+    tokenizer must also fit the embedding: no id past its rows."""
+    path = resolve_checkpoint(name_or_path)
+    cfg = load_config(path)
+    _checked_tensors(path, cfg, shapes_only=True)
+    tokenizer = Tokenizer(path)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"The tokenizer of {name_or_path} has {tokenizer.vocab_size} tokens but its model's embedding "
+                         f"has {cfg.vocab_size} rows (config.json vocab_size): the files belong to different models.")
+
+
 def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None,
                device: str | torch.device = "cpu") -> Transformer:
     """Load a checkpoint (alias, local directory or hub repo id) strictly: every tensor must be used, and fit.
@@ -299,17 +363,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None
     if dtype is None:
         dtype = getattr(torch, cfg.torch_dtype.replace("torch.", ""), torch.float32)
 
-    sd = read_state_dict(path)
-    if cfg.model_type == "internlm2":
-        sd = convert_internlm2(sd, cfg)
-    if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)  # tied: the output matrix is the embedding; ignore a stored copy
-
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    expected = {k: v.shape for k,
-                v in model.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-    check_tensors(expected, sd, str(path), hint="it does not match its config.json")
+    model, sd = _checked_tensors(path, cfg)
 
     sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     if cfg.tie_word_embeddings:
@@ -361,7 +415,11 @@ class Tokenizer:
         if (path / "tokenizer.json").exists():
             from tokenizers import Tokenizer as HFTokenizer
 
-            self.tok, self.sp = HFTokenizer.from_file(str(path / "tokenizer.json")), None
+            try:
+                self.tok, self.sp = HFTokenizer.from_file(str(path / "tokenizer.json")), None
+            except Exception as e:  # the tokenizers library raises its own error type for a malformed file
+                raise ValueError(f"{path / 'tokenizer.json'} is not a readable tokenizer ({str(e)[:120]}): restore "
+                                 "it from the checkpoint.") from None
             self.add_bos = self.add_eos = False  # the post-processor adds what the checkpoint wants
         elif (path / "tokenizer.model").exists():
             self.tok, self.sp = None, self._load_sentencepiece(path / "tokenizer.model")

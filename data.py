@@ -26,6 +26,7 @@ each prompted with eval_prompt, as the released math_infer/ scripts do.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -77,7 +78,12 @@ def _read_records(path: Path) -> list[tuple[str, object]]:
     """(where, record) for every record of a data file; where names the file and the line (or record number)."""
     if path.suffix == ".jsonl":
         records = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            line = path.read_bytes()[: e.start].count(b"\n") + 1
+            raise ValueError(f"{path}, line {line} is not UTF-8 text ({e.reason}): save the file as UTF-8.") from None
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     records.append((f"{path}, line {n}", json.loads(line)))
@@ -174,16 +180,24 @@ def load_examples(source: str, split: str = "train", max_samples: int | None = N
     return examples
 
 
-def load_training_set(source: str, tokenizer, max_samples: int | None, max_len: int) -> list[dict]:
-    """The first max_samples examples of source, tokenised (tokenize_dataset); an example whose prompt alone fills
-    max_len is dropped, and the count printed."""
-    examples = load_examples(source, "train", max_samples)
+def training_set(examples: list[dict], tokenizer, max_len: int, source: str) -> list[dict]:
+    """Examples tokenised (tokenize_dataset); an example whose prompt alone fills max_len is dropped, and the count
+    printed."""
     dataset, dropped = tokenize_dataset(examples, tokenizer, max_len)
     if not dataset:
         raise ValueError(f"No training example of {source} fits in --max-len {max_len}: every prompt fills it.")
     if dropped and is_main_process():
         print(f"note: {dropped} of {len(examples)} examples dropped: their prompt alone fills --max-len {max_len}")
     return dataset
+
+
+def fingerprint(*collections: list[dict]) -> str:
+    """The sha256 of the records a run uses, in order: a resumed run compares it with its start's."""
+    h = hashlib.sha256()
+    for records in collections:
+        for r in records:
+            h.update(json.dumps(r, sort_keys=True).encode())
+    return h.hexdigest()
 
 
 MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",

@@ -229,6 +229,26 @@ def check_writable(path: Path) -> None:
         path.unlink()
 
 
+TASK_NAMES = {"gsm8k": "GSM8K exact match", "math": "MATH accuracy"}
+
+
+def results_table(r: dict) -> str:
+    """train.py's final table from its results.json: per task and setting, the accuracy by the chosen scorer, and both
+    scorers'."""
+    settings = [("source_old", "trained on old, on old (source)", r["old"]),
+                ("transfer_new", "same module on new (direct transfer)", r["new"]),
+                ("refit_new", "trained on new, on new (upper bound)", r["new"])]
+    width = max(len(str(r["old"])), len(str(r["new"])))
+    lines = []
+    for task in r["tasks"]:
+        rows = [(name, base, r[task][key]) for key, name, base in settings if r[task][key]]
+        lines += ["", f"{'setting':<38} {'base':<{width}}  {TASK_NAMES[task]} ({rows[0][2]['scorer']} scorer)   "
+                  "lenient / official scorer"]
+        lines += [f"{name:<38} {str(base):<{width}}  {res['accuracy']:7.2%}  ({res['correct']}/{res['total']}){'':16}"
+                  f"{res['accuracy_lenient']:7.2%} / {res['accuracy_official']:.2%}" for name, base, res in rows]
+    return "\n".join(lines)
+
+
 def eval_sources(text: str) -> list[str]:
     """--eval-data's comma list (gsm8k, math, local files), each once."""
     return list(dict.fromkeys(s.strip() for s in str(text).split(",") if s.strip()))
@@ -294,9 +314,6 @@ def main(argv=None) -> None:
         print(f"{args.model}{' + ' + args.adapter if args.adapter else ''}: {TASK_NAMES[task]} ({args.scorer} scorer) "
               f"{result['accuracy']:.2%} ({result['correct']}/{result['total']}; {other} scorer "
               f"{result['accuracy_' + other]:.2%}) in {result['seconds']:.0f}s; per-example results in {path}")
-
-
-TASK_NAMES = {"gsm8k": "GSM8K exact match", "math": "MATH accuracy"}
 
 
 if __name__ == "__main__":

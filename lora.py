@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from checkpoint import (check_made_for, convert_internlm2, full_tensor, is_main_process, load_selected, print_trainable,
-                        read_json, read_safetensors, read_torch_file)
+from checkpoint import (ALIASES, check_made_for, convert_internlm2, full_tensor, is_main_process, load_selected,
+                        print_trainable, read_json, read_safetensors, read_torch_file)
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."  # what peft puts before a module path in saved keys
@@ -224,8 +224,11 @@ def load_lora(model: nn.Module, adapter_dir: str | os.PathLike, allow_other_arch
         sd = read_torch_file(path / "adapter_model.bin")
     else:
         raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME} (or adapter_model.bin).")
-    check_made_for(model, metadata.get("model_type") or _model_type_of(cfg.get("base_model_name_or_path")), str(path),
-                   allow_other_architecture)
+    made_for = metadata.get("model_type") or _model_type_of(cfg.get("base_model_name_or_path"))
+    if made_for is None and is_main_process():
+        print(f"note: the architecture {path} was trained on could not be checked (its base "
+              f"{cfg.get('base_model_name_or_path')!r} has no config.json here or in the hub cache)")
+    check_made_for(model, made_for, str(path), allow_other_architecture)
     sd = {k.removeprefix(PEFT_PREFIX): v for k, v in sd.items()}
 
     targets = cfg["target_modules"]
@@ -240,10 +243,23 @@ def load_lora(model: nn.Module, adapter_dir: str | os.PathLike, allow_other_arch
 
 
 def _model_type_of(base: str | None) -> str | None:
-    """The model_type of a base named by a local checkpoint directory (as peft records it); None where unknown."""
-    config = Path(base) / "config.json" if base else None
-    if config is None or not config.is_file():
+    """The model_type of the base an adapter names (peft's base_model_name_or_path): a local checkpoint directory, or
+    a hub id (or alias) whose config.json is in the local hub cache; None where it cannot be read."""
+    if not base:
         return None
+    config = Path(base) / "config.json"
+    if not config.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = ALIASES.get(base.lower(), base)
+        try:
+            cached = (try_to_load_from_cache(repo, "config.json", cache_dir=os.environ.get("HF_HUB_CACHE"))
+                      if repo.count("/") == 1 else None)
+        except Exception:  # a malformed id: nothing to read
+            cached = None
+        if not isinstance(cached, str):
+            return None
+        config = Path(cached)
     try:
         return read_json(config).get("model_type")
     except (ValueError, AttributeError):

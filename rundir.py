@@ -21,9 +21,11 @@ import json
 import os
 import shlex
 import shutil
+import socket
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import adapter as adapter_lib
 import lora as lora_lib
@@ -46,19 +48,36 @@ def save_peft(model, out_dir: Path, base: str) -> None:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if is_main_process():
         shutil.rmtree(tmp, ignore_errors=True)
-    if any(isinstance(m, lora_lib.LoRALinear) for m in model.modules()):
-        lora_lib.save_lora(model, tmp, base_model_name_or_path=base)
-    else:
-        adapter_lib.save_adapter(model, tmp, base_model_name_or_path=base)
+    try:
+        if any(isinstance(m, lora_lib.LoRALinear) for m in model.modules()):
+            lora_lib.save_lora(model, tmp, base_model_name_or_path=base)
+        else:
+            adapter_lib.save_adapter(model, tmp, base_model_name_or_path=base)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SaveFailed(out_dir, e) from None
     if is_main_process():
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
 
 
+class SaveFailed(OSError):
+    """A write failed (a full disk, a quota): what was on disk before is intact."""
+
+    def __init__(self, path: Path, error: Exception):
+        why = error.strerror if isinstance(error, OSError) and error.strerror else "a write failed: is the disk full?"
+        super().__init__(f"Writing {path} failed ({why}); what was saved before is intact: free some space, then run "
+                         "the same command with --resume.")
+
+
 def save_atomic(obj, path: Path) -> None:
     """Write to a temporary file, then rename: an interrupted save never leaves a half-written checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError of its zip writer
+        tmp.unlink(missing_ok=True)
+        raise SaveFailed(path, e) from None
     os.replace(tmp, path)
 
 
@@ -97,7 +116,9 @@ def restore_checkpoint(model, optimizer, path: Path) -> int:
 
 # What a run writes into its directory, and the flags a resumed run may change: they decide how it runs, not what
 # it computes (the checkpoint and the data order are the same whatever they are).
-RUN_OUTPUTS = ("args.json", "train_log.jsonl", "checkpoint.pt", "adapter", "results.json", "refit-new")
+# results.json first: --overwrite deletes in this order, so a kill while it deletes never leaves a "finished" run
+RUN_OUTPUTS = ("results.json", "args.json", "train_log.jsonl", "checkpoint.pt", "adapter", "refit-new")
+LOCK = ".lock"  # held by the process that runs in the directory
 HOW_FLAGS = ("device", "micro_batch_size", "eval_batch_size", "save_every", "stop_after", "resume", "overwrite",
              "compile", "grad_checkpointing", "out")
 
@@ -107,27 +128,40 @@ def run_outputs(out: Path) -> list[Path]:
     return [out / name for name in RUN_OUTPUTS if (out / name).exists()] + sorted(out.glob("eval-*.jsonl"))
 
 
-def check_run_dir(out: Path, args) -> None:
+def check_run_dir(out: Path, args, reuse: bool = False) -> bool:
     """Refuse, before anything is written, a run that would lose or mix another: a finished run without --overwrite,
-    an unfinished one without --resume or --overwrite, a --resume with other result-deciding flags than the run's."""
+    an unfinished one without --resume or --overwrite, a --resume with other result-deciding flags than the run's, an
+    --out that cannot be a directory. reuse: a finished run with --resume is accepted when its flags are this
+    command's (the study's arms); returns whether the run is finished."""
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them.")
+    for parent in (out, *out.parents):  # the nearest existing path must be a directory
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {out}: {parent} is a file, not a directory: choose another --out.")
+            break
     started = [path.name for path in run_outputs(out)]
-    if (out / "results.json").exists() and not args.overwrite:
+    finished = (out / "results.json").exists()
+    if finished and not args.overwrite and not (reuse and args.resume):
         raise ValueError(f"{out} already holds a finished run (results.json): pass --overwrite to replace it, or "
                          "another --out.")
     if started and not (args.resume or args.overwrite):
         raise ValueError(f"{out} holds an unfinished run ({', '.join(started)}): pass --resume to continue it, or "
                          "--overwrite to start it again (or choose another --out).")
     if not args.resume:
-        return
-    if not (out / "checkpoint.pt").exists():
+        return False
+    if not finished and not (out / "checkpoint.pt").exists():
         raise ValueError(f"Nothing to resume in {out}: it has no checkpoint.pt (none is written before step "
                          "--save-every). Start the run again with --overwrite.")
     if not (out / "args.json").exists():
         raise ValueError(f"{out} has a checkpoint but no args.json, so its flags are unknown: start the run again with "
                          "--overwrite.")
     stored, now = read_json(out / "args.json"), json.loads(json.dumps(vars(args), default=str))
+    if (stored.get("micro_batch_size") != now["micro_batch_size"] and now.get("peft") == "lora"
+            and now.get("lora_dropout", 0) > 0):
+        raise ValueError(f"{out} was started with --micro-batch-size {stored.get('micro_batch_size')}: LoRA dropout "
+                         "draws its masks per forward pass, so another split draws other masks and gives another "
+                         "adapter. Resume with the original value (a run with --lora-dropout 0 may change it).")
     for name, value in now.items():
         if name not in HOW_FLAGS and stored.get(name) != value:
             flag = "--" + name.replace("_", "-")
@@ -135,6 +169,7 @@ def check_run_dir(out: Path, args) -> None:
                              "resumed run keeps the flags that decide its result (only "
                              f"{', '.join('--' + h.replace('_', '-') for h in HOW_FLAGS)} "
                              "may change). Resume with the original value, or start again with --overwrite.")
+    return finished
 
 
 def remove(*paths: Path) -> None:
@@ -148,13 +183,15 @@ def begin_run(out: Path, args) -> None:
     record the flags (a resumed run keeps the args.json it started with)."""
     if not is_main_process():
         return
-    if args.overwrite:
-        remove(*run_outputs(out))
-    remove(out / "checkpoint.pt.tmp", out / "adapter.tmp", out / "refit-new" / "checkpoint.pt.tmp",
-           out / "refit-new" / "adapter.tmp")
-    out.mkdir(parents=True, exist_ok=True)
-    if not args.resume:
-        (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+    try:
+        if args.overwrite:
+            remove(*run_outputs(out))
+        remove(out / "checkpoint.pt.tmp", out / "adapter.tmp", out / "refit-new" / "checkpoint.pt.tmp",
+               out / "refit-new" / "adapter.tmp")
+        if not args.resume:
+            (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+    except OSError as e:
+        raise ValueError(f"--out {out} cannot be written ({e.strerror}): choose another directory.") from None
 
 
 def interrupted(args, argv: list[str], toy_out: Path) -> str:
@@ -170,3 +207,71 @@ def interrupted(args, argv: list[str], toy_out: Path) -> str:
         return f"interrupted before the first checkpoint in {out}; start again with: python train.py {again}"
     again = shlex.join(flags + ["--resume"])
     return f"interrupted: the last checkpoint is {ckpt}; continue with: python train.py {again}"
+
+
+def decided_by_rank0(decide):
+    """decide() in process 0 alone; every process gets its result, or its refusal as a ValueError. So no process
+    reads a directory that another is writing (under torchrun the others would see rank 0's fresh args.json)."""
+    outcome = [None, None]
+    if is_main_process():
+        try:
+            outcome[0] = decide()
+        except (ValueError, OSError) as e:
+            outcome[1] = str(e)
+    if dist.is_initialized():
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise ValueError(outcome[1])
+    return outcome[0]
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(out: Path, args) -> Path:
+    """Create out/.lock (exclusively: of two processes, one wins) holding this process's id and host, for the run's
+    life: a second process on the same --out is refused. A lock whose process no longer runs on this host (a killed
+    run) is named, and --resume or --overwrite takes it over."""
+    path, host = out / LOCK, socket.gethostname()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                pid, _, owner = path.read_text().partition(" ")
+                if owner != host or not pid.isdigit() or _running(int(pid)):
+                    raise ValueError(f"{out} is in use by another run (process {pid} on {owner}, {path}): wait for it "
+                                     "to finish, or choose another --out (remove the lock only if that run is over).")
+                if not (args.resume or args.overwrite):
+                    raise ValueError(f"{out} has a stale lock of process {pid}, which no longer runs: pass --resume to "
+                                     "continue that run, or --overwrite to start again.")
+                path.unlink(missing_ok=True)
+        os.write(fd, f"{os.getpid()} {host}".encode())
+        os.close(fd)
+    except OSError as e:
+        raise ValueError(f"--out {out} cannot be written ({e.strerror}): choose another directory.") from None
+    return path
+
+
+def release_lock(path: Path | None) -> None:
+    if path is not None and is_main_process():
+        path.unlink(missing_ok=True)
+
+
+def check_data(out: Path, args, fingerprint: str) -> None:
+    """A resumed run refuses data that changed since it started (the same path, other records): the sha256 of every
+    record it uses is in its args.json."""
+    stored = read_json(out / "args.json").get("data_sha256") if args.resume and (out / "args.json").exists() else None
+    if stored is not None and stored != fingerprint:
+        raise ValueError(f"The training or evaluation data changed since {out} was started (its records hash to "
+                         f"{stored[:12]}..., now {fingerprint[:12]}...): resume with the original data, or start "
+                         "again with --overwrite.")

@@ -42,10 +42,10 @@ import torch
 import lora as lora_lib
 import toy
 from analysis import analyze_drift, pyplot
-from checkpoint import cache_dir, is_main_process, load_model, load_tokenizer, read_json
+from checkpoint import cache_dir, is_main_process, load_model, load_tokenizer
 from data import IGNORE_INDEX, collate, next_token_targets, tokenize_dataset
 from eval import evaluate
-from rundir import remove
+from rundir import remove, run_outputs
 from train import TrainSettings, default_out, interventions, run_experiment, train
 from transpeft import ffn_gradient
 
@@ -568,11 +568,12 @@ def run_arms(args) -> dict:
     for seed in range(args.seed, args.seed + (args.seeds or 1)):
         for arm in arms:
             key = arm["key"]
-            run = argparse.Namespace(**{**vars(args), "arms": None, "seed": seed, "out": str(out / f"{key}-seed{seed}"),
-                                        "refit_new": False, **arm_settings(arm, args)})
-            done = Path(run.out) / "results.json"
+            arm_out = out / f"{key}-seed{seed}"  # --resume continues the arms begun; one not begun starts
+            run = argparse.Namespace(**{**vars(args), "arms": None, "seed": seed, "out": str(arm_out),
+                                        "resume": args.resume and bool(run_outputs(arm_out)), "refit_new": False,
+                                        **arm_settings(arm, args)})
             refit = arm.get("train_on") == "new"
-            r = read_json(done) if done.exists() and args.resume else run_experiment(run, train_on_new=refit)
+            r = run_experiment(run, train_on_new=refit, reuse=True)  # with --resume a finished arm is read
             for task in r["tasks"]:  # each task a "regime" of the summary: its own comparison
                 res = r[task]
                 rows.append({"arm": key, "seed": seed, "regime": f"{Path(str(args.new)).name} {task}",

@@ -37,14 +37,15 @@ from tqdm import tqdm
 
 import adapter as adapter_lib
 import lora as lora_lib
-from checkpoint import (check_device, check_same_architecture, is_main_process, load_config, load_model, load_tokenizer,
-                        print_trainable)
-from data import IGNORE_INDEX, MAX_NEW_TOKENS, collate, load_eval_sets, load_training_set, next_token_targets
-from eval import TASK_NAMES, eval_sources, evaluate, load_for_eval
+from checkpoint import (check_checkpoint, check_device, check_same_architecture, is_main_process, load_config,
+                        load_model, load_tokenizer, print_trainable, read_json)
+from data import (IGNORE_INDEX, MAX_NEW_TOKENS, collate, fingerprint, load_eval_sets, load_examples, next_token_targets,
+                  training_set)
+from eval import eval_sources, evaluate, load_for_eval, results_table
 from model import Transformer
 from scoring import SCORERS
-from rundir import (begin_run, check_run_dir, checkpoint_state, default_out, interrupted, restore_checkpoint,
-                    save_atomic, save_peft)
+from rundir import (acquire_lock, begin_run, check_data, check_run_dir, checkpoint_state, decided_by_rank0, default_out,
+                    interrupted, release_lock, restore_checkpoint, save_atomic, save_peft)
 from toy import REGIMES
 from transpeft import (apply_attention_masking, apply_transpeft, per_layer, remove_attention_masking, remove_transpeft,
                        reseed_drops)
@@ -101,25 +102,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="official: the released evaluation's rules; lenient: ours (see scoring.py)")
     released = p.add_argument_group("this code's choices vs the released run's (docs/differences.md)")
     released.add_argument("--peft-dtype", choices=["float32", "bfloat16"],
-                          help="dtype of the trained weights and their AdamW state (default float32; the released "
-                          "run: bfloat16, peft casting the module to the bf16 base's dtype)")
+                          help="of the trained weights and their AdamW state (default float32; released: bfloat16)")
     released.add_argument("--loss-mean", choices=["batch", "micro-batch"],
-                          help="batch (default): the summed loss / the global batch's supervised tokens; micro-batch "
-                          "(the released run): each micro-batch's token mean, averaged")
+                          help="batch (default): the summed loss / the global batch's supervised tokens; "
+                          "micro-batch (released): each micro-batch's token mean, averaged")
     released.add_argument("--eval-merged", action=argparse.BooleanOptionalAction,
-                          help="evaluate with the LoRA merged into the base in bfloat16 as the released evaluation "
-                          "does (default: the adapter kept apart, the base as trained)")
-    released.add_argument("--as-released", action="store_true", help="every released choice above, and the released "
-                          "evaluation sets: --peft-dtype bfloat16 --loss-mean micro-batch --eval-merged --eval-data "
-                          "gsm8k,math (flags given explicitly still win)")
+                          help="evaluate the LoRA merged into the bf16 base as released (default: kept apart)")
+    released.add_argument("--as-released", action="store_true", help="every released choice above, and --eval-data "
+                          "gsm8k,math as released (flags given explicitly still win)")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    p.add_argument("--stop-after", type=int,
-                   help="stop after this step with a checkpoint, to --resume later (e.g. time-limited jobs)")
+    p.add_argument("--stop-after", type=int, help="stop after this step with a checkpoint, to --resume later")
     p.add_argument("--device", help="default: cuda where there is one, else cpu; the toy study: cpu")
-    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base across processes with FSDP2 "
-                   "(else DDP)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the base with FSDP2 (else DDP)")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each layer's activations in backward: less memory, one more forward pass")
     p.add_argument("--compile", action="store_true",
@@ -128,8 +124,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     toy_flags = p.add_argument_group("the toy study (no --old/--new); its recipe is study.TOY_LORA")
     toy_flags.add_argument("--seeds", type=int, help="paired seeds per arm (toy study: seeds 0..N-1, default 2; with "
                            "--arms: from --seed, default 1)")
-    toy_flags.add_argument("--update-seeds", default="0", help="comma-separated updates of toy-v1 per regime (0 = "
-                           "toy-v2)")
+    toy_flags.add_argument("--update-seeds", default="0", help="updates of toy-v1 per regime (0 = toy-v2), commas")
     toy_flags.add_argument("--regimes", default="full,ffn,attn", help="which weights the updates train (toy.REGIMES): "
                            "full = all, ffn = FFN only, attn = attention only")
     toy_flags.add_argument("--quick", action="store_true",
@@ -137,8 +132,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     for name in ("batch_size", "micro_batch_size", "max_len", "max_new_tokens", "save_every", "eval_batch_size",
                  "max_samples", "max_steps", "eval_limit", "stop_after", "epochs"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
+        if getattr(args, name) is not None and not 0 < getattr(args, name) < math.inf:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    # Every float flag bounded where it is parsed: 0, a negative value, inf or nan would train silently wrong (a zero
+    # learning rate or clip leaves the module as initialised, a negative clip ascends the gradient) or fail late.
+    for name, low, high, rule in (("lr", 0, 10, "in (0, 10)"), ("grad_clip", 0, math.inf, "positive and finite"),
+                                  ("lora_alpha", 0, math.inf, "positive and finite")):
+        if not low < getattr(args, name) < high:
+            p.error(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
+    if not 0 <= args.weight_decay < math.inf:
+        p.error(f"--weight-decay must be zero or positive, and finite, got {args.weight_decay}")
+    if not 0 <= args.lora_dropout < 1:
+        p.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        p.error("--fsdp shards the model across the processes of a torchrun launch (torchrun --nproc_per_node N "
+                "train.py ...); a single process has nothing to shard across")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() and args.old is not None else "cpu"
     try:
@@ -181,14 +189,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def parse_rate(text) -> float | list[float]:
-    values = [float(v) for v in str(text).split(",")]
+    values = [float(v) for v in str(text).split(",")]  # one rate, or one per layer
     return values[0] if len(values) == 1 else values
 
 
 @dataclass
 class TrainSettings:
-    """What the training loop uses; train.py's flags of the same names (TrainSettings.from_args), or the toy study's
-    recipe."""
+    """What the training loop uses: the flags of the same names (from_args), or the toy study's recipe."""
 
     lr: float
     batch_size: int  # examples per optimizer step, over every process
@@ -232,16 +239,16 @@ def add_peft(model, args, verbose: bool = True) -> None:
 
 
 def check_settings(args) -> None:
-    """Refuse, before anything is written or computed, what would fail later: an old/new pair a PEFT module cannot
-    move between, per-layer rates of the wrong length, PEFT settings the model cannot take (tried on a weightless
-    `meta` copy), a new base whose tokenizer cannot be read."""
+    """Refuse, before anything is written or computed, what would fail later: bases a PEFT module cannot move between,
+    either base's weights or tokenizer (check_checkpoint), rates or PEFT settings the model cannot take."""
     cfg = load_config(args.old)
     check_same_architecture(cfg, load_config(args.new), args.old, args.new)
+    check_checkpoint(args.old)
+    check_checkpoint(args.new)  # (a hub id: the new base is fetched now)
     per_layer(args.p_intra, cfg.num_hidden_layers, "--p-intra")
     per_layer(args.p_cross, cfg.num_hidden_layers, "--p-cross")
     with torch.device("meta"):
         add_peft(Transformer(cfg), args, verbose=False)
-    load_tokenizer(args.new)  # (the old base's is loaded next, for the data) for a hub id: the new base is fetched now
 
 
 def wrap_layers(model, grad_checkpointing: bool = False, compile: bool = False) -> None:
@@ -309,8 +316,7 @@ def _checkpointed(layer, forward, *args, **kwargs):
     return checkpoint(forward, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), replay()), **kwargs)
 
 
-def world() -> tuple[int, int]:
-    """(rank, number of processes): (0, 1) unless launched by torchrun with several processes."""
+def world() -> tuple[int, int]:  # (rank, processes): (0, 1) unless launched by torchrun with several
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -490,21 +496,35 @@ def model_for_eval(base: str, adapter_dir: Path, args):
     return model
 
 
-def run_experiment(args, train_on_new: bool = False) -> dict:
+def run_experiment(args, train_on_new: bool = False, reuse: bool = False) -> dict:
     """Train on --old, evaluate there (source) and, unchanged, on --new (transfer), on every --eval-data task; with
     --refit-new, or alone with train_on_new (the refit arm of --arms), a plain module trained on --new and evaluated
-    there (the upper bound). results.json holds one entry per task: {"source_old", "transfer_new", "refit_new"}."""
+    there (the upper bound). results.json holds one entry per task: {"source_old", "transfer_new", "refit_new"}.
+    reuse (the study's arms): with --resume, a finished run with this command's flags and data is read, not redone."""
     out = Path(args.out) if args.out else default_out(args)
-    check_run_dir(out, args)
+    finished = decided_by_rank0(lambda: check_run_dir(out, args, reuse))
     check_settings(args)
     old_tok, new_tok = load_tokenizer(args.old), load_tokenizer(args.new)
-    train_set = None if train_on_new else load_training_set(args.train_data, old_tok, args.max_samples, args.max_len)
+    examples = load_examples(args.train_data, "train", args.max_samples)
+    train_set = None if train_on_new else training_set(examples, old_tok, args.max_len, args.train_data)
     eval_sets = load_eval_sets(eval_sources(args.eval_data), args.eval_limit)
-    begin_run(out, args)
+    args.data_sha256 = fingerprint(examples, *eval_sets.values())
+    decided_by_rank0(lambda: check_data(out, args, args.data_sha256))
+    if finished:
+        return read_json(out / "results.json")
+    lock = decided_by_rank0(lambda: acquire_lock(out, args))
+    try:
+        decided_by_rank0(lambda: begin_run(out, args))
+        return experiment(args, out, examples, train_set, eval_sets, old_tok, new_tok, train_on_new)
+    finally:
+        release_lock(lock)
+
+
+def experiment(args, out: Path, examples, train_set, eval_sets: dict, old_tok, new_tok, train_on_new: bool) -> dict:
+    """run_experiment's work, once everything is checked and the run directory is this process's."""
     if is_main_process() and train_set is not None:
         sizes = ", ".join(f"{len(examples)} {task}" for task, examples in eval_sets.items())
         print(f"run directory: {out}  ({len(train_set)} training examples; evaluation: {sizes})")
-
     t0 = time.time()
     results = {"old": args.old, "new": args.new, "peft": args.peft, "p_intra": args.p_intra, "p_cross": args.p_cross,
                "p_attn": args.p_attn, "peft_dtype": args.peft_dtype, "loss_mean": args.loss_mean,
@@ -532,7 +552,7 @@ def run_experiment(args, train_on_new: bool = False) -> dict:
         del moved
 
     if args.refit_new or train_on_new:  # the upper bound: a plain PEFT module trained on the new base itself
-        refit_set = load_training_set(args.train_data, new_tok, args.max_samples, args.max_len)
+        refit_set = training_set(examples, new_tok, args.max_len, args.train_data)
         refit, _ = train_and_save(args.new, refit_set, args, out / "refit-new", new_tok.pad_token_id, "train on new",
                                   intervene=False)
         if args.eval_merged:
@@ -544,22 +564,6 @@ def run_experiment(args, train_on_new: bool = False) -> dict:
         (out / "results.json").write_text(json.dumps(results, indent=2))
         print(results_table(results))
     return results
-
-
-def results_table(r: dict) -> str:
-    """The run's final table: per task and setting, the accuracy by the chosen scorer, and both scorers'."""
-    settings = [("source_old", "trained on old, on old (source)", r["old"]),
-                ("transfer_new", "same module on new (direct transfer)", r["new"]),
-                ("refit_new", "trained on new, on new (upper bound)", r["new"])]
-    width = max(len(str(r["old"])), len(str(r["new"])))
-    lines = []
-    for task in r["tasks"]:
-        rows = [(name, base, r[task][key]) for key, name, base in settings if r[task][key]]
-        lines += ["", f"{'setting':<38} {'base':<{width}}  {TASK_NAMES[task]} ({rows[0][2]['scorer']} scorer)   "
-                  "lenient / official scorer"]
-        lines += [f"{name:<38} {str(base):<{width}}  {res['accuracy']:7.2%}  ({res['correct']}/{res['total']}){'':16}"
-                  f"{res['accuracy_lenient']:7.2%} / {res['accuracy_official']:.2%}" for name, base, res in rows]
-    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -585,9 +589,11 @@ def main(argv=None) -> None:
         sys.exit(interrupted(args, argv, study.toy_out(args)))
     except (Diverged, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    if dist.is_initialized():  # after a run every process reached: no collective may be in flight when the group goes
-        dist.barrier()
-        dist.destroy_process_group()
+    finally:  # on every way out, errors too: an undestroyed gloo group aborts at exit ("terminate called ...")
+        if dist.is_initialized():
+            if sys.exc_info()[0] is None:  # a run every process finished: none may still be in a collective
+                dist.barrier()
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -113,3 +113,17 @@ def test_drop_costs_equal_transformers_with_that_ffn_skipped(hf_checkpoint):
     costs = drop_costs(load_model(path), ids, next_token_targets(labels))
     assert [costs["base"], *costs["dropped"]] == pytest.approx(expected, rel=1e-5)
     assert all(abs(d - costs["base"]) > 1e-3 for d in costs["dropped"])
+
+
+def test_norm_shift_and_cosine_of_an_exactly_doubled_ffn(hf_checkpoint, tmp_path):
+    """down_proj doubled: each FFN output is exactly twice the old one on the same input, so its per-channel norms
+    double, ‖n_new − n_old‖ / ‖n_old‖ = 1, and the cosine is 1 (1 − cos = 0); attention is untouched."""
+    path, _ = hf_checkpoint("qwen2")
+    sd = load_file(path / "model.safetensors")
+    new_dir = tmp_path / "new"
+    new_dir.mkdir()
+    (new_dir / "config.json").write_text((path / "config.json").read_text())
+    save_file({k: 2 * v if "down_proj" in k else v for k, v in sd.items()}, new_dir / "model.safetensors")
+    for r in analyze_drift(load_model(path), load_model(new_dir), torch.randint(0, 96, (2, 32))):
+        assert r["ffn_norm"] == pytest.approx(1.0, abs=1e-5) and r["ffn_cos"] == pytest.approx(0.0, abs=1e-6)
+        assert r["attn_norm"] <= 1e-6 and r["attn_weight"] == 0

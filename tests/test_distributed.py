@@ -64,6 +64,16 @@ def test_ddp_with_gradient_accumulation_equals_one_process(world):
     assert_same_run(one, two)
 
 
+def test_micro_batch_loss_mean_counts_every_process_micro_batches(world):
+    """--loss-mean micro-batch (the released run's): each micro-batch's token mean, averaged over the global batch's
+    micro-batches. With micro-batches of one example, one process (4 of them) and two processes (2 each) group the
+    examples alike, so they train alike; dividing by one process's count would double the two processes' loss."""
+    one, two = world["tmp"] / "one", world["tmp"] / "two"
+    train.main(args_for(world, one, 0.0, 1, "--loss-mean", "micro-batch"))
+    torchrun(args_for(world, two, 0.0, 1, "--loss-mean", "micro-batch"))
+    assert_same_run(one, two)
+
+
 def test_fsdp2_on_gloo_equals_one_process(world):
     one, two = world["tmp"] / "one", world["tmp"] / "fsdp"
     train.main(args_for(world, one, 0.5, 4))

@@ -2,9 +2,14 @@
 compute: unfinished runs, changed flags on --resume, interrupted saves, Ctrl-C, malformed data, checkpoints and
 adapters, impossible settings."""
 
+import argparse
 import json
+import os
 import shlex
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -346,3 +351,209 @@ def test_unknown_or_repeated_evaluation_sets_are_refused_before_anything_runs(wo
     refused(run_args(world, out, "--eval-data", f"{world['data']},{copy}"), "names two gsm8k sets", "give each task once")
     refused(["--model", world["old"], "--eval-data", "math9"], "--eval-data math9", main=eval_cli.main)
     assert not out.exists()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# One run per directory, every input checked before compute
+
+
+def no_training(monkeypatch):
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("training started"))
+
+
+def test_a_second_process_on_a_locked_directory_is_refused(world, monkeypatch):
+    """The lock names a live process of this host (this one): a second run in the directory is refused, and the lock
+    and the directory stay as they were."""
+    no_training(monkeypatch)
+    out = world["tmp"] / "run"
+    out.mkdir()
+    (out / ".lock").write_text(f"{os.getpid()} {socket.gethostname()}")
+    before = files(out)
+    refused(run_args(world, out), "is in use by another run", f"process {os.getpid()}")
+    refused(run_args(world, out, "--overwrite"), "is in use by another run")
+    assert files(out) == before
+
+
+def test_a_stale_lock_is_named_and_taken_over_by_resume_or_overwrite(world):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = world["tmp"] / "run"
+    out.mkdir()
+    (out / ".lock").write_text(f"{dead.stdout.strip()} {socket.gethostname()}")
+    refused(run_args(world, out, "--max-steps", "2"), "stale lock", dead.stdout.strip(), "--overwrite")
+    train.main(run_args(world, out, "--max-steps", "2", "--overwrite"))
+    assert (out / "results.json").exists() and not (out / ".lock").exists()  # released at the end
+
+
+def test_an_interrupted_overwrite_never_leaves_a_finished_looking_run(world, monkeypatch):
+    """--overwrite deletes results.json first: killed after that, the directory is an unfinished run, never a
+    finished one with another run's adapter."""
+    out = world["tmp"] / "run"
+    train.main(run_args(world, out, "--max-steps", "2"))
+    real_remove = rundir.remove
+
+    def killed(*paths):
+        real_remove(paths[0])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rundir, "remove", killed)
+    with pytest.raises(SystemExit):
+        train.main(run_args(world, out, "--max-steps", "2", "--overwrite"))
+    monkeypatch.setattr(rundir, "remove", real_remove)
+    assert not (out / "results.json").exists() and (out / "adapter").exists()
+    refused(run_args(world, out, "--max-steps", "2"), "holds an unfinished run")
+
+
+def test_resume_refuses_data_that_changed_under_the_same_path(world):
+    out = world["tmp"] / "run"
+    data = world["tmp"] / "train.jsonl"
+    shutil.copy(world["data"], data)
+    train.main(run_args(world, out, "--max-steps", "6", "--stop-after", "2", "--train-data", str(data)))
+    data.write_text(data.read_text().replace("What is 2 plus 3?", "What is 2 plus 4?"))
+    before = files(out)
+    refused(run_args(world, out, "--max-steps", "6", "--resume", "--train-data", str(data)), "data changed", "--overwrite")
+    assert files(out) == before
+
+
+def test_every_result_deciding_flag_is_compared_on_resume(world):
+    """The whole list: every flag but rundir.HOW_FLAGS refuses a change on --resume; the HOW_FLAGS are accepted."""
+    out = world["tmp"] / "run"
+    train.main(run_args(world, out, "--max-steps", "6", "--stop-after", "2", "--lora-dropout", "0"))
+    stored = json.loads((out / "args.json").read_text())
+    args = train.parse_args(run_args(world, out, "--max-steps", "6", "--resume", "--lora-dropout", "0"))
+    for name, value in vars(args).items():
+        if name in ("resume", "overwrite"):  # the mode itself
+            continue
+        changed = argparse.Namespace(**{**vars(args), name: "changed" if value != "changed" else "other"})
+        if name in rundir.HOW_FLAGS:
+            rundir.check_run_dir(out, changed)  # accepted
+        else:
+            with pytest.raises(ValueError, match=f"--{name.replace('_', '-')}"):
+                rundir.check_run_dir(out, changed)
+    assert json.loads((out / "args.json").read_text()) == stored
+
+
+def test_another_micro_batch_split_is_refused_where_lora_dropout_draws_per_forward(world):
+    out = world["tmp"] / "run"
+    train.main(run_args(world, out, "--max-steps", "6", "--stop-after", "2"))  # --lora-dropout 0.05 by default
+    refused(run_args(world, out, "--max-steps", "6", "--resume", "--micro-batch-size", "2"), "LoRA dropout", "--micro-batch-size 4")
+
+
+def test_arms_resume_refuses_a_finished_arm_run_with_other_flags(world):
+    out = world["tmp"] / "arms"
+    train.main(run_args(world, out, "--max-steps", "2", "--arms", "plain"))
+    before = files(out)
+    refused(run_args(world, out, "--max-steps", "3", "--arms", "plain", "--resume"), "--max-steps 2", "3")
+    assert files(out) == before
+
+
+@pytest.mark.parametrize("flag, value, phrase", [
+    ("--lr", "0", "--lr must be in (0, 10)"), ("--lr", "-1", "--lr must be"), ("--lr", "inf", "--lr must be"),
+    ("--lr", "nan", "--lr must be"), ("--lr", "1e38", "--lr must be"), ("--grad-clip", "0", "--grad-clip must be positive"),
+    ("--grad-clip", "-1", "--grad-clip must be positive"), ("--weight-decay", "-1", "--weight-decay must be zero or positive"),
+    ("--lora-dropout", "1", "--lora-dropout must be in [0, 1)"), ("--lora-alpha", "0", "--lora-alpha must be positive"),
+    ("--epochs", "inf", "--epochs must be positive"), ("--fsdp", None, "--fsdp shards the model across the processes"),
+])
+def test_numeric_flags_are_bounded_where_parsed(world, capsys, flag, value, phrase):
+    out = world["tmp"] / "run"
+    with pytest.raises(SystemExit):
+        train.main(run_args(world, out, flag, *([value] if value is not None else [])))
+    assert phrase in capsys.readouterr().err and not out.exists()
+
+
+def test_the_new_base_and_both_tokenizers_are_checked_before_training(world, monkeypatch):
+    no_training(monkeypatch)
+    cut = broken_copy(world, "cut", lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:-100]))
+    refused(run_args(world, world["tmp"] / "a", "--new", cut), "model.safetensors is not a readable safetensors file")
+
+    def drop_tensor(path):
+        tensors = load_file(path / "model.safetensors")
+        save_file({k: v for k, v in tensors.items() if "layers.1.mlp.up_proj" not in k}, path / "model.safetensors")
+
+    refused(run_args(world, world["tmp"] / "b", "--new", broken_copy(world, "missing", drop_tensor)),
+            "is missing tensor model.layers.1.mlp.up_proj.weight")
+    bad_json = broken_copy(world, "badtok", lambda p: (p / "tokenizer.json").write_text('{"version": '))
+    refused(run_args(world, world["tmp"] / "c", "--new", bad_json), "tokenizer.json is not a readable tokenizer")
+
+    def small_vocab(path):
+        cfg = json.loads((path / "config.json").read_text())
+        tensors = load_file(path / "model.safetensors")
+        rows = 100
+        save_file({k: (v[:rows] if v.shape[0] == cfg["vocab_size"] else v).contiguous() for k, v in tensors.items()},
+                  path / "model.safetensors")
+        (path / "config.json").write_text(json.dumps({**cfg, "vocab_size": rows}))
+
+    small = broken_copy(world, "small", small_vocab)
+    refused(run_args(world, world["tmp"] / "d", "--old", small, "--new", small), "tokens but its model's embedding has 100 rows")
+    for name in "abcd":
+        assert not (world["tmp"] / name).exists()
+
+
+def test_an_out_that_cannot_be_a_directory_is_one_sentence(world, monkeypatch):
+    no_training(monkeypatch)
+    (world["tmp"] / "a_file").write_text("x")
+    refused(run_args(world, world["tmp"] / "a_file"), "is a file, not a directory")
+    refused(run_args(world, world["tmp"] / "a_file" / "run"), "is a file, not a directory")
+
+
+def test_analysis_outputs_are_checked_before_compute(world, monkeypatch):
+    monkeypatch.setattr(analysis, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    (world["tmp"] / "a_file").write_text("x")
+    refused(["analyze", "--old", world["old"], "--new", world["new"], "--out", str(world["tmp"] / "a_file")], "is a file",
+            main=analysis.main)
+    refused(["drop-cost", "--model", world["old"], "--out", str(world["tmp"])], "is a directory", main=analysis.main)
+
+
+def test_non_utf8_data_names_the_file_and_line(world, monkeypatch):
+    no_training(monkeypatch)
+    data = world["tmp"] / "latin1.jsonl"
+    data.write_bytes(json.dumps(GOOD).encode() + b"\n" + json.dumps({"question": "Caf\u00e9?", "answer": "#### 1"}).encode("utf-8")
+                     .replace(b"\\u00e9", "\u00e9".encode("latin-1")) + b"\n")
+    refused(run_args(world, world["tmp"] / "run", "--train-data", str(data)), "latin1.jsonl, line 2 is not UTF-8")
+    text = world["tmp"] / "text.txt"
+    text.write_bytes("caf\u00e9\n".encode("latin-1"))
+    refused(["drop-cost", "--model", world["old"], "--text", str(text), "--out", str(world["tmp"] / "d.json")],
+            "is not UTF-8 text", main=analysis.main)
+
+
+def test_a_legacy_non_zip_adapter_bin_loads(world):
+    """peft's older adapter_model.bin, written by torch.save without the zip container: read with weights_only."""
+    from lora import WEIGHTS_NAME
+
+    out = saved_lora(world)
+    tensors = load_file(out / WEIGHTS_NAME)
+    torch.save(tensors, out / "adapter_model.bin", _use_new_zipfile_serialization=False)
+    (out / WEIGHTS_NAME).unlink()
+    loaded = load_lora(load_model(world["new"]), out)
+    assert all(torch.equal(p, tensors["base_model.model." + n]) for n, p in loaded.named_parameters() if "lora_" in n)
+
+
+def test_a_full_disk_while_saving_is_one_sentence_and_keeps_the_last_checkpoint(world, monkeypatch):
+    out = world["tmp"] / "run"
+    train.main(run_args(world, out, "--max-steps", "6", "--stop-after", "2"))
+    saved = (out / "checkpoint.pt").read_bytes()
+
+    def full(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/3: "
+                           "file write failed")
+
+    monkeypatch.setattr(rundir.torch, "save", full)
+    message = refused(run_args(world, out, "--max-steps", "6", "--resume"), "checkpoint.pt failed", "--resume")
+    assert "inline_container" not in message and (out / "checkpoint.pt").read_bytes() == saved
+
+
+def test_a_peft_lora_naming_a_cached_hub_base_of_another_architecture_is_refused(world, tmp_path, monkeypatch, capsys):
+    """peft records the base as a hub id: its config.json in the local hub cache tells the architecture; where it is
+    not cached, one note says that the architecture could not be checked."""
+    from fake_hub import put_snapshot
+
+    out = saved_lora(world)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "meta-llama/Llama-3.2-1B"}))
+    tensors = load_file(out / "adapter_model.safetensors")
+    save_file(tensors, out / "adapter_model.safetensors")  # peft's files carry no model_type of ours
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    load_lora(load_model(world["new"]), out)
+    assert "could not be checked" in capsys.readouterr().out
+    put_snapshot(tmp_path / "hub", "model", "meta-llama/Llama-3.2-1B", {"config.json": b'{"model_type": "llama"}'})
+    refused(["--model", world["new"], "--adapter", str(out), "--data", world["data"]], "trained on a llama model",
+            main=eval_cli.main)

@@ -205,3 +205,10 @@ def test_chart_draws_the_gains(tmp_path):
     chart = plt.imread(tmp_path / "study.png")[..., :3]  # (H, W, 3) floats in [0, 1]
     grey = (abs(chart - 0.7) < 0.01).all(-1)
     assert grey.any()  # the gain's bar (grey: not beyond noise)
+
+
+def test_spearman_with_ties_in_one_variable_only():
+    # x ranks (1, 2.5, 2.5, 4), y ranks (1, 2, 3, 4): deviations (-1.5, 0, 0, 1.5) and (-1.5, -0.5, 0.5, 1.5),
+    # covariance 4.5, variances 4.5 and 5: rho = 4.5 / sqrt(22.5) = sqrt(0.9)
+    assert study.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9 ** 0.5)
+    assert study.spearman([1, 2, 3, 4], [1, 2, 2, 3]) == pytest.approx(0.9 ** 0.5)

@@ -468,3 +468,61 @@ def test_decoding_2048_new_tokens_at_the_gpu_checks_batch_sizes_equals_rows_alon
         for i in (0, batch // 2, batch - 1):
             alone = generate(model, tok, [prompts[i]], max_new_tokens=2048, batch_size=1, stop_strings=[])[0]
             assert batched[i] == alone, (batch, i)
+
+
+def test_layer_drops_change_from_step_to_step(world):
+    """reseed_drops seeds the drop generator from (seed, step): the drop pattern differs between steps (a seed that
+    stayed the same would drop the same layers every step) and is the same for every micro-batch of a step."""
+    from transpeft import apply_transpeft
+
+    torch.manual_seed(0)
+    model = apply_transpeft(add_lora(load_model(world["old"]), r=2, alpha=4, targets=["q_proj"], verbose=False),
+                            p_cross=0.5, seed=0)
+    ran = []
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
+    forwards = []
+    real_forward = model.forward
+
+    def counting(*a, **k):
+        ran.clear()
+        out = real_forward(*a, **k)
+        forwards.append(tuple(ran))
+        return out
+
+    model.forward = counting
+    from data import load_examples, tokenize_dataset
+    dataset, _ = tokenize_dataset(load_examples(world["data"]), load_tokenizer(world["old"]), 320)
+    settings = train.TrainSettings(lr=1e-2, batch_size=2, micro_batch_size=1, max_steps=8, seed=0, save_every=100)
+    train.train(model, dataset, settings, world["tmp"] / "drops", pad_id=0)
+    steps = [forwards[i : i + 2] for i in range(0, len(forwards), 2)]  # two micro-batches a step
+    assert all(a == b for a, b in steps) and len({s[0] for s in steps}) > 1
+
+
+def test_merged_evaluation_uses_each_base_for_its_own_setting(world, monkeypatch):
+    """--eval-merged: the source accuracy comes from the adapter merged into --old, the transfer from --new."""
+    loaded = []
+    real = train.model_for_eval
+
+    def recording(base, adapter_dir, args):
+        loaded.append((base, Path(adapter_dir).name))
+        return real(base, adapter_dir, args)
+
+    monkeypatch.setattr(train, "model_for_eval", recording)
+    train.main(run_args(world, world["tmp"] / "m", "--max-steps", "1", "--eval-merged"))
+    assert loaded == [(world["old"], "adapter"), (world["new"], "adapter")]
+
+
+def test_a_row_that_stops_early_decodes_as_it_does_alone(world):
+    """A stop string that one row's completion reaches early and the other's does not: the batch decodes each row as
+    it decodes alone, the stopped row cut there, the other running on."""
+    model, tok = load_model(world["old"]).eval(), load_tokenizer(world["old"])
+    candidates = [q for q, _ in QUESTIONS] + ["The answer is", "Response:", "12 + 7 = 19"]
+    free = dict(zip(candidates, generate(model, tok, candidates, max_new_tokens=12, batch_size=1, stop_strings=[])))
+    # two prompts and a stop string that the first one's completion reaches early and the second one's never does
+    prompts, stop = next(([a, b], free[a][i : i + 3]) for a in candidates for b in candidates
+                         for i in range(1, len(free[a]) - 6) if free[a][i : i + 3] not in free[b])
+    free = [free[p] for p in prompts]
+    alone = [generate(model, tok, [p], max_new_tokens=12, batch_size=1, stop_strings=[stop])[0] for p in prompts]
+    assert len(alone[0]) < len(free[0]) and alone[1] == free[1]  # one row stopped, the other did not
+    assert generate(model, tok, prompts, max_new_tokens=12, batch_size=2, stop_strings=[stop]) == alone

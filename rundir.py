@@ -140,6 +140,7 @@ def check_run_dir(out: Path, args, reuse: bool = False) -> bool:
             if not parent.is_dir():
                 raise ValueError(f"--out {out}: {parent} is a file, not a directory: choose another --out.")
             break
+    check_not_in_use(out)  # before anything else: a live run there is the first thing to say
     started = [path.name for path in run_outputs(out)]
     finished = (out / "results.json").exists()
     if finished and not args.overwrite and not (reuse and args.resume):
@@ -247,10 +248,7 @@ def acquire_lock(out: Path, args) -> Path:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
                 break
             except FileExistsError:
-                pid, _, owner = path.read_text().partition(" ")
-                if owner != host or not pid.isdigit() or _running(int(pid)):
-                    raise ValueError(f"{out} is in use by another run (process {pid} on {owner}, {path}): wait for it "
-                                     "to finish, or choose another --out (remove the lock only if that run is over).")
+                pid = check_not_in_use(out)
                 if not (args.resume or args.overwrite):
                     raise ValueError(f"{out} has a stale lock of process {pid}, which no longer runs: pass --resume to "
                                      "continue that run, or --overwrite to start again.")
@@ -260,6 +258,20 @@ def acquire_lock(out: Path, args) -> Path:
     except OSError as e:
         raise ValueError(f"--out {out} cannot be written ({e.strerror}): choose another directory.") from None
     return path
+
+
+def check_not_in_use(out: Path) -> str | None:
+    """Refuse a directory whose lock names a process that still runs (or one on another host, which cannot be asked);
+    return the process id of a stale lock, None where there is no lock."""
+    path = out / LOCK
+    try:
+        pid, _, owner = path.read_text().partition(" ")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if owner != socket.gethostname() or not pid.isdigit() or _running(int(pid)):
+        raise ValueError(f"{out} is in use by another run (process {pid} on {owner}, {path}): wait for it to finish, "
+                         "or choose another --out (remove the lock only if that run is over).")
+    return pid
 
 
 def release_lock(path: Path | None) -> None:

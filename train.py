@@ -20,6 +20,7 @@ adapter/ (PEFT format for LoRA), eval-*.jsonl (per example), results.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -136,14 +137,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be positive")
     # Every float flag bounded where it is parsed: 0, a negative value, inf or nan would train silently wrong (a zero
     # learning rate or clip leaves the module as initialised, a negative clip ascends the gradient) or fail late.
-    for name, low, high, rule in (("lr", 0, 10, "in (0, 10)"), ("grad_clip", 0, math.inf, "positive and finite"),
-                                  ("lora_alpha", 0, math.inf, "positive and finite")):
-        if not low < getattr(args, name) < high:
+    for name, ok, rule in (("lr", lambda v: 0 < v < 10, "in (0, 10)"),
+                           ("grad_clip", lambda v: 0 < v < math.inf, "positive and finite"),
+                           ("lora_alpha", lambda v: 0 < v < math.inf, "positive and finite"),
+                           ("weight_decay", lambda v: 0 <= v < math.inf, "zero or positive, and finite"),
+                           ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+                           ("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)")):
+        if not ok(getattr(args, name)):
             p.error(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
-    if not 0 <= args.weight_decay < math.inf:
-        p.error(f"--weight-decay must be zero or positive, and finite, got {args.weight_decay}")
-    if not 0 <= args.lora_dropout < 1:
-        p.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         p.error("--fsdp shards the model across the processes of a torchrun launch (torchrun --nproc_per_node N "
                 "train.py ...); a single process has nothing to shard across")
@@ -153,8 +154,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         check_device(args.device)
     except ValueError as e:
         p.error(str(e))
-    if not 0 <= args.warmup_ratio < 1:
-        p.error("--warmup-ratio must be in [0, 1)")
     try:
         args.p_intra, args.p_cross = parse_rate(args.p_intra), parse_rate(args.p_cross)
     except ValueError:
@@ -589,10 +588,11 @@ def main(argv=None) -> None:
         sys.exit(interrupted(args, argv, study.toy_out(args)))
     except (Diverged, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    finally:  # on every way out, errors too: an undestroyed gloo group aborts at exit ("terminate called ...")
-        if dist.is_initialized():
+    finally:  # every way out, errors too: a gloo group freed only at interpreter exit can abort it ("terminate called
+        if dist.is_initialized():  # without an active exception"): free FSDP's cycles, then the group, now
             if sys.exc_info()[0] is None:  # a run every process finished: none may still be in a collective
                 dist.barrier()
+            gc.collect()
             dist.destroy_process_group()
 
 

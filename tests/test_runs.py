@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ def refused(argv, *phrases, main=train.main):
     return message
 
 
+ROOT = Path(__file__).resolve().parents[1]
 TMP = None  # set per test by the fixture below: where eval.py's per-example file goes
 
 
@@ -557,3 +559,29 @@ def test_a_peft_lora_naming_a_cached_hub_base_of_another_architecture_is_refused
     put_snapshot(tmp_path / "hub", "model", "meta-llama/Llama-3.2-1B", {"config.json": b'{"model_type": "llama"}'})
     refused(["--model", world["new"], "--adapter", str(out), "--data", world["data"]], "trained on a llama model",
             main=eval_cli.main)
+
+
+@pytest.mark.slow
+def test_two_live_processes_on_one_out(world):
+    """A real second process: while one train.py runs in --out (its lock on disk), another on the same --out is
+    refused in one sentence, and the first one's files are left alone."""
+    out = world["tmp"] / "run"
+    argv = run_args(world, out, "--max-steps", "100000", "--save-every", "100000")
+    first = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):  # until its lock is taken (its checks done)
+            if (out / ".lock").exists() and (out / "args.json").exists():
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the first run never took its lock")
+        before = (out / "args.json").read_bytes()
+        second = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                                timeout=120)
+        assert second.returncode != 0 and "Traceback" not in second.stderr
+        assert "is in use by another run" in second.stderr and f"process {first.pid}" in second.stderr
+        assert (out / "args.json").read_bytes() == before and first.poll() is None  # the first one runs on
+    finally:
+        first.kill()
+        first.wait()

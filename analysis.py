@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from checkpoint import check_same_architecture, load_model, load_tokenizer
 from data import collate, next_token_targets
+from eval import check_writable
 
 # -----------------------------------------------------------------------------------------------------------
 # Drift: what does an update change, attention or FFN?
@@ -241,15 +242,14 @@ def read_lines(path) -> list[str]:
     return lines
 
 
-def writable(path: Path, directory: bool) -> Path:
-    """Refuse, before any compute, an --out that cannot be written: a directory where a file is wanted or the reverse,
-    or a place the process cannot write. Creates the directory it will write into."""
-    if path.exists() and path.is_dir() != directory:
-        raise ValueError(f"--out {path} is a {'file' if directory else 'directory'}: give a "
-                         f"{'directory' if directory else 'file name'}.")
+def writable_directory(path: Path) -> Path:
+    """Refuse, before any compute, an --out directory that cannot be written (a file, or a place the process cannot
+    write); create it. (An --out file is eval.check_writable's.)"""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} is a file: give a directory.")
     try:
-        (path if directory else path.parent).mkdir(parents=True, exist_ok=True)
-        probe = (path if directory else path.parent) / ".write-test"
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -259,7 +259,8 @@ def writable(path: Path, directory: bool) -> Path:
 
 def drop_cost_command(args) -> None:
     try:
-        out = writable(Path(args.out), directory=False)
+        out = Path(args.out)
+        check_writable(out)
         lines = read_lines(args.text)
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
         model, tok = load_model(args.model, dtype, args.device), load_tokenizer(args.model)
@@ -304,7 +305,7 @@ def main(argv=None) -> None:
     if args.command == "drop-cost":
         return drop_cost_command(args)
     try:
-        out = writable(Path(args.out), directory=True)
+        out = writable_directory(Path(args.out))
         lines = read_lines(args.text)
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
         old, new = load_model(args.old, dtype, args.device), load_model(args.new, dtype, args.device)

@@ -522,7 +522,7 @@ def run_experiment(args, train_on_new: bool = False, reuse: bool = False) -> dic
 def experiment(args, out: Path, examples, train_set, eval_sets: dict, old_tok, new_tok, train_on_new: bool) -> dict:
     """run_experiment's work, once everything is checked and the run directory is this process's."""
     if is_main_process() and train_set is not None:
-        sizes = ", ".join(f"{len(examples)} {task}" for task, examples in eval_sets.items())
+        sizes = ", ".join(f"{len(problems)} {task}" for task, problems in eval_sets.items())
         print(f"run directory: {out}  ({len(train_set)} training examples; evaluation: {sizes})")
     t0 = time.time()
     results = {"old": args.old, "new": args.new, "peft": args.peft, "p_intra": args.p_intra, "p_cross": args.p_cross,
@@ -531,9 +531,9 @@ def experiment(args, out: Path, examples, train_set, eval_sets: dict, old_tok, n
     results.update({task: {"source_old": None, "transfer_new": None, "refit_new": None} for task in eval_sets})
 
     def evaluate_all(model, tokenizer, setting: str, where: Path, name: str) -> None:
-        for task, examples in eval_sets.items():
+        for task, problems in eval_sets.items():
             results[task][setting] = evaluate(
-                model, tokenizer, examples, args.max_new_tokens or MAX_NEW_TOKENS[task], args.eval_batch_size,
+                model, tokenizer, problems, args.max_new_tokens or MAX_NEW_TOKENS[task], args.eval_batch_size,
                 where / f"eval-{name}-{task}.jsonl", desc=f"{task} on {name}",
                 compile=args.compile and not dist.is_initialized(), scorer=args.scorer, task=task)
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import MAX_NEW_TOKENS, STOP_STRINGS, eval_prompt, load_eval_sets
-from scoring import SCORERS, extract_answer_with_rule, gold, is_correct, predictions
+from scoring import SCORERS, gold, judge, predictions
 
 
 @torch.inference_mode()
@@ -141,7 +141,7 @@ def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 512, 
 
     def progress(rows, completions):
         nonlocal correct, seen
-        correct += sum(is_correct(completions[r], references[mine[r]], scorer, task) for r in rows)
+        correct += sum(judge(completions[r], references[mine[r]], scorer, task)[0] for r in rows)
         seen += len(rows)
         bar.update(len(rows))
         bar.set_postfix(acc=f"{correct / seen:.1%}")  # of this process's share
@@ -157,14 +157,15 @@ def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 512, 
         done = {i: c for part in gathered for i, c in part.items()}
     records = []
     for i, e in enumerate(examples):
-        verdicts = {name: is_correct(done[i], references[i], name, task) for name in SCORERS}
+        judged = {name: judge(done[i], references[i], name, task) for name in SCORERS}
         read = predictions(done[i], task)
         record = {"question": e["question"], "completion": done[i], "gold": gold(references[i], task),
                   "prediction_official": read["official"], "prediction_lenient": read["lenient"]}
         if task == "gsm8k":
-            record["rule_lenient"] = extract_answer_with_rule(done[i])[1]
-        records.append({**record, **{f"correct_{name}": v for name, v in verdicts.items()},
-                        "correct": verdicts[scorer]})
+            record["rule_lenient"] = read["rule_lenient"]
+        record.update({f"correct_{name}": verdict for name, (verdict, _) in judged.items()})
+        record.update({f"unjudged_{name}": why for name, (_, why) in judged.items() if why})  # scored unequal
+        records.append({**record, "correct": judged[scorer][0]})
     if out_jsonl is not None and rank == 0:
         Path(out_jsonl).parent.mkdir(parents=True, exist_ok=True)
         with open(out_jsonl, "w") as f:
@@ -175,6 +176,7 @@ def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 512, 
               "total": len(records)}
     for name in SCORERS:
         result[f"accuracy_{name}"] = sum(r[f"correct_{name}"] for r in records) / len(records)
+        result[f"unjudged_{name}"] = sum(f"unjudged_{name}" in r for r in records)  # counted unequal
     return {**result, "seconds": time.time() - t0}
 
 
@@ -229,6 +231,15 @@ def check_writable(path: Path) -> None:
         path.unlink()
 
 
+def unjudged_note(result: dict) -> str:
+    """"" or a sentence on the answers no scorer could judge (scored wrong; the per-example file says why)."""
+    counts = {name: result.get(f"unjudged_{name}", 0) for name in SCORERS}
+    if not any(counts.values()):
+        return ""
+    return ("answers that could not be judged, scored wrong (unjudged_* in the per-example file): "
+            + ", ".join(f"{n} by the {name} scorer" for name, n in counts.items()))
+
+
 TASK_NAMES = {"gsm8k": "GSM8K exact match", "math": "MATH accuracy"}
 
 
@@ -246,6 +257,7 @@ def results_table(r: dict) -> str:
                   "lenient / official scorer"]
         lines += [f"{name:<38} {str(base):<{width}}  {res['accuracy']:7.2%}  ({res['correct']}/{res['total']}){'':16}"
                   f"{res['accuracy_lenient']:7.2%} / {res['accuracy_official']:.2%}" for name, base, res in rows]
+        lines += [f"  {name}: {unjudged_note(res)}" for name, _, res in rows if unjudged_note(res)]
     return "\n".join(lines)
 
 
@@ -314,6 +326,8 @@ def main(argv=None) -> None:
         print(f"{args.model}{' + ' + args.adapter if args.adapter else ''}: {TASK_NAMES[task]} ({args.scorer} scorer) "
               f"{result['accuracy']:.2%} ({result['correct']}/{result['total']}; {other} scorer "
               f"{result['accuracy_' + other]:.2%}) in {result['seconds']:.0f}s; per-example results in {path}")
+        if unjudged_note(result):
+            print(unjudged_note(result))
 
 
 if __name__ == "__main__":

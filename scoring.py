@@ -22,17 +22,25 @@ MATH (gold: the last \\boxed{...} of the reference solution, math_infer/util.py 
     lenient   the same normalisation and comparison, but a string that strip_string cannot normalise is compared as
               it is, and without "The answer is: " the last \\boxed{...} of the completion is the prediction.
 
+Where an answer cannot be judged, it is unequal, and judge() says why (the per-example files record it): a number
+too large for a float (the released GSM8K script crashes there on negative numbers and fractions), a symbolic
+comparison past its time limit, an answer that is not a plain formula (read_expression), anything that raises.
+
 Three differences from the released grader (docs/differences.md): sympy's parse_latex is never tried (the released
 environment has no antlr4, so there it always fails and parse_expr runs, as here); a symbolic comparison runs in a
 worker process with a time limit (SYMBOLIC_SECONDS; the released one has none, and a pathological string can make
-simplify run for minutes), a timed-out one counting as unequal; and a string holding "__" is never handed to
-parse_expr, which evaluates Python (never a MATH answer; the released code would run it).
+simplify run for minutes), a timed-out one counting as unequal; and no text is ever evaluated as Python: where the
+released grader hands an answer to parse_expr, which runs the Python code it writes, read_expression builds the same
+sympy objects from that code's syntax tree, admitting only numbers, operators, brackets, symbols and a named list of
+sympy functions and constants (an answer holding anything else is unequal).
 """
 
 from __future__ import annotations
 
+import ast
 import math
 import multiprocessing
+import operator
 import re
 import unicodedata
 from fractions import Fraction
@@ -250,7 +258,7 @@ def strip_string(s: str) -> str:
     s = s.replace("tfrac", "frac").replace("dfrac", "frac").replace("\\left", "").replace("\\right", "")
     s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\$", "")  # degrees, dollars
     s = _remove_right_units(s)  # a unit after "\text{ "
-    s = s.replace("\\%", "")  # percent
+    s = s.replace("\\%", "").replace("\\%", "")  # percent: twice, as released ("\\\\%%" -> "\\%" -> "")
     s = s.replace(" .", " 0.").replace("{.", "{0.")
     if not s:
         return s
@@ -307,45 +315,181 @@ def math_equal(prediction: str, reference: str) -> bool:
     return symbolic_equal(prediction, reference)
 
 
-def _sympy_equal(a: str, b: str) -> bool:
-    """grader.symbolic_equal: each side parsed by sympy's parse_expr (kept as the string where that fails); equal if
-    simplify(a - b) == 0, or if their numeric values are within rel_tol 1e-3; any error means unequal."""
+# -----------------------------------------------------------------------------------------------------------
+# MATH: reading a formula as sympy's parse_expr does, without running it
+#
+# parse_expr(s) turns s into Python source (tokens, then the transformations: unknown names become Symbol('x'),
+# numbers Integer(5) or Float('1.5'), "!" factorial) and eval()s that source in a namespace holding all of sympy and
+# Python's builtin functions: an answer "exec(...)" or "open(...)" runs. read_expression makes the same source with
+# sympy's own stringify_expr (text only), and then reads its syntax tree instead of eval()ing it: the same operators
+# applied to the same objects give the same result, and a node outside the grammar below ends the reading.
+
+class NotAdmitted(ValueError):
+    """A formula holding something other than numbers, operators, brackets, symbols and ADMITTED names."""
+
+
+_CONSTRUCTORS = ("Integer", "Float", "Rational", "Symbol", "Function")  # what the transformations write
+ADMITTED = _CONSTRUCTORS + (
+    "factorial", "factorial2", "pi", "E", "I", "oo", "zoo", "nan",  # "!", "!!", the constants
+    "sqrt", "cbrt", "root", "exp", "log", "ln", "sin", "cos", "tan", "cot", "sec", "csc", "asin", "acos", "atan",
+    "acot", "atan2", "sinh", "cosh", "tanh", "Abs", "abs", "sign", "floor", "ceiling", "Min", "Max", "min", "max",
+    "binomial", "gamma", "gcd", "lcm", "re", "im", "arg", "conjugate")
+_NUMBER_TEXT = re.compile(r"[0-9_]*\.?[0-9_]*(?:[eE][+-]?[0-9_]+)?")
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow, ast.BitXor: operator.xor,
+           ast.BitAnd: operator.and_, ast.BitOr: operator.or_}
+_UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Invert: operator.invert, ast.Not: operator.not_}
+_COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+            ast.Gt: operator.gt, ast.GtE: operator.ge}
+_namespace = None  # parse_expr's: what "from sympy import *" gives, Python's builtin functions, max/min as Max/Min
+
+
+def _sympy_namespace() -> dict:
+    global _namespace
+    if _namespace is None:
+        import builtins
+        import types
+
+        import sympy
+        _namespace = {name: getattr(sympy, name) for name in sympy.__all__}
+        _namespace.update({n: f for n, f in vars(builtins).items() if isinstance(f, types.BuiltinFunctionType)})
+        _namespace.update(max=sympy.Max, min=sympy.Min)
+    return _namespace
+
+
+def read_expression(text: str, as_sympify: bool = False):
+    """What sympy's parse_expr(text) returns (with as_sympify: sympify(text, rational=True), as N(text) reads a
+    string: "^" is a power there, decimals exact), read from the syntax tree of the Python source parse_expr would
+    evaluate. Raises NotAdmitted for a tree outside the grammar: numbers, + - * / // % ** ^ & |, comparisons, brackets,
+    tuples, lists and sets, symbols, and calls of the ADMITTED names (a string only as the name of a Symbol or
+    Function, or the digits of a number); other errors as parse_expr raises them."""
+    from sympy import SympifyError
+    from sympy.parsing.sympy_parser import (TokenError, convert_xor, rationalize, standard_transformations,
+                                            stringify_expr)
+
+    transformations = standard_transformations + ((rationalize, convert_xor) if as_sympify else ())
+    try:
+        code = stringify_expr(text.replace("\n", "") if as_sympify else text, {}, _sympy_namespace(),
+                              transformations)  # text to text: nothing runs
+        return _read(ast.parse(code.strip(), mode="eval").body)
+    except (TokenError, SyntaxError) as e:
+        if as_sympify:  # as sympify raises them
+            raise SympifyError(f"could not parse {text!r}", e) from None
+        raise
+
+
+def _read(node):
+    """The value Python's eval would give node, for the nodes of read_expression's grammar."""
+    if isinstance(node, ast.Constant) and (node.value is None or type(node.value) in (int, float, complex, bool)):
+        return node.value
+    if isinstance(node, ast.Name):
+        if node.id not in ADMITTED:
+            raise NotAdmitted(f"the name {node.id!r}")
+        return _sympy_namespace()[node.id]
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        return _BINARY[type(node.op)](_read(node.left), _read(node.right))
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        return _UNARY[type(node.op)](_read(node.operand))
+    if isinstance(node, ast.Compare) and all(type(op) in _COMPARE for op in node.ops):
+        left = _read(node.left)  # a < b < c is (a < b) and (b < c), the second side read only if the first holds
+        for i, (op, node_right) in enumerate(zip(node.ops, node.comparators)):
+            right = _read(node_right)
+            result = _COMPARE[type(op)](left, right)
+            if i + 1 < len(node.ops) and not result:
+                return result
+            left = right
+        return result
+    if isinstance(node, ast.BoolOp):  # and / or, as Python: the first falsy (and) or truthy (or) operand
+        value = _read(node.values[0])
+        for operand in node.values[1:]:
+            if bool(value) != isinstance(node.op, ast.And):
+                return value
+            value = _read(operand)
+        return value
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return {ast.Tuple: tuple, ast.List: list, ast.Set: set}[type(node)](_read(e) for e in node.elts)
+    if isinstance(node, ast.Call) and not node.keywords:
+        if isinstance(node.func, ast.Name) and node.func.id in _CONSTRUCTORS and node.args and all(
+                isinstance(a, ast.Constant) and isinstance(a.value, str) for a in node.args):
+            name = node.args[0].value  # Symbol('x'), Function('f'), Float('1.5'), Rational('0.25')
+            fits = (name.isidentifier() and "__" not in name if node.func.id in ("Symbol", "Function")
+                    else _NUMBER_TEXT.fullmatch(name) is not None and len(node.args) == 1)
+            if not fits:
+                raise NotAdmitted(f"{node.func.id}({name!r})")
+            return _sympy_namespace()[node.func.id](name)
+        return _read(node.func)(*[_read(a) for a in node.args])
+    raise NotAdmitted(f"a {type(node).__name__} node")
+
+
+# -----------------------------------------------------------------------------------------------------------
+# MATH: the symbolic comparison, in a worker process
+
+
+def _sympy_equal(a: str, b: str) -> tuple[bool, str | None]:
+    """grader.symbolic_equal: each side parsed by parse_expr (kept as the string where that fails); equal if
+    simplify(a - b) == 0, or if N(a) and N(b) are within rel_tol 1e-3; any error means unequal. parse_expr and the
+    string N reads are read_expression here. Returns (equal, why a side could not be read) ."""
     from sympy import N, simplify
-    from sympy.parsing.sympy_parser import parse_expr
+
+    refused = []
 
     def parse(s):
         try:
-            return parse_expr(s)
+            return read_expression(s)
+        except NotAdmitted as e:
+            refused.append(f"{s[:60]!r} is not a plain formula ({e})")
+            return s
         except Exception:
             return s
 
+    def numeric(v):  # N(v) reads a string left by parse as sympify does
+        return N(read_expression(v, as_sympify=True) if isinstance(v, str) else v)
+
     x, y = parse(a), parse(b)
+    why = "; ".join(refused) or None
     try:
         if simplify(x - y) == 0:
-            return True
+            return True, why
     except Exception:
         pass
     try:
-        return math.isclose(N(x), N(y), rel_tol=1e-3)
+        return math.isclose(numeric(x), numeric(y), rel_tol=1e-3), why
     except Exception:
-        return False
+        return False, why
+
+
+def _start_worker() -> None:
+    """Bound the worker's memory (a formula like 10**10**10 gets a MemoryError, not the machine's RAM) and import
+    sympy, so that a comparison's time limit counts the comparison alone."""
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY, WORKER_MEMORY))
+    except (ImportError, ValueError, OSError):  # not on every platform
+        pass
+    import sympy  # noqa: F401
+
+
+WORKER_MEMORY = 4 << 30  # bytes of address space for the symbolic worker
+unjudged: list[str] = []  # why the comparisons since judge() began could not be decided (judge reads it)
 
 
 def symbolic_equal(a: str, b: str, seconds: float = SYMBOLIC_SECONDS) -> bool:
     """_sympy_equal in a worker process, given `seconds`: a comparison that takes longer is unequal and the worker is
-    replaced. parse_expr evaluates Python, so a string holding "__" (attribute tricks; never a MATH answer) is unequal
-    without being parsed."""
+    replaced. Why a comparison could not be decided goes to `unjudged`."""
     global _pool
-    if "__" in a or "__" in b:
-        return False
     if _pool is None:  # spawned, not forked: the parent may hold CUDA state and threads
-        _pool = multiprocessing.get_context("spawn").Pool(1)
+        _pool = multiprocessing.get_context("spawn").Pool(1, initializer=_start_worker)
+        _pool.apply(abs, (0,))  # waits until the worker has started
     try:
-        return _pool.apply_async(_sympy_equal, (a, b)).get(seconds)
+        equal, why = _pool.apply_async(_sympy_equal, (a, b)).get(seconds)
     except multiprocessing.TimeoutError:
         _pool.terminate()
         _pool = None
-        return False
+        equal, why = False, f"the symbolic comparison took over {seconds:g} s"
+    if why:
+        unjudged.append(why)
+    return equal
 
 
 def official_math_correct(prediction: str | None, gold: str | None) -> bool:
@@ -389,10 +533,19 @@ def lenient_math_correct(prediction: str | None, gold: str | None) -> bool:
 
 def predictions(completion: str, task: str) -> dict:
     """What each scorer reads in a completion: {"official": ..., "lenient": ...} (numbers for GSM8K, strings for
-    MATH, None where nothing is found)."""
-    if task == "gsm8k":
-        return {"official": official_prediction(completion), "lenient": extract_answer(completion)}
-    return {"official": math_prediction(completion), "lenient": lenient_math_prediction(completion)}
+    MATH, None where nothing is found or a number is past a float's range), and GSM8K's "rule_lenient"."""
+    if task != "gsm8k":
+        return {"official": math_prediction(completion), "lenient": lenient_math_prediction(completion)}
+    read = {"official": None, "lenient": None, "rule_lenient": None}
+    try:
+        read["lenient"], read["rule_lenient"] = extract_answer_with_rule(completion)
+    except OverflowError:  # judge says why
+        pass
+    try:
+        read["official"] = official_prediction(completion)
+    except OverflowError:
+        pass
+    return read
 
 
 def gold(reference: str, task: str):
@@ -400,15 +553,31 @@ def gold(reference: str, task: str):
     return gold_answer(reference) if task == "gsm8k" else math_gold(reference)
 
 
-def is_correct(completion: str, reference: str, scorer: str = "official", task: str = "gsm8k") -> bool:
-    """Whether a completion answers a problem whose reference solution is `reference` (GSM8K's answer ending in
-    '#### N', MATH's solution with its \\boxed answer), by `scorer` (SCORERS) for `task` (TASKS)."""
+def judge(completion: str, reference: str, scorer: str = "official", task: str = "gsm8k") -> tuple[bool, str | None]:
+    """(whether a completion answers a problem whose reference solution is `reference`, why it could not be judged or
+    None): by `scorer` (SCORERS) for `task` (TASKS); the reference is GSM8K's answer ending in '#### N' or MATH's
+    solution with its \\boxed answer. An answer that cannot be judged (a number past a float's range, a symbolic
+    comparison past its time limit, a formula that is not plain, anything that raises) is unequal: one answer never
+    ends an evaluation."""
     if scorer not in SCORERS:
         raise ValueError(f"Unknown scorer {scorer!r}: choose from {', '.join(SCORERS)}.")
-    if task == "gsm8k":
-        return gsm8k_correct(completion, reference, scorer)
-    if task == "math":
-        if scorer == "official":
-            return official_math_correct(math_prediction(completion), math_gold(reference))
-        return lenient_math_correct(lenient_math_prediction(completion), math_gold(reference))
-    raise ValueError(f"Unknown task {task!r}: choose from {', '.join(TASKS)}.")
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}: choose from {', '.join(TASKS)}.")
+    unjudged.clear()
+    try:
+        if task == "gsm8k":
+            verdict = gsm8k_correct(completion, reference, scorer)
+        elif scorer == "official":
+            verdict = official_math_correct(math_prediction(completion), math_gold(reference))
+        else:
+            verdict = lenient_math_correct(lenient_math_prediction(completion), math_gold(reference))
+    except OverflowError:
+        return False, "a number too large for a float"
+    except Exception as e:  # noqa: BLE001 -- whatever one answer does, the evaluation goes on
+        return False, f"{type(e).__name__}: {e}"[:200]
+    return verdict, ("; ".join(unjudged) if unjudged and not verdict else None)
+
+
+def is_correct(completion: str, reference: str, scorer: str = "official", task: str = "gsm8k") -> bool:
+    """judge's verdict alone."""
+    return judge(completion, reference, scorer, task)[0]

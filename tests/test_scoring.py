@@ -1,9 +1,11 @@
 """scoring.py against the released protocols. GSM8K: gold answers (on the real files where ../shared/gsm8k exists),
-both scorers on tricky hand-written completions. MATH (math_infer/math_infer.py, util.py, grader.py as REFERENCE.md 4
-writes grader.py out), step by step: the gold's extraction, the prediction's, the Hendrycks normalisation, math_equal,
+both scorers on tricky hand-written completions. MATH (math_infer/math_infer.py, util.py and grader.py, the last as
+REFERENCE.md 4 writes it out), step by step: the gold's extraction, the prediction's, the Hendrycks normalisation, math_equal,
 the verdict with its quirk, and the lenient scorer. Every expected value was worked out by hand from those
 definitions."""
 
+import math
+import random
 import re
 import time
 from pathlib import Path
@@ -11,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from data import gsm8k_response, load_examples
-from scoring import (extract_answer, extract_answer_with_rule, gold_answer, is_correct, lenient_math_prediction,
-                     math_equal, math_gold, math_prediction, official_prediction, strip_string, symbolic_equal)
+import scoring
+from scoring import (SCORERS, extract_answer, extract_answer_with_rule, gold_answer, is_correct, judge,
+                     lenient_math_prediction, math_equal, math_gold, math_prediction, official_prediction, strip_string,
+                     symbolic_equal)
 
 GSM8K = Path(__file__).resolve().parents[2] / "shared" / "gsm8k"
 
@@ -228,20 +232,204 @@ def test_unknown_task_or_scorer_is_one_sentence():
         is_correct("x", "y", scorer="strict", task="math")
 
 
-def test_a_symbolic_comparison_past_its_time_limit_is_unequal_and_the_next_one_runs():
+def test_a_symbolic_comparison_past_its_time_limit_is_unequal_within_the_limit_and_the_next_one_runs():
+    assert symbolic_equal("1", "1")  # the worker started (its start is not part of a comparison's limit)
     t0 = time.time()
     assert symbolic_equal("factorial(10**7)", "1", seconds=1.0) is False  # sympy would compute for minutes
-    assert time.time() - t0 < 30
+    assert time.time() - t0 < 1.5  # the limit, and the time to stop the worker
+    assert scoring.unjudged == ["the symbolic comparison took over 1 s"]
     assert symbolic_equal("2*(x+1)", "2*x+2") is True  # a fresh worker
 
 
-def test_python_in_an_answer_is_never_evaluated(tmp_path):
-    marker = tmp_path / "ran"
-    code = f"__import__('pathlib').Path({str(marker)!r}).touch()"
-    assert not is_correct(answer(f"({code})"), solution("(1)"), "official", task="math")
-    assert not symbolic_equal(code, "1") and not marker.exists()
+# Formulas that run code where eval() reads them: each writes the sentinel file (name filled in per test).
+PAYLOADS = [
+    "exec(\"open({path!r},'w')\")", "open({path!r},'w')", "eval(\"open({path!r},'w')\")",
+    "__import__('pathlib').Path({path!r}).touch()", "getattr(__builtins__,'open')({path!r},'w')",
+    "(lambda: open({path!r},'w'))()", "Symbol('x').__class__.__init__.__globals__",
+    "Function(\"__import__('os').system('touch {path}')\")", "[c for c in ().__class__.__base__.__subclasses__()]",
+    "exec(compile(\"open({path!r},'w')\",'x','exec'))",
+]
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_no_text_of_a_gold_or_a_completion_is_ever_run(tmp_path, payload):
+    sentinel = tmp_path / "ran"
+    code = payload.format(path=str(sentinel))
+    for scorer in SCORERS:
+        # the completion's answer, the gold's \boxed answer, both, and the formula before strip_string (its quirk
+        # branch), against an answer that differs as a string, so that the symbolic comparison runs
+        for completion, reference in [(answer(code), solution("7")), (answer("7"), solution(code)),
+                                      (answer(code), solution(code + "+0")), (answer(code + "\\sqrt"), solution("7"))]:
+            judge(completion, reference, scorer, "math")  # the last is correct by the released quirk, unparsed
+        assert judge(answer(code), solution("7"), scorer, "math")[0] is False
+        assert not symbolic_equal(code, "7") and not symbolic_equal("7", code)
+    verdict, why = judge(answer(code), solution("7"), "lenient", "math")
+    assert "not a plain formula" in why
+    assert not sentinel.exists()
+
+
+def test_read_expression_refuses_what_is_not_a_plain_formula():
+    for text in ["open('x')", "x.real", "(1).__class__", "lambda x: x", "x[0]", "{1: 2}", "Symbol('a b')",
+                 "Float('nan; x')", "print(1)", "N(2)", "S(2)", "sympify('1')"]:
+        with pytest.raises(scoring.NotAdmitted):
+            scoring.read_expression(text)
+
+
+# Answers as MATH's gold solutions and MetaMath-trained models write them, each as it is and after strip_string.
+REALISTIC = [
+    "5", "-2", "0", "1,000", "3.5", "-0.25", ".5", "1/2", "-3/4", "10/3", "\\frac{1}{2}", "-\\frac{1}{3}", "\\dfrac{5}{6}",
+    "\\frac12", "2\\sqrt{3}", "3\\sqrt2", "\\frac{\\sqrt{3}}{2}", "\\pi", "\\frac{\\pi}{4}", "-\\infty", "(-\\infty, 2]",
+    "[0,1)", "(1, 2)", "(2,-3)", "\\{1,2,3\\}", "\\text{(A)}", "A", "\\text{Monday}", "x^2+2x+1", "(x+1)^2", "2x+3",
+    "a^2-b^2", "(x-2)(x-3)", "y=2x+1", "k = 3", "2*x+3", "2*(x+1)", "2*x+2", "x**2+1", "(x+1)**2", "x**2+2*x+1",
+    "sqrt(2)", "sqrt(8)", "2*sqrt(2)", "1.41421", "3.14159", "pi", "pi/4", "E", "e", "I", "i", "2+3i", "2+3*I", "3!",
+    "6", "5!", "120", "2^10", "1024", "2**10", "10^3", "1e3", "1.5e-3", "n(n+1)/2", "n*(n+1)/2", "abs(x)", "Abs(-3)",
+    "log(8)/log(2)", "exp(1)", "sin(pi/6)", "cos(0)", "1/sqrt(2)", "sqrt(2)/2", "50\\%", "45^\\circ", "\\$5.00",
+    "5\\text{ cm}", "ab", "2ab", "0.333", "1/3", "0.2[1]", "19/90", "max(1,2)", "min(3,4)", "f(x)", "x(x+1)",
+    "x*(x+1)", "-x", "+5", "(5)", "[5]", "{5}", "5,7", "x<3", "1 < x < 3", "x == 1", "x >= 0", "True", "None",
+    "\\frac{1+\\sqrt{5}}{2}", "(1+sqrt(5))/2", "1.618", "03/4", "binomial(5,2)", "gcd(12,18)", "lcm(4,6)",
+    "floor(3.7)", "ceiling(3.2)", "x and y", "x or 1", "not x", "x ^ 2", "2 ^ 3", "x & y", "7 // 2", "7 % 3", "~x",
+]
+
+
+def normalised(texts):
+    out = set(texts)
+    for t in texts:
+        try:
+            out.add(strip_string(t))
+        except Exception:
+            pass
+    return sorted(out)
+
+
+def outcome(read, text):
+    """("ok", the object's srepr) or ("error", the exception's class)."""
+    from sympy import srepr
+    try:
+        value = read(text)
+    except Exception as e:
+        return "error", type(e).__name__
+    return "ok", sorted(map(srepr, value)) if isinstance(value, set) else srepr(value)
+
+
+def test_read_expression_builds_what_parse_expr_and_sympify_build_on_realistic_answers():
+    from sympy import sympify
+    from sympy.parsing.sympy_parser import parse_expr
+    for text in normalised(REALISTIC):  # trusted text: the references may evaluate it
+        assert outcome(scoring.read_expression, text) == outcome(parse_expr, text), text
+        assert outcome(lambda t: scoring.read_expression(t, as_sympify=True), text) == outcome(
+            lambda t: sympify(t, rational=True), text), text
+
+
+def released_symbolic_equal(a, b):
+    """grader.symbolic_equal as released (parse_latex always failing there, as without antlr4): parse_expr, simplify,
+    N. Only for the trusted strings of this file."""
+    from sympy import N, simplify
+    from sympy.parsing.sympy_parser import parse_expr
+
+    def parse(s):
+        try:
+            return parse_expr(s)
+        except Exception:
+            return s
+
+    x, y = parse(a), parse(b)
+    try:
+        if simplify(x - y) == 0:
+            return True
+    except Exception:
+        pass
+    try:
+        return math.isclose(N(x), N(y), rel_tol=1e-3)
+    except Exception:
+        return False
+
+
+def test_symbolic_verdicts_agree_with_the_released_comparison_on_realistic_pairs():
+    texts = normalised(REALISTIC)
+    rng = random.Random(0)
+    pairs = [(a, b) for a in texts for b in rng.sample(texts, 4)] + [
+        ("2*(x+1)", "2*x+2"), ("x**2+2*x+1", "(x+1)**2"), ("sqrt(8)", "2*sqrt(2)"), ("1/sqrt(2)", "sqrt(2)/2"),
+        ("n(n+1)/2", "n*(n+1)/2"), ("(1+sqrt(5))/2", "1.618"), ("2**10", "1024"), ("5!", "120"), ("pi/4", "0.7854")]
+    verdicts = [(scoring._sympy_equal(a, b)[0], released_symbolic_equal(a, b)) for a, b in pairs]
+    assert all(ours == theirs for ours, theirs in verdicts)
+    assert sum(theirs for _, theirs in verdicts) >= 9  # the equal pairs are among them
+
+
+@pytest.mark.parametrize("completion,gold,scorer", [
+    ("The answer is: -" + "9" * 400, "#### 5", "official"),  # -inf: the released script crashes in round()
+    ("The answer is: " + "9" * 400 + "/1", "#### 5", "official"),  # a fraction past a float: crashes there too
+    ("The answer is: " + "9" * 400 + "/0", "#### 5", "official"),
+    ("The answer is: " + "9" * 400, "#### 5", "lenient"),  # the lenient scorer rounds it
+])
+def test_a_number_past_a_float_is_unequal_and_says_why(completion, gold, scorer):
+    assert judge(completion, gold, scorer, "gsm8k") == (False, "a number too large for a float")
+
+
+def test_a_huge_positive_answer_is_wrong_as_released():
+    # the released script returns None for +inf (its only guard): wrong, and nothing to explain
+    assert judge("The answer is: " + "9" * 400, "#### 5", "official", "gsm8k") == (False, None)
+
+
+def test_percent_is_removed_twice_as_released():
+    assert strip_string("50\\\\\\%%") == "50"  # "\\\\" -> "\\", then "\\%" removed, then the "\\%" that leaves
+    assert is_correct(answer("50\\\\\\%%"), solution("50"), "official", task="math")
+
+
+@pytest.mark.parametrize("raw,normalised_text", [
+    ("\\frac{.5}{2}", "\\frac{0.5}{2}"),  # "{." -> "{0."
+    ("\\sqrt23", "\\sqrt{2}3"),  # fix_sqrt wraps one character only
+    ("\\frac1", "\\frac1"),  # a \\frac followed by one character: the string is left as it was
+    ("5\nmore", "5more"),  # a bare newline is removed, not an end
+])
+def test_released_normalisation_rules(raw, normalised_text):
+    assert strip_string(raw) == normalised_text
+
+
+def test_an_answer_followed_by_a_bare_newline_runs_on():
+    completion = "The answer is: 5\nSo we are done"  # the official cut is ".\n", not a newline
+    assert math_prediction(completion) == "5\nSo we are done"
+    assert not is_correct(completion, solution("5"), "official", task="math")
+
+
+@pytest.mark.parametrize("prediction,reference,equal", [
+    ("1000000", "1000050", True),  # relative tolerance 1e-4: 50 of a million
+    ("0.0001", "0.0002", False),  # an absolute tolerance would accept these
+    ("0.25", "25", True),  # the gold / 100 percentage form
+    ("(1,3)", "(1,2)", False),  # a tuple where only some parts match
+    ("sqrt(2)", "1.4128", True),  # N within rel_tol 1e-3 of the larger: |1.41421 - 1.4128| = 0.00141 < 0.001414
+    ("sqrt(2)", "1.4127", False),  # 0.00151 > 0.001414
+])
+def test_math_equal_tolerances_as_released(prediction, reference, equal):
+    assert math_equal(prediction, reference) is equal
+
+
+def test_gsm8k_minus_after_a_bracket_is_not_a_sign_and_lenient_does_not_round():
+    assert extract_answer("(3 + 4)-2 = 5, so 2") == 2.0
+    assert extract_answer_with_rule("(10 + 4)-2") == (2.0, "last")  # a minus after ")" is subtraction
+    assert not is_correct("So 7.4 in all.", "#### 7", "lenient")  # the last-number rule keeps 7.4
+    assert not is_correct("#### 7.4", "#### 7", "lenient")
 
 
 def test_no_phrase_is_wrong_even_against_a_missing_gold():
     # process_results returns False before is_equiv when "The answer is: " is missing, whatever the gold
     assert not is_correct("no phrase here", "no box either", "official", task="math")
+
+
+def test_one_unjudgeable_answer_never_ends_an_evaluation(tmp_path, monkeypatch):
+    import json
+
+    import eval as eval_lib
+
+    completions = ["The answer is: -" + "9" * 400, "The answer is: " + "9" * 400 + "/1", "The answer is: 5"]
+
+    def fake_generate(model, tokenizer, prompts, *args, progress=None, **kwargs):  # the decoder is not under test
+        progress(list(range(len(prompts))), completions)
+        return completions
+
+    monkeypatch.setattr(eval_lib, "generate", fake_generate)
+    examples = [{"question": f"q{i}", "answer": "#### 5"} for i in range(3)]
+    result = eval_lib.evaluate(None, None, examples, out_jsonl=tmp_path / "e.jsonl", task="gsm8k")
+    assert (result["correct"], result["total"], result["unjudged_official"]) == (1, 3, 2)
+    records = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
+    assert [r.get("unjudged_official") for r in records] == ["a number too large for a float"] * 2 + [None]
+    assert "2 by the official scorer" in eval_lib.unjudged_note(result)

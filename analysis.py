@@ -16,9 +16,14 @@ that layer), to choose per-layer rates.
 
 from __future__ import annotations
 
+import signal
+import sys
+
+if __name__ == "__main__":  # a Ctrl-C while torch loads ends in one line, not a traceback of the imports
+    signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting"))
+
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import check_same_architecture, load_model, load_tokenizer
+from checkpoint import (check_checkpoint, check_same_architecture, check_tokenizer_fits, load_config, load_model,
+                        load_tokenizer)
 from data import collate, next_token_targets
 from eval import check_writable
 
@@ -262,6 +268,7 @@ def drop_cost_command(args) -> None:
         out = Path(args.out)
         check_writable(out)
         lines = read_lines(args.text)
+        check_checkpoint(args.model)
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
         model, tok = load_model(args.model, dtype, args.device), load_tokenizer(args.model)
         sequences = [ids for ids in (tok.encode(line)[: args.max_tokens] for line in lines) if len(ids) > 1]
@@ -282,6 +289,7 @@ def drop_cost_command(args) -> None:
 
 
 def main(argv=None) -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # started: Ctrl-C is KeyboardInterrupt again
     parser = argparse.ArgumentParser(description="Analyses for Trans-PEFT: how an update changes attention vs FFN by "
                                      "layer (analyze), and what dropping each layer's FFN costs (drop-cost).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -307,9 +315,11 @@ def main(argv=None) -> None:
     try:
         out = writable_directory(Path(args.out))
         lines = read_lines(args.text)
+        check_checkpoint(args.old)
+        tok = load_tokenizer(args.old)  # its ids go into both bases
+        check_tokenizer_fits(tok, load_config(args.new), args.old, model=args.new)
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
         old, new = load_model(args.old, dtype, args.device), load_model(args.new, dtype, args.device)
-        tok = load_tokenizer(args.old)
         encoded = [tok.encode(line)[: args.max_tokens] for line in lines]
         rows = analyze_drift(old, new, [torch.tensor([ids], device=args.device) for ids in encoded])  # a batch per line
     except (ValueError, OSError) as e:

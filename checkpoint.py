@@ -181,6 +181,8 @@ def read_state_dict(path: Path, shapes_only: bool = False) -> dict[str, torch.Te
             tensors = {k: torch.empty(shape, device="meta") for k, shape in read_safetensors_shapes(f).items()}
         else:
             tensors = read_safetensors(f)
+        if not shapes_only:
+            check_finite(tensors, str(f))
         found.update({k: v.to("meta") if shapes_only else v for k, v in tensors.items()})
     return found
 
@@ -218,11 +220,23 @@ def check_tensors(expected: dict[str, torch.Size], found: dict[str, torch.Tensor
                              f"{tuple(shape)}: {hint}.")
 
 
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse a file holding a NaN or an infinity: loaded, it would decode nothing and report 0%, or end training with
+    a loss of NaN. Read in chunks, so that a large tensor needs no mask of its own size."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.device.type != "meta":
+            if not all(torch.isfinite(chunk).all() for chunk in t.detach().reshape(-1).split(1 << 24)):
+                raise ValueError(f"{where}: tensor {name} holds NaN or infinite values: the file is corrupt or was "
+                                 "saved from a diverged run; use another copy.")
+
+
 @torch.no_grad()
 def load_selected(model: nn.Module, tensors: dict[str, torch.Tensor], select, where: str, hint: str) -> None:
-    """Copy `tensors` into the parameters whose names `select(name)` accepts, strictly (names and shapes checked)."""
+    """Copy `tensors` into the parameters whose names `select(name)` accepts, strictly (names, shapes and finite
+    values checked)."""
     params = {n: p for n, p in model.named_parameters() if select(n)}
     check_tensors({n: p.shape for n, p in params.items()}, tensors, where, hint)
+    check_finite(tensors, where)
     for n, p in params.items():
         p.copy_(tensors[n])
 
@@ -345,10 +359,23 @@ def check_checkpoint(name_or_path: str | os.PathLike) -> None:
     path = resolve_checkpoint(name_or_path)
     cfg = load_config(path)
     _checked_tensors(path, cfg, shapes_only=True)
-    tokenizer = Tokenizer(path)
+    check_tokenizer_fits(Tokenizer(path), cfg, name_or_path)
+
+
+def check_tokenizer_fits(tokenizer: "Tokenizer", cfg: ModelConfig, name: str, model: str = "its model") -> None:
+    """No id the tokenizer of `name` gives (its vocabulary with the added tokens, BOS, EOS, the pad and every stop id)
+    may be past the embedding rows of `model` (config cfg): it would end a run at its first step, or decode garbage."""
+    why = ("the files belong to different models" if model == "its model" else
+           "the two do not share a vocabulary: pick two versions of the same model")
     if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"The tokenizer of {name_or_path} has {tokenizer.vocab_size} tokens but its model's embedding "
-                         f"has {cfg.vocab_size} rows (config.json vocab_size): the files belong to different models.")
+        raise ValueError(f"The tokenizer of {name} has {tokenizer.vocab_size} tokens but {model}'s embedding has "
+                         f"{cfg.vocab_size} rows (config.json vocab_size): {why}.")
+    special = {"BOS": [tokenizer.bos_token_id], "EOS": [tokenizer.eos_token_id], "pad": [tokenizer.pad_token_id],
+               "stop": sorted(i for i in tokenizer.stop_ids if i is not None)}
+    for what, ids in special.items():
+        if any(i is not None and not 0 <= i < cfg.vocab_size for i in ids):
+            raise ValueError(f"The {what} token id of {name} ({', '.join(map(str, ids))}, from its tokenizer or "
+                             f"config files) is past {model}'s {cfg.vocab_size} embedding rows: {why}.")
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | None = None,

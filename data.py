@@ -240,6 +240,8 @@ def load_eval_sets(sources: list[str], limit: int | None = None) -> dict[str, li
     """The evaluation sets named (gsm8k, math, or local files of either), checked before any compute: task name ->
     its first `limit` examples ({question, answer} for GSM8K, {question, solution} for MATH). A MATH solution without
     a \\boxed answer is named in one warning and kept: the official code scores it wrong, and so does this one."""
+    if not sources:
+        raise ValueError("--eval-data names no task: give gsm8k, math or the path of a file (commas between several).")
     sets, origin = {}, {}
     for source in sources:
         records = _eval_records(source, limit)

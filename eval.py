@@ -20,10 +20,15 @@ question, both scorers' predictions and verdicts and the gold answer, to a jsonl
 
 from __future__ import annotations
 
+import signal
+import sys
+
+if __name__ == "__main__":  # a Ctrl-C while torch loads ends in one line, not a traceback of the imports
+    signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting"))
+
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -146,6 +151,8 @@ def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 512, 
         bar.update(len(rows))
         bar.set_postfix(acc=f"{correct / seen:.1%}")  # of this process's share
 
+    positions = model.config.max_position_embeddings  # a longer prompt decodes past what the model was trained on
+    past = [len(tokenizer.encode(eval_prompt(e["question"]))) > positions for e in examples]
     t0 = time.time()
     completions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress=progress,
                            lockstep=n_proc > 1, compile=compile)
@@ -165,6 +172,8 @@ def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 512, 
             record["rule_lenient"] = read["rule_lenient"]
         record.update({f"correct_{name}": verdict for name, (verdict, _) in judged.items()})
         record.update({f"unjudged_{name}": why for name, (_, why) in judged.items() if why})  # scored unequal
+        if past[i]:
+            record["prompt_past_positions"] = True
         records.append({**record, "correct": judged[scorer][0]})
     if out_jsonl is not None and rank == 0:
         Path(out_jsonl).parent.mkdir(parents=True, exist_ok=True)
@@ -177,6 +186,7 @@ def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 512, 
     for name in SCORERS:
         result[f"accuracy_{name}"] = sum(r[f"correct_{name}"] for r in records) / len(records)
         result[f"unjudged_{name}"] = sum(f"unjudged_{name}" in r for r in records)  # counted unequal
+    result["prompts_past_positions"] = sum(past)
     return {**result, "seconds": time.time() - t0}
 
 
@@ -216,6 +226,13 @@ def load_for_eval(base: str, adapter_dir=None, device: str = "cpu", merged: bool
     return model.eval()
 
 
+def check_new_tokens(max_new_tokens: int | None, cfg) -> None:
+    """--max-new-tokens decides the KV cache's memory: it may not pass the model's positions."""
+    if max_new_tokens is not None and max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} is more than the model's {cfg.max_position_embeddings} "
+                         "positions (config.json max_position_embeddings): give at most that.")
+
+
 def check_writable(path: Path) -> None:
     """Refuse an output file that cannot be written now, rather than after the whole evaluation."""
     if path.is_dir():
@@ -232,12 +249,17 @@ def check_writable(path: Path) -> None:
 
 
 def unjudged_note(result: dict) -> str:
-    """"" or a sentence on the answers no scorer could judge (scored wrong; the per-example file says why)."""
+    """"" or what a reader of the accuracy must know: answers no scorer could judge (scored wrong; the per-example
+    file says why), prompts longer than the model's positions."""
     counts = {name: result.get(f"unjudged_{name}", 0) for name in SCORERS}
-    if not any(counts.values()):
-        return ""
-    return ("answers that could not be judged, scored wrong (unjudged_* in the per-example file): "
-            + ", ".join(f"{n} by the {name} scorer" for name, n in counts.items()))
+    notes = []
+    if any(counts.values()):
+        notes.append("answers that could not be judged, scored wrong (unjudged_* in the per-example file): "
+                     + ", ".join(f"{n} by the {name} scorer" for name, n in counts.items()))
+    if result.get("prompts_past_positions"):
+        notes.append(f"{result['prompts_past_positions']} prompt(s) longer than the model's positions "
+                     "(prompt_past_positions in the per-example file)")
+    return "; ".join(notes)
 
 
 TASK_NAMES = {"gsm8k": "GSM8K exact match", "math": "MATH accuracy"}
@@ -272,9 +294,10 @@ def task_file(path: Path, task: str, several: bool) -> Path:
 
 
 def main(argv=None) -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # started: Ctrl-C is KeyboardInterrupt again
     import argparse
 
-    from checkpoint import check_device, load_tokenizer
+    from checkpoint import check_checkpoint, check_device, load_config, load_tokenizer
 
     p = argparse.ArgumentParser(description="GSM8K and MATH accuracy of a base model, with or without an adapter.")
     p.add_argument("--model", required=True, help="alias, local checkpoint directory or hub repo id of the base")
@@ -313,6 +336,8 @@ def main(argv=None) -> None:
         sets = load_eval_sets(eval_sources(args.eval_data), args.eval_limit)
         for task in sets:
             check_writable(task_file(out, task, len(sets) > 1))
+        check_checkpoint(args.model)
+        check_new_tokens(args.max_new_tokens, load_config(args.model))
         model = load_for_eval(args.model, args.adapter, args.device, args.eval_merged, args.allow_other_architecture)
         tokenizer = load_tokenizer(args.model)
     except (ValueError, OSError) as e:

@@ -101,6 +101,9 @@ def is_lora_parameter(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
 
+MAX_ALPHA = 10_000  # alpha / r scales B A x: beyond this the first steps overflow rather than learn
+
+
 def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
              targets=("q_proj", "k_proj", "v_proj", "o_proj"), verbose: bool = True) -> nn.Module:
     """Wrap the target Linears of a loaded model in LoRALinear and freeze everything else (in place; returns model).
@@ -108,11 +111,14 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
     targets: names among PROJECTIONS or longer module-path suffixes ("layers.3.self_attn.q_proj"), or a regex
     string matching whole module names, as in peft's target_modules.
     """
-    if not isinstance(r, int) or r <= 0:
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if not (isinstance(r, int) and not isinstance(r, bool)) or r <= 0:
         raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}.")
-    if not alpha > 0:
-        raise ValueError(f"LoRA alpha must be positive, got {alpha!r}.")
-    if not 0 <= dropout < 1:
+    if not (number(alpha) and 0 < alpha <= MAX_ALPHA):
+        raise ValueError(f"LoRA alpha must be in (0, {MAX_ALPHA}], got {alpha!r}.")
+    if not (number(dropout) and 0 <= dropout < 1):
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}.")
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("This model already has LoRA layers: add or load LoRA on a freshly loaded model.")
@@ -136,6 +142,10 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
                 raise ValueError(f"LoRA target {t!r} matches no projection of this model (e.g. {linears[0][0]}).")
             chosen += [nm for nm in found if nm not in chosen]
 
+    name, smallest = min(chosen, key=lambda nm: min(nm[1].in_features, nm[1].out_features))
+    if r > min(smallest.in_features, smallest.out_features):  # B A has rank at most that: the rest is memory
+        raise ValueError(f"LoRA rank r={r} is more than the smaller side of {name} ({smallest.out_features} x "
+                         f"{smallest.in_features}): choose r <= {min(smallest.in_features, smallest.out_features)}.")
     for name, linear in chosen:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, LoRALinear(linear, r, alpha, dropout))
@@ -235,8 +245,11 @@ def load_lora(model: nn.Module, adapter_dir: str | os.PathLike, allow_other_arch
     internlm2_names = (".attention.wqkv.", ".feed_forward.", ".attention.wo.")
     if model.config.model_type == "internlm2" and any(n in k for k in sd for n in internlm2_names):
         sd, targets = _from_internlm2_names(sd, model.config, targets)
-    add_lora(model, r=cfg.get("r", 8), alpha=cfg.get("lora_alpha", 8), dropout=cfg.get("lora_dropout", 0.0),
-             targets=targets, verbose=False)
+    try:
+        add_lora(model, r=cfg.get("r", 8), alpha=cfg.get("lora_alpha", 8), dropout=cfg.get("lora_dropout", 0.0),
+                 targets=targets, verbose=False)
+    except ValueError as e:
+        raise ValueError(f"{path / CONFIG_NAME}: {e}") from None
     load_selected(model, sd, is_lora_parameter, str(path / WEIGHTS_NAME),
                   hint="the adapter was made for a base of another architecture or size")
     return model

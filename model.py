@@ -57,7 +57,7 @@ class ModelConfig:
     num_key_value_heads: int = 32  # K; H % K == 0, query head h reads key/value head h // (H/K)
     head_dim: int = 128  # D; explicit in Llama 3.2's config, else hidden_size / heads
     rms_norm_eps: float = 1e-6
-    max_position_embeddings: int = 4096  # only the dynamic-NTK RoPE reads it
+    max_position_embeddings: int = 4096  # positions trained on: dynamic NTK reads it, eval.py bounds by it
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # None = plain RoPE; else {"rope_type": "llama3" | "dynamic" | "linear", ...}
     tie_word_embeddings: bool = False  # True: lm_head shares model.embed_tokens.weight
@@ -95,6 +95,7 @@ class ModelConfig:
         if missing:
             raise ValueError(f"config.json lacks {', '.join(missing)}: it is not a complete {model_type} "
                              "configuration; use the config.json that came with the checkpoint.")
+        check_fields(hf, theta)
         heads = hf["num_attention_heads"]
         if model_type == "qwen2":
             qkv_bias, o_bias, mlp_bias = True, False, False
@@ -125,6 +126,35 @@ class ModelConfig:
             eos_token_id=hf.get("eos_token_id"),
             torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
         )
+
+
+def check_fields(hf: dict, rope_theta) -> None:
+    """Refuse, in one sentence, a config.json value of the wrong type or range (a head count of 0, a size written as a
+    string, a token id past the embedding), which would otherwise fail deep inside torch or train silently wrong."""
+    def whole(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def refuse(name, value, rule):
+        raise ValueError(f"config.json's {name} is {value!r}, but it must be {rule}: use the config.json that came "
+                         "with the checkpoint.")
+
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        if hf.get(name) is not None and not (whole(hf[name]) and hf[name] > 0):
+            refuse(name, hf[name], "a positive whole number")
+    for name, value in (("rms_norm_eps", hf.get("rms_norm_eps")), ("rope_theta", rope_theta)):
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and 0 < value < math.inf):
+            refuse(name, value, "a positive number")
+    heads, kv = hf["num_attention_heads"], hf.get("num_key_value_heads") or hf["num_attention_heads"]
+    if heads % kv:
+        refuse("num_key_value_heads", kv, f"a divisor of num_attention_heads ({heads})")
+    if hf.get("head_dim") is None and hf["hidden_size"] % heads:
+        refuse("num_attention_heads", heads, f"a divisor of hidden_size ({hf['hidden_size']}) where head_dim is absent")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        ids = hf.get(name) if isinstance(hf.get(name), list) else [hf.get(name)]
+        if any(i is not None and not (whole(i) and 0 <= i < hf["vocab_size"]) for i in ids):
+            refuse(name, hf[name], f"a token id below vocab_size ({hf['vocab_size']}), or absent")
 
 
 # -----------------------------------------------------------------------------------------------------------

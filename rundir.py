@@ -94,16 +94,24 @@ def checkpoint_state(model, optimizer, step: int) -> dict:
 CHECKPOINT_KEYS = {"step", "trainable", "optimizer", "torch_rng", "cuda_rng"}
 
 
-def restore_checkpoint(model, optimizer, path: Path) -> int:
+def restore_checkpoint(model, optimizer, path: Path, total: int) -> int:
+    """Restore what checkpoint_state saved; returns its step. A file that is not such a checkpoint, or one of another
+    run (other weights or shapes, a step outside [0, total]), is one sentence."""
     state = read_torch_file(path)
-    if not CHECKPOINT_KEYS <= state.keys():
-        raise ValueError(f"{path} is not a checkpoint written by train.py (it lacks "
-                         f"{', '.join(sorted(CHECKPOINT_KEYS - state.keys()))}): "
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
+        missing = CHECKPOINT_KEYS - state.keys() if isinstance(state, dict) else CHECKPOINT_KEYS
+        raise ValueError(f"{path} is not a checkpoint written by train.py (it lacks {', '.join(sorted(missing))}): "
                          "start the run again with --overwrite.")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(params) != set(state["trainable"]):
-        raise ValueError(f"{path} holds other trainable weights than this run's PEFT module: start the run again with "
-                         "--overwrite.")
+    stored = state["trainable"] if isinstance(state["trainable"], dict) else {}
+    if set(params) != set(stored) or any(not isinstance(stored[n], torch.Tensor) or stored[n].shape != p.shape
+                                         for n, p in params.items()):
+        raise ValueError(f"{path} holds other trainable weights than this run's PEFT module (other names or shapes: "
+                         "another --lora-r?): start the run again with --overwrite.")
+    step = state["step"]
+    if not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= total):
+        raise ValueError(f"{path} says it stopped at step {step!r}, which is not a step of this run's {total}: the "
+                         "file was edited or belongs to another run; start the run again with --overwrite.")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(state["trainable"][n])
@@ -111,7 +119,7 @@ def restore_checkpoint(model, optimizer, path: Path) -> int:
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["step"]
+    return step
 
 
 # What a run writes into its directory, and the flags a resumed run may change: they decide how it runs, not what
@@ -128,11 +136,11 @@ def run_outputs(out: Path) -> list[Path]:
     return [out / name for name in RUN_OUTPUTS if (out / name).exists()] + sorted(out.glob("eval-*.jsonl"))
 
 
-def check_run_dir(out: Path, args, reuse: bool = False) -> bool:
+def check_run_dir(out: Path, args, reuse: bool = False, locked: bool = False) -> bool:
     """Refuse, before anything is written, a run that would lose or mix another: a finished run without --overwrite,
     an unfinished one without --resume or --overwrite, a --resume with other result-deciding flags than the run's, an
     --out that cannot be a directory. reuse: a finished run with --resume is accepted when its flags are this
-    command's (the study's arms); returns whether the run is finished."""
+    command's (the study's arms); returns whether the run is finished. locked: this process holds out's lock."""
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them.")
     for parent in (out, *out.parents):  # the nearest existing path must be a directory
@@ -140,7 +148,8 @@ def check_run_dir(out: Path, args, reuse: bool = False) -> bool:
             if not parent.is_dir():
                 raise ValueError(f"--out {out}: {parent} is a file, not a directory: choose another --out.")
             break
-    check_not_in_use(out)  # before anything else: a live run there is the first thing to say
+    if not locked:
+        check_not_in_use(out)  # before anything else: a live run there is the first thing to say
     started = [path.name for path in run_outputs(out)]
     finished = (out / "results.json").exists()
     if finished and not args.overwrite and not (reuse and args.resume):
@@ -158,13 +167,16 @@ def check_run_dir(out: Path, args, reuse: bool = False) -> bool:
         raise ValueError(f"{out} has a checkpoint but no args.json, so its flags are unknown: start the run again with "
                          "--overwrite.")
     stored, now = read_json(out / "args.json"), json.loads(json.dumps(vars(args), default=str))
+    if not isinstance(stored, dict):
+        raise ValueError(f"{out / 'args.json'} holds no flags (a JSON {type(stored).__name__}, not an object): restore "
+                         "it, or start the run again with --overwrite.")
     if (stored.get("micro_batch_size") != now["micro_batch_size"] and now.get("peft") == "lora"
             and now.get("lora_dropout", 0) > 0):
         raise ValueError(f"{out} was started with --micro-batch-size {stored.get('micro_batch_size')}: LoRA dropout "
                          "draws its masks per forward pass, so another split draws other masks and gives another "
                          "adapter. Resume with the original value (a run with --lora-dropout 0 may change it).")
-    for name, value in now.items():
-        if name not in HOW_FLAGS and stored.get(name) != value:
+    for name, value in now.items():  # (the data's fingerprint: check_data)
+        if name not in HOW_FLAGS and name != "data_sha256" and stored.get(name) != value:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{out} was started with {flag} {stored.get(name)} and this command says {value}: a "
                              "resumed run keeps the flags that decide its result (only "
@@ -262,13 +274,21 @@ def acquire_lock(out: Path, args) -> Path:
 
 def check_not_in_use(out: Path) -> str | None:
     """Refuse a directory whose lock names a process that still runs (or one on another host, which cannot be asked);
-    return the process id of a stale lock, None where there is no lock."""
+    return the process id of a stale lock, None where there is no lock. A lock this code did not write (a directory,
+    unreadable bytes, no "<pid> <host>": a kill between its creation and its first write leaves it empty) is named."""
     path = out / LOCK
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a run's lock: remove it, then run again.")
     try:
-        pid, _, owner = path.read_text().partition(" ")
+        pid, _, owner = path.read_bytes().decode("utf-8").strip().partition(" ")
     except (FileNotFoundError, NotADirectoryError):
         return None
-    if owner != socket.gethostname() or not pid.isdigit() or _running(int(pid)):
+    except (UnicodeDecodeError, OSError):
+        pid, owner = "", ""
+    if not pid.isdigit() or not owner:
+        raise ValueError(f"{path} is not a lock that a run wrote (it holds no process id and host; a run killed as it "
+                         f"began leaves it so): if no run is using {out}, remove it, then run again.")
+    if owner != socket.gethostname() or _running(int(pid)):
         raise ValueError(f"{out} is in use by another run (process {pid} on {owner}, {path}): wait for it to finish, "
                          "or choose another --out (remove the lock only if that run is over).")
     return pid
@@ -282,8 +302,14 @@ def release_lock(path: Path | None) -> None:
 def check_data(out: Path, args, fingerprint: str) -> None:
     """A resumed run refuses data that changed since it started (the same path, other records): the sha256 of every
     record it uses is in its args.json."""
-    stored = read_json(out / "args.json").get("data_sha256") if args.resume and (out / "args.json").exists() else None
-    if stored is not None and stored != fingerprint:
+    if not (args.resume and (out / "args.json").exists()):
+        return
+    stored = read_json(out / "args.json").get("data_sha256")
+    if stored is None:
+        raise ValueError(f"{out} was started by a version that did not record its data's fingerprint, so a change of "
+                         "the data since cannot be seen: start it again with --overwrite (or finish it with that "
+                         "version).")
+    if stored != fingerprint:
         raise ValueError(f"The training or evaluation data changed since {out} was started (its records hash to "
                          f"{stored[:12]}..., now {fingerprint[:12]}...): resume with the original data, or start "
                          "again with --overwrite.")

@@ -19,12 +19,17 @@ adapter/ (PEFT format for LoRA), eval-*.jsonl (per example), results.json.
 
 from __future__ import annotations
 
+import signal
+import sys
+
+if __name__ == "__main__":  # a Ctrl-C while torch loads ends in one line, not a traceback of the imports
+    signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting"))
+
 import argparse
 import gc
 import json
 import math
 import os
-import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
@@ -42,7 +47,7 @@ from checkpoint import (check_checkpoint, check_device, check_same_architecture,
                         load_model, load_tokenizer, print_trainable, read_json)
 from data import (IGNORE_INDEX, MAX_NEW_TOKENS, collate, fingerprint, load_eval_sets, load_examples, next_token_targets,
                   training_set)
-from eval import eval_sources, evaluate, load_for_eval, results_table
+from eval import check_new_tokens, eval_sources, evaluate, load_for_eval, results_table
 from model import Transformer
 from scoring import SCORERS
 from rundir import (acquire_lock, begin_run, check_data, check_run_dir, checkpoint_state, decided_by_rank0, default_out,
@@ -57,6 +62,9 @@ class StopRequested(Exception):
 
 class Diverged(Exception):
     """The loss or gradient stopped being finite."""
+
+
+MAX_SEED = 2**32 - 1  # torch takes seeds below 2^64; the drops' seed * 1,000,003 + step * 1,009 stays far below it
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -139,7 +147,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # learning rate or clip leaves the module as initialised, a negative clip ascends the gradient) or fail late.
     for name, ok, rule in (("lr", lambda v: 0 < v < 10, "in (0, 10)"),
                            ("grad_clip", lambda v: 0 < v < math.inf, "positive and finite"),
-                           ("lora_alpha", lambda v: 0 < v < math.inf, "positive and finite"),
+                           ("lora_alpha", lambda v: 0 < v <= lora_lib.MAX_ALPHA, f"in (0, {lora_lib.MAX_ALPHA}]"),
                            ("weight_decay", lambda v: 0 <= v < math.inf, "zero or positive, and finite"),
                            ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
                            ("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)")):
@@ -176,6 +184,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--update-seeds takes comma-separated integers")
     if (args.seeds is not None and args.seeds <= 0) or any(u < 0 for u in args.update_seeds):
         p.error("--seeds must be positive and --update-seeds non-negative")
+    if not (0 <= args.seed and args.seed + (args.seeds or 1) - 1 <= MAX_SEED):
+        p.error(f"--seed must be in [0, {MAX_SEED}] (with --seeds N, seed + N - 1 too), got {args.seed}")
     if args.old is None and args.seeds is None:
         args.seeds = 2
     args.regimes = [r.strip() for r in args.regimes.split(",") if r.strip()]
@@ -244,6 +254,8 @@ def check_settings(args) -> None:
     check_same_architecture(cfg, load_config(args.new), args.old, args.new)
     check_checkpoint(args.old)
     check_checkpoint(args.new)  # (a hub id: the new base is fetched now)
+    for base in (args.old, args.new):
+        check_new_tokens(args.max_new_tokens, load_config(base))
     per_layer(args.p_intra, cfg.num_hidden_layers, "--p-intra")
     per_layer(args.p_cross, cfg.num_hidden_layers, "--p-cross")
     with torch.device("meta"):
@@ -378,7 +390,7 @@ def train(model, dataset: list[dict], args: TrainSettings, run_dir: Path, pad_id
 
     start = 0
     if args.resume and ckpt_path.exists():
-        start = restore_checkpoint(model, optimizer, ckpt_path)
+        start = restore_checkpoint(model, optimizer, ckpt_path, total)
         if rank == 0:
             print(f"resuming {desc} from step {start} of {total}")
     if rank == 0:  # the log keeps the steps up to the checkpoint; steps done after it are redone
@@ -501,18 +513,29 @@ def run_experiment(args, train_on_new: bool = False, reuse: bool = False) -> dic
     there (the upper bound). results.json holds one entry per task: {"source_old", "transfer_new", "refit_new"}.
     reuse (the study's arms): with --resume, a finished run with this command's flags and data is read, not redone."""
     out = Path(args.out) if args.out else default_out(args)
-    finished = decided_by_rank0(lambda: check_run_dir(out, args, reuse))
+
+    def decide(data_sha256: str | None = None, locked: bool = False) -> bool:  # whether out holds this command's
+        finished = check_run_dir(out, args, reuse, locked)  # finished run; refuses every other case
+        if data_sha256 is not None:
+            check_data(out, args, data_sha256)
+        return finished
+
+    finished = decided_by_rank0(decide)
     check_settings(args)
     old_tok, new_tok = load_tokenizer(args.old), load_tokenizer(args.new)
     examples = load_examples(args.train_data, "train", args.max_samples)
     train_set = None if train_on_new else training_set(examples, old_tok, args.max_len, args.train_data)
     eval_sets = load_eval_sets(eval_sources(args.eval_data), args.eval_limit)
+    if len(examples if train_set is None else train_set) < args.batch_size:
+        raise ValueError(f"{len(examples if train_set is None else train_set)} training examples do not fill one "
+                         f"batch of {args.batch_size}: give a smaller --batch-size or more data.")
     args.data_sha256 = fingerprint(examples, *eval_sets.values())
-    decided_by_rank0(lambda: check_data(out, args, args.data_sha256))
-    if finished:
+    if decided_by_rank0(lambda: decide(args.data_sha256)):
         return read_json(out / "results.json")
     lock = decided_by_rank0(lambda: acquire_lock(out, args))
-    try:
+    try:  # decided again under the lock: another run may have begun or finished here while this one read its data
+        if decided_by_rank0(lambda: decide(args.data_sha256, locked=True)):
+            return read_json(out / "results.json")
         decided_by_rank0(lambda: begin_run(out, args))
         return experiment(args, out, examples, train_set, eval_sets, old_tok, new_tok, train_on_new)
     finally:
@@ -566,6 +589,7 @@ def experiment(args, out: Path, examples, train_set, eval_sets: dict, old_tok, n
 
 
 def main(argv=None) -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # started: Ctrl-C is KeyboardInterrupt again
     import study  # the one import upwards: a study is many runs of this file's experiment
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -585,9 +609,9 @@ def main(argv=None) -> None:
         if is_main_process():
             print(e)
     except KeyboardInterrupt:
-        sys.exit(interrupted(args, argv, study.toy_out(args)))
+        sys.exit(interrupted(args, argv, study.toy_out(args)) if is_main_process() else 1)
     except (Diverged, ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if is_main_process() else 1)  # under torchrun: said once, by process 0
     finally:  # every way out, errors too: a gloo group freed only at interpreter exit can abort it ("terminate called
         if dist.is_initialized():  # without an active exception"): free FSDP's cycles, then the group, now
             if sys.exc_info()[0] is None:  # a run every process finished: none may still be in a collective

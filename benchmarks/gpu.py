@@ -70,7 +70,7 @@ SHAPES = {  # the hub configs' shapes (Qwen/Qwen2.5-0.5B, Qwen/Qwen2.5-1.5B, Qwe
                      num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
 }
 SMALL = {"small": dict(QWEN2, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)}
+                       num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)}  # k, v: 64 wide, for r 64
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}  # dense, FLOP/s
 GSM8K_TEST = ROOT.parent / "shared" / "gsm8k" / "test.jsonl"
 

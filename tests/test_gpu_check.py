@@ -26,7 +26,8 @@ def test_gpu_check_small_runs_every_part(tmp_path):
     assert all(decoding[b]["ours_graphs_tokens_per_s"] > 0 for b in (1, 4))
     assert decoding["gsm8k"]["gsm8k_eager_s"] > 0 and decoding["gsm8k"]["gsm8k_graphs_s"] > 0
     toy, paper = saved["end_to_end"]
-    assert toy["returncode"] == 0 and paper["returncode"] == 0, toy["tail"] + paper["tail"]
+    assert toy.get("returncode") == 0 and paper.get("returncode") == 0, saved["end_to_end"]  # each row: its exit, tail
+    # or why it was skipped (a budget spent on a busy machine)
     assert paper["results"]["gsm8k"]["transfer_new"]["total"] == 8 and toy["results"]["rows"]
     table = (tmp_path / "gpu.md").read_text()
     assert "| small |" in table and "end to end, toy (quick)" in table and report["minutes"] < 6

@@ -416,8 +416,14 @@ def test_resume_refuses_data_that_changed_under_the_same_path(world):
     assert files(out) == before
 
 
+# The flags a resumed run may change, written out here (not read from rundir.HOW_FLAGS, so that a flag added there by
+# mistake fails this test): they decide how a run runs, not what it computes.
+MAY_CHANGE = {"device", "micro_batch_size", "eval_batch_size", "save_every", "stop_after", "compile",
+              "grad_checkpointing", "out"}
+
+
 def test_every_result_deciding_flag_is_compared_on_resume(world):
-    """The whole list: every flag but rundir.HOW_FLAGS refuses a change on --resume; the HOW_FLAGS are accepted."""
+    """Every flag but MAY_CHANGE refuses a change on --resume; those are accepted."""
     out = world["tmp"] / "run"
     train.main(run_args(world, out, "--max-steps", "6", "--stop-after", "2", "--lora-dropout", "0"))
     stored = json.loads((out / "args.json").read_text())
@@ -426,12 +432,14 @@ def test_every_result_deciding_flag_is_compared_on_resume(world):
         if name in ("resume", "overwrite"):  # the mode itself
             continue
         changed = argparse.Namespace(**{**vars(args), name: "changed" if value != "changed" else "other"})
-        if name in rundir.HOW_FLAGS:
+        if name in MAY_CHANGE:
             rundir.check_run_dir(out, changed)  # accepted
         else:
             with pytest.raises(ValueError, match=f"--{name.replace('_', '-')}"):
                 rundir.check_run_dir(out, changed)
     assert json.loads((out / "args.json").read_text()) == stored
+    for flag, value in (("--batch-size", "3"), ("--eval-limit", "2")):  # through the command line too
+        refused(run_args(world, out, "--max-steps", "6", "--resume", "--lora-dropout", "0", flag, value), flag)
 
 
 def test_another_micro_batch_split_is_refused_where_lora_dropout_draws_per_forward(world):
@@ -452,7 +460,7 @@ def test_arms_resume_refuses_a_finished_arm_run_with_other_flags(world):
     ("--lr", "0", "--lr must be in (0, 10)"), ("--lr", "-1", "--lr must be"), ("--lr", "inf", "--lr must be"),
     ("--lr", "nan", "--lr must be"), ("--lr", "1e38", "--lr must be"), ("--grad-clip", "0", "--grad-clip must be positive"),
     ("--grad-clip", "-1", "--grad-clip must be positive"), ("--weight-decay", "-1", "--weight-decay must be zero or positive"),
-    ("--lora-dropout", "1", "--lora-dropout must be in [0, 1)"), ("--lora-alpha", "0", "--lora-alpha must be positive"),
+    ("--lora-dropout", "1", "--lora-dropout must be in [0, 1)"), ("--lora-alpha", "0", "--lora-alpha must be in (0, 10000]"),
     ("--epochs", "inf", "--epochs must be positive"), ("--fsdp", None, "--fsdp shards the model across the processes"),
 ])
 def test_numeric_flags_are_bounded_where_parsed(world, capsys, flag, value, phrase):
@@ -585,3 +593,141 @@ def test_two_live_processes_on_one_out(world):
     finally:
         first.kill()
         first.wait()
+
+
+HELD = """import sys, time
+from pathlib import Path
+import train
+gate = Path(sys.argv[1])
+read = train.load_eval_sets
+def held(*args, **kwargs):  # this run has checked --out; it waits here, before its lock, until the gate opens
+    gate.with_suffix(".checked").touch()
+    while not gate.exists():
+        time.sleep(0.05)
+    return read(*args, **kwargs)
+train.load_eval_sets = held
+train.main(sys.argv[2:])
+"""
+
+
+@pytest.mark.slow
+def test_a_run_that_finished_while_another_read_its_data_is_not_overwritten(world):
+    """Process B checks an empty --out and is held before its lock (reading a large file, say) while A runs to the
+    end in the same --out: B, let go, decides again under its lock and refuses; A's run is intact."""
+    out, gate = world["tmp"] / "run", world["tmp"] / "gate"
+    argv = run_args(world, out, "--max-steps", "2")
+    b = subprocess.Popen([sys.executable, "-c", HELD, str(gate), *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        for _ in range(1200):
+            if gate.with_suffix(".checked").exists() or b.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert gate.with_suffix(".checked").exists(), b.communicate()
+        train.main(argv)  # A, start to finish
+        finished = files(out)
+        gate.touch()
+        _, err = b.communicate(timeout=300)
+    finally:
+        b.kill()
+    assert b.returncode != 0 and "Traceback" not in err
+    assert "already holds a finished run" in err and "--overwrite" in err
+    assert files(out) == finished
+
+
+def stopped_run(world, *extra, name="run"):
+    out = world["tmp"] / name
+    train.main(run_args(world, out, "--max-steps", "6", "--stop-after", "2", *extra))
+    return out
+
+
+def test_resume_refuses_a_foreign_args_json_checkpoint_or_step(world):
+    out = stopped_run(world)
+    resume = run_args(world, out, "--max-steps", "6", "--resume")
+    good_args, good_ckpt = (out / "args.json").read_bytes(), (out / "checkpoint.pt").read_bytes()
+    (out / "args.json").write_text("[1, 2]")
+    refused(resume, "args.json holds no flags")
+    (out / "args.json").write_bytes(good_args)
+    for step in ("2", -3, 99, True):
+        state = torch.load(out / "checkpoint.pt", weights_only=True)
+        torch.save({**state, "step": step}, out / "checkpoint.pt")
+        refused(resume, "which is not a step of this run's 6")
+        (out / "checkpoint.pt").write_bytes(good_ckpt)
+    other = stopped_run(world, "--lora-r", "2", name="r2") / "checkpoint.pt"  # the same names, other shapes
+    shutil.copy(other, out / "checkpoint.pt")
+    refused(resume, "other names or shapes: another --lora-r?")
+
+
+def test_a_run_from_before_data_fingerprints_is_not_resumed_on_unknown_data(world):
+    out = stopped_run(world)
+    args = json.loads((out / "args.json").read_text())
+    del args["data_sha256"]
+    (out / "args.json").write_text(json.dumps(args))
+    refused(run_args(world, out, "--max-steps", "6", "--resume"), "did not record its data's fingerprint",
+            "--overwrite")
+
+
+def test_resume_takes_over_a_stale_lock(world):
+    out = stopped_run(world)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / ".lock").write_text(f"{dead.stdout.strip()} {socket.gethostname()}")
+    train.main(run_args(world, out, "--max-steps", "6", "--resume"))
+    assert (out / "results.json").exists() and not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize("content, phrase", [
+    (b"\xff\xfe\x00", "is not a lock that a run wrote"), (b"", "is not a lock that a run wrote"),
+    (b"garbage", "is not a lock that a run wrote"), (None, "is a directory, not a run's lock"),
+])
+def test_a_lock_this_code_did_not_write_is_named(world, monkeypatch, content, phrase):
+    no_training(monkeypatch)
+    out = world["tmp"] / "run"
+    out.mkdir()
+    (out / ".lock").mkdir() if content is None else (out / ".lock").write_bytes(content)
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        refused(run_args(world, out, *extra), str(out / ".lock"), phrase)
+
+
+def test_a_lock_with_a_trailing_newline_is_read_as_this_hosts(world):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = world["tmp"] / "run"
+    out.mkdir()
+    (out / ".lock").write_text(f"{dead.stdout.strip()} {socket.gethostname()}\n")  # as an editor saves it
+    refused(run_args(world, out, "--max-steps", "2"), "stale lock", dead.stdout.strip())
+
+
+def test_another_hosts_lock_and_another_users_live_process_are_not_stale(world, monkeypatch):
+    no_training(monkeypatch)
+    out = world["tmp"] / "run"
+    out.mkdir()
+    (out / ".lock").write_text("12345 some-other-host")
+    refused(run_args(world, out, "--overwrite"), "in use by another run", "on some-other-host")
+
+    def not_ours(pid, sig):  # a process of another user: signal 0 is not permitted, but it runs
+        raise PermissionError
+
+    monkeypatch.setattr(rundir.os, "kill", not_ours)
+    (out / ".lock").write_text(f"12345 {socket.gethostname()}")
+    refused(run_args(world, out, "--resume"), "in use by another run", "process 12345")
+
+
+def test_only_process_0_decides_the_run_directory(monkeypatch):
+    monkeypatch.setattr(rundir, "is_main_process", lambda: False)  # rank 1 of a job without a process group
+    assert rundir.decided_by_rank0(lambda: pytest.fail("a process other than 0 looked at the directory")) is None
+
+
+def test_ctrl_c_during_the_refit_names_the_refits_checkpoint(world, monkeypatch):
+    out = world["tmp"] / "run"
+    real = train.train
+
+    def interrupt_the_refit(model, dataset, settings, run_dir, *args, **kwargs):
+        log = real(model, dataset, settings, run_dir, *args, **kwargs)
+        if run_dir.name == "refit-new":
+            raise KeyboardInterrupt
+        return log
+
+    monkeypatch.setattr(train, "train", interrupt_the_refit)
+    argv = run_args(world, out, "--max-steps", "2", "--refit-new")
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert str(out / "refit-new" / "checkpoint.pt") in str(e.value.code) and "--resume" in str(e.value.code)

@@ -426,10 +426,19 @@ def test_one_unjudgeable_answer_never_ends_an_evaluation(tmp_path, monkeypatch):
         progress(list(range(len(prompts))), completions)
         return completions
 
+    class Model:  # 300 positions: the third prompt is longer
+        config = type("Config", (), {"max_position_embeddings": 300})
+
+    class Tokenizer:  # a token per character
+        encode = staticmethod(list)
+
     monkeypatch.setattr(eval_lib, "generate", fake_generate)
-    examples = [{"question": f"q{i}", "answer": "#### 5"} for i in range(3)]
-    result = eval_lib.evaluate(None, None, examples, out_jsonl=tmp_path / "e.jsonl", task="gsm8k")
+    examples = [{"question": f"q{i}", "answer": "#### 5"} for i in range(2)] + [{"question": "q" * 300,
+                                                                                "answer": "#### 5"}]
+    result = eval_lib.evaluate(Model(), Tokenizer(), examples, out_jsonl=tmp_path / "e.jsonl", task="gsm8k")
     assert (result["correct"], result["total"], result["unjudged_official"]) == (1, 3, 2)
     records = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
     assert [r.get("unjudged_official") for r in records] == ["a number too large for a float"] * 2 + [None]
+    assert [r.get("prompt_past_positions", False) for r in records] == [False, False, True]
     assert "2 by the official scorer" in eval_lib.unjudged_note(result)
+    assert "1 prompt(s) longer than the model's positions" in eval_lib.unjudged_note(result)

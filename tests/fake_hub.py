@@ -34,8 +34,9 @@ from model import ModelConfig, Transformer  # noqa: E402
 
 SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "gsm8k"
 EOS = "<|endoftext|>"
-CONFIG = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=64, intermediate_size=128,
-              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+# k_proj and v_proj are 64 wide (4 key/value heads of 16), so the recipe's LoRA rank 64 fits them
+CONFIG = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=128, intermediate_size=256,
+              num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
               rms_norm_eps=1e-6, rope_theta=1000000.0, hidden_act="silu", tie_word_embeddings=False,
               use_sliding_window=False, torch_dtype="bfloat16")
 # Written for this file: GSM8K-style problems, some with a second line (MetaMathQA's rephrased questions have them).

@@ -131,3 +131,71 @@ def test_an_unclosed_boxed_gold_is_named_by_the_missing_answer_warning(world, ca
     path.write_text(json.dumps({"problem": "1+4?", "solution": "It is $\\boxed{5$."}) + "\n")
     load_eval_sets([str(path)])
     assert "1 MATH solution(s) without a \\boxed answer" in capsys.readouterr().out
+
+
+def test_every_training_flag_reaches_the_training_loop():
+    """From the command line to TrainSettings, field by field, each flag at a value other than its default (written
+    out here, so that a field dropped in between fails)."""
+    argv = ["--old", "a", "--new", "b", "--lr", "0.002", "--batch-size", "12", "--micro-batch-size", "3",
+            "--max-steps", "7", "--epochs", "2.5", "--warmup-ratio", "0.2", "--weight-decay", "0.01", "--grad-clip",
+            "0.5", "--loss-mean", "micro-batch", "--seed", "9", "--save-every", "5", "--stop-after", "4", "--resume",
+            "--device", "cpu"]
+    settings = train.TrainSettings.from_args(train.parse_args(argv))
+    assert settings == train.TrainSettings(lr=0.002, batch_size=12, micro_batch_size=3, max_steps=7, epochs=2.5,
+                                           warmup_ratio=0.2, weight_decay=0.01, grad_clip=0.5, loss_mean="micro-batch",
+                                           seed=9, save_every=5, stop_after=4, resume=True, fsdp=False)
+
+
+def test_fsdp_in_one_process_and_a_released_run_with_an_adapter_are_refused(world, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for extra, phrase in ((["--fsdp"], "--fsdp shards the model across the processes"),
+                          (["--as-released", "--peft", "adapter"], "a bottleneck adapter cannot be merged")):
+        with pytest.raises(SystemExit):
+            train.main(run_args(world, world["tmp"] / "run", *extra))
+        assert phrase in capsys.readouterr().err and not (world["tmp"] / "run").exists()
+
+
+def test_the_data_fingerprint_covers_the_evaluation_sets(world):
+    import shutil
+
+    out, evals = world["tmp"] / "run", world["tmp"] / "eval.jsonl"
+    shutil.copy(world["data"], evals)
+    train.main(run_args(world, out, "--max-steps", "6", "--stop-after", "2", "--eval-data", str(evals)))
+    evals.write_text(evals.read_text().replace("#### 5", "#### 6"))
+    refused(run_args(world, out, "--max-steps", "6", "--resume", "--eval-data", str(evals)), "data changed")
+
+
+def test_eval_merged_with_refit_evaluates_the_refit_adapter(world, monkeypatch):
+    seen = []
+    real = train.model_for_eval
+    monkeypatch.setattr(train, "model_for_eval", lambda base, adapter, args: seen.append((base, adapter))
+                        or real(base, adapter, args))
+    out = world["tmp"] / "run"
+    train.main(run_args(world, out, "--max-steps", "2", "--refit-new", "--eval-merged"))
+    assert seen == [(world["old"], out / "adapter"), (world["new"], out / "adapter"),
+                    (world["new"], out / "refit-new" / "adapter")]
+
+
+def test_the_vocabulary_check_counts_added_tokens_and_is_exact_at_the_boundary(world, hf_checkpoint):
+    from checkpoint import check_tokenizer_fits, load_config, load_tokenizer
+
+    tok = load_tokenizer(world["old"])
+    tok.tok.add_special_tokens(["<|extra|>"])  # a token added past the BPE vocabulary
+    n = tok.vocab_size
+    assert n == tok.tok.get_vocab_size(with_added_tokens=False) + 1 == tok.tok.token_to_id("<|extra|>") + 1
+    cfg = load_config(world["old"])
+    cfg.vocab_size = n
+    check_tokenizer_fits(tok, cfg, "x")  # exactly full: accepted
+    cfg.vocab_size = n - 1
+    with pytest.raises(ValueError, match=f"has {n} tokens but its model's embedding has {n - 1} rows"):
+        check_tokenizer_fits(tok, cfg, "x")
+
+
+def test_an_absolute_shard_path_in_an_index_is_refused(world):
+    def absolute(path):  # the shard inside the directory, named by its absolute path
+        (path / "model.safetensors").rename(path / "model-00001-of-00001.safetensors")
+        (path / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {"lm_head.weight": str(path / "model-00001-of-00001.safetensors")}}))
+
+    refused(["--model", broken_copy(world, "absolute", absolute), "--data", world["data"]],
+            "outside the checkpoint directory", main=eval_cli.main)

@@ -223,3 +223,20 @@ def test_delta_is_the_one_place_the_update_is_computed():
     fork.load_state_dict(ours.state_dict())
     with torch.no_grad():
         assert torch.allclose(fork(x), base(x) + 2 * ours.delta(x), atol=1e-5)
+
+
+def test_a_bf16_base_adds_the_float32_update_before_one_rounding():
+    """Without autocast, a bf16 base layer and a float32 LoRA: y = bf16(base(x) + delta) with the sum in float32. The
+    numbers sit where rounding twice (delta to bf16 first, then the sum) gives another bf16 value: 1.0078125 + 0.0039
+    is just under the midpoint 1.01171875, while 0.0039 alone rounds up to 2^-8, which lands on the midpoint and ties
+    to 1.015625."""
+    base = torch.nn.Linear(1, 1, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        base.weight.fill_(1.0078125)  # 1 + 2^-7, exact in bf16
+    layer = LoRALinear(base, r=1, alpha=1)
+    with torch.no_grad():
+        layer.lora_A.weight.fill_(1.0)
+        layer.lora_B.weight.fill_(0.0039)
+    y = layer(torch.ones(1, 1, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and y.item() == 1.0078125
+    assert (torch.tensor(1.0078125, dtype=torch.bfloat16) + torch.tensor(0.0039).to(torch.bfloat16)).item() == 1.015625

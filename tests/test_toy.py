@@ -212,3 +212,26 @@ def test_spearman_with_ties_in_one_variable_only():
     # covariance 4.5, variances 4.5 and 5: rho = 4.5 / sqrt(22.5) = sqrt(0.9)
     assert study.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9 ** 0.5)
     assert study.spearman([1, 2, 3, 4], [1, 2, 2, 3]) == pytest.approx(0.9 ** 0.5)
+
+
+def bound_rows(points):
+    """One plain-LoRA row per (G, L_old, L_new), a seed each."""
+    return [{"arm": "plain", "seed": s, "regime": "ffn", "update_seed": 0, "source": 1.0, "transfer": 0.5,
+             "ffn_grad_norm": g, "loss_old": old, "loss_new": new} for s, (g, old, new) in enumerate(points)]
+
+
+def test_the_loss_gap_is_absolute_and_no_rank_correlation_from_two_points():
+    bound = study.bound_summary(bound_rows([(0.1, 1.0, 0.8), (0.2, 1.0, 1.3)]), ["plain"])
+    assert bound["arms"]["plain"]["loss_gap"] == pytest.approx((0.2 + 0.3) / 2)  # |0.8 - 1.0| counts as 0.2
+    assert "spearman" not in bound  # two points always rank as +1 or -1: nothing to report
+    bound = study.bound_summary(bound_rows([(0.1, 1.0, 0.8), (0.2, 1.0, 1.3), (0.3, 1.0, 1.1)]), ["plain"])
+    # gaps 0.2, 0.3, 0.1 rank 2, 3, 1 against G 1, 2, 3: d = 1, 1, -2, rho = 1 - 6 * 6 / (3 * 8) = -0.5
+    assert bound["n"] == 3 and bound["spearman"] == pytest.approx(-0.5)
+
+
+def test_the_arms_the_docs_name():
+    # docs/toy-study.md: masking alone and the upper bound run on request; --arms all adds them (not "transpeft",
+    # which at the default flags repeats "drop")
+    assert [a["key"] for a in study.select_arms(None)] == ["plain", "drop", "both", "attn_mask", "lora_dropout"]
+    assert [a["key"] for a in study.select_arms(["all"])] == ["plain", "mask", "drop", "both", "attn_mask",
+                                                              "lora_dropout", "refit"]

@@ -105,6 +105,16 @@ def lora_model(world, dropout=0.0):
     return model, load_tokenizer(world["old"])
 
 
+def test_arms_resume_starts_an_arm_never_begun(world):
+    out = world["tmp"] / "arms"
+    train.main(run_args(world, out, "--max-steps", "2", "--arms", "plain"))
+    before = (out / "plain-seed42" / "results.json").read_bytes()
+    train.main(run_args(world, out, "--max-steps", "2", "--arms", "plain,drop", "--resume"))
+    assert (out / "plain-seed42" / "results.json").read_bytes() == before  # reused
+    assert (out / "drop-seed42" / "results.json").exists()  # begun and finished
+    assert {r["arm"] for r in json.loads((out / "arms.json").read_text())["rows"]} == {"plain", "drop"}
+
+
 def test_batched_decoding_equals_one_prompt_at_a_time(world):
     model, tok = lora_model(world)
     prompts = [eval_prompt(q) for q, _ in QUESTIONS] + ["Short one", "A much longer prompt " * 5]
@@ -118,6 +128,21 @@ def test_batched_decoding_equals_one_prompt_at_a_time(world):
     ids = torch.tensor([tok.encode(prompts[0])])
     model(ids, targets=ids).backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_a_row_that_ends_by_eos_while_another_continues_equals_the_rows_alone(world):
+    """A row stopped by EOS (no stop string to cut extra tokens away afterwards) inside a batch whose other rows go on:
+    every row as decoded alone."""
+    model, tok = lora_model(world)
+    prompts = [eval_prompt(q) for q, _ in QUESTIONS]
+    full = generate(model, tok, prompts, max_new_tokens=10, batch_size=8, stop_strings=[])
+    ids = [tok.encode(c) for c in full]
+    ender, row = next((t, i) for i, r in enumerate(ids) for t in r[1:4] if not any(t in o for o in ids[:i] + ids[i + 1:]))
+    tok.stop_ids = set(tok.stop_ids) | {ender}  # an end-of-sequence id for this one row
+    batched = generate(model, tok, prompts, max_new_tokens=10, batch_size=8, stop_strings=[])
+    alone = generate(model, tok, prompts, max_new_tokens=10, batch_size=1, stop_strings=[])
+    assert batched == alone
+    assert len(batched[row]) < len(full[row]) and all(batched[i] == full[i] for i in range(len(full)) if i != row)
 
 
 def test_lookahead_decoding_gives_the_same_completions(world):

@@ -5,6 +5,7 @@ checkpoint that lets an interrupted run continue exactly where it stopped (--res
     args.json         the flags of the run (a resumed run keeps the ones it started with)
     train_log.jsonl   one line per optimizer step
     checkpoint.pt     PEFT weights, optimizer state, step and RNG states, written atomically (tmp file, rename)
+    checkpoint-sharded/   the same under --fsdp, each process's shards (torch.distributed.checkpoint)
     adapter/          the trained module, in the PEFT format for a LoRA
     eval-*.jsonl      per-example evaluations, one file per base and task (eval-old-gsm8k.jsonl, ...)
     results.json      the accuracies per task, by both scorers; it marks a finished run
@@ -122,10 +123,73 @@ def restore_checkpoint(model, optimizer, path: Path, total: int) -> int:
     return step
 
 
+SHARDED = "checkpoint-sharded"  # under --fsdp, instead of checkpoint.pt: a torch.distributed.checkpoint directory
+
+
+def save_sharded(model, optimizer, step: int, path: Path) -> None:
+    """checkpoint_state under FSDP, by every process together: each writes its shards of the trainable weights and of
+    AdamW's state (torch.distributed.checkpoint), process 0 the step and every process's RNG state; into path.tmp,
+    then renamed, so a kill while saving leaves the last complete checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    tmp, rank = path.with_name(path.name + ".tmp"), dist.get_rank()
+    weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    rngs = [None] * dist.get_world_size()
+    dist.all_gather_object(rngs, (torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available()
+                                  else None))
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    dcp.save({"trainable": weights, "optimizer": optim}, checkpoint_id=str(tmp))
+    if rank == 0:  # with AdamW's moments only for the weights that had a gradient yet (a dropped FFN's LoRA may not)
+        torch.save({"step": step, "rng": rngs, "optimized": sorted(optim["state"])}, tmp / "state.pt")
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    dist.barrier()
+
+
+def restore_sharded(model, optimizer, path: Path, total: int) -> int:
+    """restore_checkpoint under FSDP: every process reads its shards and its own RNG state; returns the step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    state = read_torch_file(path / "state.pt")
+    step = state.get("step") if isinstance(state, dict) else None
+    if not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= total):
+        raise ValueError(f"{path / 'state.pt'} says it stopped at step {step!r}, which is not a step of this run's "
+                         f"{total}: start the run again with --overwrite.")
+    if len(state.get("rng") or []) != dist.get_world_size():
+        raise ValueError(f"{path} was written by {len(state.get('rng') or [])} processes and this run has "
+                         f"{dist.get_world_size()}: resume with as many (torchrun --nproc_per_node).")
+    options = StateDictOptions(ignore_frozen_params=True)
+    weights, optim = get_state_dict(model, optimizer, options=options)  # (AdamW's state made for every weight)
+    optim["state"] = {name: v for name, v in optim["state"].items() if name in set(state.get("optimized", []))}
+    loaded = {"trainable": weights, "optimizer": optim}
+    try:
+        dcp.load(loaded, checkpoint_id=str(path))
+    except Exception as e:  # noqa: BLE001 -- DCP reports a foreign or damaged checkpoint in several error types
+        raise ValueError(f"{path} is not this run's sharded checkpoint ({str(e)[:120]}): start the run again with "
+                         "--overwrite.") from None
+    # strict=False: the moments of the weights without a gradient yet are absent (the weights were read strictly)
+    set_state_dict(model, optimizer, model_state_dict=loaded["trainable"], optim_state_dict=loaded["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    for name, p in model.named_parameters():  # as in the run that was not interrupted: no state before a gradient
+        if name not in optim["state"]:
+            optimizer.state.pop(p, None)
+    cpu_rng, cuda_rng = state["rng"][dist.get_rank()]
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_rng)
+    return step
+
+
 # What a run writes into its directory, and the flags a resumed run may change: they decide how it runs, not what
 # it computes (the checkpoint and the data order are the same whatever they are).
 # results.json first: --overwrite deletes in this order, so a kill while it deletes never leaves a "finished" run
-RUN_OUTPUTS = ("results.json", "args.json", "train_log.jsonl", "checkpoint.pt", "adapter", "refit-new")
+RUN_OUTPUTS = ("results.json", "args.json", "train_log.jsonl", "checkpoint.pt", SHARDED, "adapter", "refit-new")
 LOCK = ".lock"  # held by the process that runs in the directory
 HOW_FLAGS = ("device", "micro_batch_size", "eval_batch_size", "save_every", "stop_after", "resume", "overwrite",
              "compile", "grad_checkpointing", "out")
@@ -160,9 +224,9 @@ def check_run_dir(out: Path, args, reuse: bool = False, locked: bool = False) ->
                          "--overwrite to start it again (or choose another --out).")
     if not args.resume:
         return False
-    if not finished and not (out / "checkpoint.pt").exists():
-        raise ValueError(f"Nothing to resume in {out}: it has no checkpoint.pt (none is written before step "
-                         "--save-every). Start the run again with --overwrite.")
+    if not finished and not ((out / "checkpoint.pt").exists() or (out / SHARDED).exists()):
+        raise ValueError(f"Nothing to resume in {out}: it has no checkpoint.pt or {SHARDED} (none is written before "
+                         "step --save-every). Start the run again with --overwrite.")
     if not (out / "args.json").exists():
         raise ValueError(f"{out} has a checkpoint but no args.json, so its flags are unknown: start the run again with "
                          "--overwrite.")
@@ -199,8 +263,8 @@ def begin_run(out: Path, args) -> None:
     try:
         if args.overwrite:
             remove(*run_outputs(out))
-        remove(out / "checkpoint.pt.tmp", out / "adapter.tmp", out / "refit-new" / "checkpoint.pt.tmp",
-               out / "refit-new" / "adapter.tmp")
+        remove(*(where / f"{name}.tmp" for where in (out, out / "refit-new")
+                 for name in ("checkpoint.pt", SHARDED, "adapter")))
         if not args.resume:
             (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
     except OSError as e:
@@ -214,7 +278,8 @@ def interrupted(args, argv: list[str], toy_out: Path) -> str:
                 "start it again.")
     out = Path(args.out) if args.out else default_out(args)
     flags = [a for a in argv if a not in ("--resume", "--overwrite")]
-    ckpt = next((c for c in (out / "refit-new" / "checkpoint.pt", out / "checkpoint.pt") if c.exists()), None)
+    ckpt = next((out / where / name for where in ("refit-new", ".") for name in ("checkpoint.pt", SHARDED)
+                 if (out / where / name).exists()), None)
     if ckpt is None:
         again = shlex.join(flags + ["--overwrite"])
         return f"interrupted before the first checkpoint in {out}; start again with: python train.py {again}"

@@ -50,8 +50,9 @@ from data import (IGNORE_INDEX, MAX_NEW_TOKENS, collate, fingerprint, load_eval_
 from eval import check_new_tokens, eval_sources, evaluate, load_for_eval, results_table
 from model import Transformer
 from scoring import SCORERS
-from rundir import (acquire_lock, begin_run, check_data, check_run_dir, checkpoint_state, decided_by_rank0, default_out,
-                    interrupted, release_lock, restore_checkpoint, save_atomic, save_peft)
+from rundir import (SHARDED, acquire_lock, begin_run, check_data, check_run_dir, checkpoint_state, decided_by_rank0,
+                    default_out, interrupted, release_lock, restore_checkpoint, restore_sharded, save_atomic, save_peft,
+                    save_sharded)
 from toy import REGIMES
 from transpeft import (apply_attention_masking, apply_transpeft, per_layer, remove_attention_masking, remove_transpeft,
                        reseed_drops)
@@ -383,14 +384,13 @@ def train(model, dataset: list[dict], args: TrainSettings, run_dir: Path, pad_id
         raise ValueError(f"{len(dataset)} training examples do not fill one batch of {args.batch_size}.")
     total = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     warmup = math.ceil(args.warmup_ratio * total)
-    ckpt_path, log_path = run_dir / "checkpoint.pt", run_dir / "train_log.jsonl"
-    checkpoints = not fsdp  # sharded optimizer state: not checkpointed (yet); --resume is refused with --fsdp
+    ckpt_path, log_path = run_dir / (SHARDED if fsdp else "checkpoint.pt"), run_dir / "train_log.jsonl"
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
 
     start = 0
     if args.resume and ckpt_path.exists():
-        start = restore_checkpoint(model, optimizer, ckpt_path, total)
+        start = (restore_sharded if fsdp else restore_checkpoint)(model, optimizer, ckpt_path, total)
         if rank == 0:
             print(f"resuming {desc} from step {start} of {total}")
     if rank == 0:  # the log keeps the steps up to the checkpoint; steps done after it are redone
@@ -464,8 +464,10 @@ def train(model, dataset: list[dict], args: TrainSettings, run_dir: Path, pad_id
                 f.write(json.dumps(entry) + "\n")
         bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{entry['tokens_per_s']:.0f}")
         done = step + 1
-        if checkpoints and (done % args.save_every == 0 or done == total or done == args.stop_after):
-            if rank == 0:
+        if done % args.save_every == 0 or done == total or done == args.stop_after:
+            if fsdp:  # every process writes its shards
+                save_sharded(model, optimizer, done, ckpt_path)
+            elif rank == 0:
                 save_atomic(checkpoint_state(model, optimizer, done), ckpt_path)
             last_saved = done
         if done == args.stop_after and done < total:
@@ -596,9 +598,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     init_distributed(args)
     try:
-        if dist.is_initialized() and (args.old is None or (args.fsdp and args.resume)):
-            raise ValueError("the toy study runs in one process, and --resume is not supported with --fsdp (no "
-                             "checkpoints are written then): run without torchrun, or without --resume.")
+        if dist.is_initialized() and args.old is None:
+            raise ValueError("the toy study runs in one process: run it without torchrun.")
         if args.old is None:
             study.run_toy_study(args)
         elif args.arms:

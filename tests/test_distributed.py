@@ -81,6 +81,20 @@ def test_fsdp2_on_gloo_equals_one_process(world):
     assert_same_run(one, two)
 
 
+def test_fsdp_stopped_and_resumed_equals_the_uninterrupted_run(world):
+    """Sharded state saved by torch.distributed.checkpoint (each process its shards of the LoRA weights and of AdamW's
+    moments, its own RNG state) and read back: the resumed run ends with the uninterrupted run's losses and adapter,
+    bit for bit. LoRA dropout on, so that the RNG states matter."""
+    whole, parts = world["tmp"] / "whole", world["tmp"] / "parts"
+    torchrun(args_for(world, whole, 0.5, 2, "--fsdp", "--lora-dropout", "0.1"))
+    torchrun(args_for(world, parts, 0.5, 2, "--fsdp", "--lora-dropout", "0.1", "--stop-after", "2"))
+    assert (parts / "checkpoint-sharded" / "state.pt").exists() and not (parts / "results.json").exists()
+    torchrun(args_for(world, parts, 0.5, 2, "--fsdp", "--lora-dropout", "0.1", "--resume"))
+    assert losses(parts) == losses(whole)
+    wa, wb = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (whole, parts))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 DROP_PROBE = """
 import json, sys
 from pathlib import Path

@@ -453,7 +453,7 @@ def train(model, dataset: list[dict], args: TrainSettings, run_dir: Path, pad_id
                     else "no checkpoint was written yet")
             raise Diverged(f"The loss became {loss_sum} at step {step + 1}: training stopped, nothing of this step was "
                            f"kept and {kept}. Resuming would repeat the same steps: start again with a lower --lr "
-                           "(--overwrite), or check the data.")
+                           "or --lora-alpha (--overwrite), or check the data.")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -95,6 +95,13 @@ def test_fsdp_stopped_and_resumed_equals_the_uninterrupted_run(world):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_refusal_under_torchrun_is_said_once():
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--old",
+           "no-such-model", "--new", "qwen2.5", "--device", "cpu"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and (r.stdout + r.stderr).count("error: ") == 1, r.stderr[-3000:]
+
+
 DROP_PROBE = """
 import json, sys
 from pathlib import Path

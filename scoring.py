@@ -459,18 +459,22 @@ def _sympy_equal(a: str, b: str) -> tuple[bool, str | None]:
 
 
 def _start_worker() -> None:
-    """Bound the worker's memory (a formula like 10**10**10 gets a MemoryError, not the machine's RAM) and import
-    sympy, so that a comparison's time limit counts the comparison alone."""
+    """Import sympy, so that a comparison's time limit counts the comparison alone, then bound the worker's memory to
+    what it holds now and WORKER_MEMORY more (a formula like 10**10**10 gets a MemoryError, not the machine's RAM)."""
+    import os
+
+    import sympy  # noqa: F401
     try:
         import resource
 
-        resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY, WORKER_MEMORY))
-    except (ImportError, ValueError, OSError):  # not on every platform
+        with open("/proc/self/statm") as f:  # the address space in pages (what spawn re-imported: torch, maybe CUDA's)
+            held = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        resource.setrlimit(resource.RLIMIT_AS, (held + WORKER_MEMORY, resource.RLIM_INFINITY))
+    except (ImportError, OSError, ValueError):  # not Linux: no bound
         pass
-    import sympy  # noqa: F401
 
 
-WORKER_MEMORY = 4 << 30  # bytes of address space for the symbolic worker
+WORKER_MEMORY = 4 << 30  # bytes of address space the symbolic worker may add to what it holds at its start
 unjudged: list[str] = []  # why the comparisons since judge() began could not be decided (judge reads it)
 
 

@@ -522,7 +522,7 @@ def run_experiment(args, train_on_new: bool = False, reuse: bool = False) -> dic
             check_data(out, args, data_sha256)
         return finished
 
-    finished = decided_by_rank0(decide)
+    decided_by_rank0(decide)  # refusals first, before the data is read
     check_settings(args)
     old_tok, new_tok = load_tokenizer(args.old), load_tokenizer(args.new)
     examples = load_examples(args.train_data, "train", args.max_samples)

@@ -200,11 +200,13 @@ def run_outputs(out: Path) -> list[Path]:
     return [out / name for name in RUN_OUTPUTS if (out / name).exists()] + sorted(out.glob("eval-*.jsonl"))
 
 
-def check_run_dir(out: Path, args, reuse: bool = False, locked: bool = False) -> bool:
+def check_run_dir(out: Path, args, reuse: bool = False, locked: bool = False, defaults: dict | None = None) -> bool:
     """Refuse, before anything is written, a run that would lose or mix another: a finished run without --overwrite,
     an unfinished one without --resume or --overwrite, a --resume with other result-deciding flags than the run's, an
     --out that cannot be a directory. reuse: a finished run with --resume is accepted when its flags are this
-    command's (the study's arms); returns whether the run is finished. locked: this process holds out's lock."""
+    command's (the study's arms); returns whether the run is finished. locked: this process holds out's lock.
+    defaults: each flag's default; a flag that a run's args.json lacks (added to the code after the run began) is
+    accepted at its default, the value the run had in effect."""
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them.")
     for parent in (out, *out.parents):  # the nearest existing path must be a directory
@@ -240,9 +242,13 @@ def check_run_dir(out: Path, args, reuse: bool = False, locked: bool = False) ->
                          "draws its masks per forward pass, so another split draws other masks and gives another "
                          "adapter. Resume with the original value (a run with --lora-dropout 0 may change it).")
     for name, value in now.items():  # (the data's fingerprint: check_data)
-        if name not in HOW_FLAGS and name != "data_sha256" and stored.get(name) != value:
+        if name in HOW_FLAGS or name == "data_sha256" or (name not in stored and (defaults or {}).get(name) == value):
+            continue
+        if stored.get(name) != value:
             flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{out} was started with {flag} {stored.get(name)} and this command says {value}: a "
+            began = (f"with {flag} {stored[name]}" if name in stored else
+                     f"before {flag} existed (as at its default, {(defaults or {}).get(name)})")
+            raise ValueError(f"{out} was started {began} and this command says {value}: a "
                              "resumed run keeps the flags that decide its result (only "
                              f"{', '.join('--' + h.replace('_', '-') for h in HOW_FLAGS)} "
                              "may change). Resume with the original value, or start again with --overwrite.")

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint as recompute  # activation recomputation (--grad-checkpointing)
 from tqdm import tqdm
 
 import adapter as adapter_lib
@@ -198,6 +198,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def flag_defaults() -> dict:
+    """Every flag's value in a command that gives none (but the two bases): what a run that began before a flag
+    existed had in effect."""
+    return vars(parse_args(["--old", "-", "--new", "-", "--device", "cpu"]))
+
+
 def parse_rate(text) -> float | list[float]:
     values = [float(v) for v in str(text).split(",")]  # one rate, or one per layer
     return values[0] if len(values) == 1 else values
@@ -325,7 +331,7 @@ def _checkpointed(layer, forward, *args, **kwargs):
         finally:
             rng.set_state(now)
 
-    return checkpoint(forward, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), replay()), **kwargs)
+    return recompute(forward, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), replay()), **kwargs)
 
 
 def world() -> tuple[int, int]:  # (rank, processes): (0, 1) unless launched by torchrun with several
@@ -517,7 +523,7 @@ def run_experiment(args, train_on_new: bool = False, reuse: bool = False) -> dic
     out = Path(args.out) if args.out else default_out(args)
 
     def decide(data_sha256: str | None = None, locked: bool = False) -> bool:  # whether out holds this command's
-        finished = check_run_dir(out, args, reuse, locked)  # finished run; refuses every other case
+        finished = check_run_dir(out, args, reuse, locked, flag_defaults())  # finished run; refuses the rest
         if data_sha256 is not None:
             check_data(out, args, data_sha256)
         return finished

@@ -33,8 +33,8 @@ without relying on any particular piece of it. Two interventions, both active in
 
    One draw per layer per optimizer step, shared by the whole batch: the draws come from a generator of their own,
    `transpeft_rng` (the model and each of its layers hold the same one), which the training loop reseeds from
-   (seed, step) before every micro-batch (reseed_drops). So every micro-batch of a step, in every data-parallel
-   process, drops the same layers, as the released run's identically seeded processes do, and a resumed run repeats
+   (seed, step) before every micro-batch (the rule: reseed_drops). So every micro-batch of a step, in every
+   data-parallel process, drops the same layers, as the released run's identically seeded processes do, and a resumed run repeats
    the drops of the uninterrupted one. (Without the reseed, as in a bare forward loop, each forward pass draws anew.)
 
 Neither intervention rescales by 1/(1 - p), unlike dropout: the official code (models/modeling_qwen2.py) multiplies
@@ -114,13 +114,14 @@ def per_layer(rate: float | Sequence[float], n_layers: int, name: str) -> list[f
     return rates
 
 
-def apply_transpeft(model: nn.Module, p_intra: float | Sequence[float] = 0.0, p_cross: float | Sequence[float] = 0.1,
+def apply_transpeft(model: nn.Module, p_intra: float | Sequence[float] = 0.0, p_cross: float | Sequence[float] = 0.0,
                     seed: int | None = None) -> nn.Module:
     """Switch Trans-PEFT on (in place; works with LoRA, adapters or nothing attached). Effective only in train().
 
-    p_intra, p_cross: one rate for all layers, or one per layer. seed: of the layer-dropping generator; by default
+    p_intra, p_cross: one rate for all layers, or one per layer; 0 (nothing taken away) unless given, as everywhere
+    in this code (the released recipe: p_intra 0, p_cross 0.1). seed: of the layer-dropping generator; by default
     drawn from torch's global RNG, so `torch.manual_seed(s)` before this call makes the drops reproducible. A training
-    loop that calls reseed_drops before each step (train.py's does) replaces it with a seed per step.
+    loop reseeds it per step: see reseed_drops.
     Switch off with remove_transpeft(model); calling apply_transpeft again replaces the rates.
     """
     layers = model.model.layers
@@ -144,10 +145,12 @@ def drop_seed(seed: int, step: int) -> int:
 
 
 def reseed_drops(model: nn.Module, seed: int, step: int) -> None:
-    """Make the layer drops a function of (seed, step): every micro-batch of an optimizer step, in every process,
-    draws the same pattern (the released run's 4 processes, all seeded alike, drop the same layers for the whole global
-    batch of a step), and a resumed run repeats the drops of the uninterrupted one. Nothing happens without
-    Trans-PEFT."""
+    """The one rule of the drops' seeding: call this before EVERY forward pass of a training step (each micro-batch,
+    in each process) with that optimizer step's index, as train.py does. Then the drops are a function of (seed, step):
+    every micro-batch of a step, in every process, draws the same pattern (the released run's 4 processes, all seeded
+    alike, drop the same layers for the whole global batch of a step), and a resumed run repeats the drops of the
+    uninterrupted one. Called once per step instead, the second micro-batch would draw a pattern of its own. Nothing
+    happens without Trans-PEFT."""
     if getattr(model, "transpeft_rng", None) is not None:
         model.transpeft_rng.manual_seed(drop_seed(seed, step))
 

@@ -731,3 +731,16 @@ def test_ctrl_c_during_the_refit_names_the_refits_checkpoint(world, monkeypatch)
     with pytest.raises(SystemExit) as e:
         train.main(argv)
     assert str(out / "refit-new" / "checkpoint.pt") in str(e.value.code) and "--resume" in str(e.value.code)
+
+
+def test_a_flag_added_after_a_run_began_keeps_it_resumable_at_its_default(world):
+    """An args.json from before a flag existed (here --p-attn, deleted from it) resumes with the flag at its default;
+    the flag set otherwise is a change of the result, and refused."""
+    out = stopped_run(world)
+    args = json.loads((out / "args.json").read_text())
+    del args["p_attn"]
+    (out / "args.json").write_text(json.dumps(args))
+    refused(run_args(world, out, "--max-steps", "6", "--resume", "--p-attn", "0.2"), "before --p-attn existed",
+            "(as at its default, 0.0)", "says 0.2")
+    train.main(run_args(world, out, "--max-steps", "6", "--resume"))
+    assert (out / "results.json").exists()

@@ -45,7 +45,13 @@ CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 
 class LoRALinear(nn.Module):
     """y = base(x) + delta(x), delta(x) = (alpha / r) * B(A(dropout(x))), with `base` frozen. Submodule names follow
-    peft (`base_layer`, `lora_A`, `lora_B`), so state-dict keys are peft's without the adapter name."""
+    peft (`base_layer`, `lora_A`, `lora_B`), so state-dict keys are peft's without the adapter name.
+
+    A variant (DoRALinear below) is a subclass: every parameter it owns beside base_layer trains, is saved and loaded
+    (lora_parameters); it overrides delta (what forward adds), merged_weight / unmerged_weight (what merging writes)
+    and ADAPTER_CONFIG (the adapter_config.json fields that name it, by which load_lora picks it)."""
+
+    ADAPTER_CONFIG = {"use_dora": False}
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -92,21 +98,90 @@ class LoRALinear(nn.Module):
         return torch.addmm(out.float(), a.float(), self.lora_B.weight.t().float()).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """(alpha / r) * B A in float32, shape (out, in): what merging adds to W0."""
+        """(alpha / r) * B A in float32, shape (out, in)."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
+    def merged_weight(self) -> torch.Tensor:
+        """The weight merging puts in W0's place (float32): W0 + (alpha / r) B A."""
+        return self.base_layer.weight.float() + self.delta_weight()
 
-def is_lora_parameter(name: str) -> bool:
-    """The one predicate for LoRA: these parameters train, go to the optimizer and are saved; nothing else."""
-    return ".lora_A." in name or ".lora_B." in name
+    def unmerged_weight(self) -> torch.Tensor:
+        """merged_weight's inverse, from the merged weight in base_layer (float32)."""
+        return self.base_layer.weight.float() - self.delta_weight()
+
+
+class DoRALinear(LoRALinear):
+    """DoRA (Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024, arXiv 2402.09353) as peft defines
+    it (use_dora): the adapted weight's direction from LoRA, its per-row length learned on its own,
+
+        W = m ⊙ (W0 + s B A) / n,    n = ||W0 + s B A|| per output row (a constant in the backward pass),  s = alpha/r
+
+    with m (`lora_magnitude_vector`, shape (out,)) starting at n, so that the layer starts as the base layer. What
+    forward adds to the base output W0 x + b, for x' = dropout(x):
+
+        delta(x) = (m / n - 1) ⊙ W0 x' + (m / n) ⊙ s B A x'     (without dropout, W0 x is the base output less b)"""
+
+    ADAPTER_CONFIG = {"use_dora": True}
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__(base, r, alpha, dropout)
+        with torch.no_grad():
+            self.lora_magnitude_vector = nn.Parameter(self.weight_norm())  # (out,) float32
+
+    def weight_norm(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """n = ||W0 + s B A|| per output row, float32, without gradient (weight: W0 + s B A if given)."""
+        with torch.no_grad():
+            weight = self.base_layer.weight.float() + self.delta_weight() if weight is None else weight
+            return torch.linalg.norm(weight, dim=1)
+
+    def delta(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        xd = self.dropout(x.to(self.lora_A.weight.dtype))  # (N, in)
+        scale = self.lora_magnitude_vector / self.weight_norm()  # (out,) m / n
+        lora = self.lora_A(xd) @ self.lora_B.weight.t().to(xd.dtype) * self.scaling  # (N, out)
+        w0, bias = self.base_layer.weight, self.base_layer.bias
+        if out is not None and not (self.training and isinstance(self.dropout, nn.Dropout)):
+            base = out if bias is None else out - bias  # W0 x, from the base layer's output
+        else:  # dropout draws a new x': W0 x' anew
+            base = xd.to(w0.dtype) @ w0.t()
+        d = (scale - 1) * base.float() + scale * lora.float()  # (N, out) float32
+        return d if out is None else (out.float() + d).to(out.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        """m ⊙ (W0 + s B A) / n; n is kept, for unmerged_weight."""
+        weight = self.base_layer.weight.float() + self.delta_weight()
+        self.merged_norm = self.weight_norm(weight)
+        return (self.lora_magnitude_vector.detach() / self.merged_norm)[:, None] * weight
+
+    def unmerged_weight(self) -> torch.Tensor:
+        weight = self.base_layer.weight.float() / (self.lora_magnitude_vector.detach() / self.merged_norm)[:, None]
+        return weight - self.delta_weight()
+
+
+def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every parameter a LoRA layer (of any variant) owns beside its frozen base layer, by name: these train, go to
+    the optimizer, and are saved and loaded; nothing else."""
+    return {f"{name}.{n}": p for name, m in lora_layers(model).items() for n, p in m.named_parameters()
+            if not n.startswith("base_layer.")}
+
+
+def variants() -> list[type[LoRALinear]]:
+    """LoRALinear and every subclass of it defined anywhere (a fork's, in its own file, too), most derived last."""
+    found, todo = [], [LoRALinear]
+    while todo:
+        cls = todo.pop(0)
+        found.append(cls)
+        todo += cls.__subclasses__()
+    return found
 
 
 MAX_ALPHA = 10_000  # alpha / r scales B A x: beyond this the first steps overflow rather than learn
 
 
 def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-             targets=("q_proj", "k_proj", "v_proj", "o_proj"), verbose: bool = True) -> nn.Module:
-    """Wrap the target Linears of a loaded model in LoRALinear and freeze everything else (in place; returns model).
+             targets=("q_proj", "k_proj", "v_proj", "o_proj"), verbose: bool = True,
+             variant: type[LoRALinear] = LoRALinear) -> nn.Module:
+    """Wrap the target Linears of a loaded model in LoRALinear (or a variant: DoRALinear, a fork's subclass) and freeze
+    everything else (in place; returns model).
 
     targets: names among PROJECTIONS or longer module-path suffixes ("layers.3.self_attn.q_proj"), or a regex
     string matching whole module names, as in peft's target_modules.
@@ -148,9 +223,10 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
                          f"{smallest.in_features}): choose r <= {min(smallest.in_features, smallest.out_features)}.")
     for name, linear in chosen:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, LoRALinear(linear, r, alpha, dropout))
+        setattr(model.get_submodule(parent_name), child, variant(linear, r, alpha, dropout))
+    trainable = lora_parameters(model)
     for name, p in model.named_parameters():
-        p.requires_grad = is_lora_parameter(name)
+        p.requires_grad = name in trainable
     if verbose:
         print_trainable(model)
     return model
@@ -179,8 +255,11 @@ def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_p
     if not layers:
         raise ValueError("This model has no LoRA layers to save: call add_lora or load_lora first.")
     first = next(iter(layers.values()))
-    if any((m.r, m.alpha) != (first.r, first.alpha) for m in layers.values()):
-        raise ValueError("save_lora writes one r and lora_alpha for all layers; this model mixes several.")
+    if any((m.r, m.alpha, type(m)) != (first.r, first.alpha, type(first)) for m in layers.values()):
+        raise ValueError("save_lora writes one r, lora_alpha and variant for all layers; this model mixes several.")
+    if "ADAPTER_CONFIG" not in vars(type(first)):  # it would load as its parent, silently another function
+        raise ValueError(f"{type(first).__name__} defines no ADAPTER_CONFIG of its own: give it the adapter_config.json "
+                         "fields that name it, so that load_lora can tell it from the class it extends.")
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM",
@@ -188,13 +267,12 @@ def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_p
         "revision": None, "inference_mode": True,
         "r": first.r, "lora_alpha": first.alpha, "lora_dropout": dropout,
         "target_modules": _target_modules(model, layers),
-        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True,
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
-              "alpha_pattern": {},
+        "alpha_pattern": {}, **type(first).ADAPTER_CONFIG,
     }
     # Under FSDP every process takes part in gathering the sharded parameters; process 0 alone writes.
-    tensors = {PEFT_PREFIX + n: full_tensor(p.detach()).float().contiguous() for n,
-               p in model.named_parameters() if is_lora_parameter(n)}
+    tensors = {PEFT_PREFIX + n: full_tensor(p.detach()).float().contiguous() for n, p in lora_parameters(model).items()}
     if not is_main_process():
         return
     out = Path(out_dir)
@@ -205,8 +283,20 @@ def save_lora(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_p
 
 
 # peft options that change the math; a LoRA using them would load here as a silently different function.
-UNSUPPORTED = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "bias": "none", "modules_to_save": None,
+UNSUPPORTED = {"use_rslora": False, "fan_in_fan_out": False, "bias": "none", "modules_to_save": None,
                "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False}
+
+
+def variant_for(config: dict, where: str) -> type[LoRALinear]:
+    """The LoRA variant an adapter_config names: of the classes that define an ADAPTER_CONFIG of their own, the most
+    derived one whose fields all match it (a field the file lacks counts as the plain LoRA's value)."""
+    plain = LoRALinear.ADAPTER_CONFIG
+    matching = [v for v in variants() if "ADAPTER_CONFIG" in vars(v)
+                and all(config.get(k, plain.get(k)) == value for k, value in v.ADAPTER_CONFIG.items())]
+    if not matching:
+        fields = {k: config[k] for v in variants() for k in v.ADAPTER_CONFIG if k in config}
+        raise ValueError(f"{where} asks for a LoRA variant ({fields}) that transpeft does not implement.")
+    return matching[-1]
 INTERNLM2_NAMES = {"wqkv": ["q_proj", "k_proj", "v_proj"], "wo": ["o_proj"], "w1": ["gate_proj"], "w3": ["up_proj"],
                    "w2": ["down_proj"]}
 
@@ -247,10 +337,10 @@ def load_lora(model: nn.Module, adapter_dir: str | os.PathLike, allow_other_arch
         sd, targets = _from_internlm2_names(sd, model.config, targets)
     try:
         add_lora(model, r=cfg.get("r", 8), alpha=cfg.get("lora_alpha", 8), dropout=cfg.get("lora_dropout", 0.0),
-                 targets=targets, verbose=False)
+                 targets=targets, verbose=False, variant=variant_for(cfg, str(path / CONFIG_NAME)))
     except ValueError as e:
         raise ValueError(f"{path / CONFIG_NAME}: {e}") from None
-    load_selected(model, sd, is_lora_parameter, str(path / WEIGHTS_NAME),
+    load_selected(model, sd, lora_parameters(model).__contains__, str(path / WEIGHTS_NAME),
                   hint="the adapter was made for a base of another architecture or size")
     return model
 
@@ -299,11 +389,12 @@ def _from_internlm2_names(sd: dict, model_config, targets):
 
 @torch.no_grad()
 def merge_lora(model: nn.Module, in_base_dtype: bool = False) -> nn.Module:
-    """Fold every LoRA into its base weight, W0 <- W0 + (alpha/r) B A, computed in float32 (then cast to W0's dtype).
+    """Fold every LoRA into its base weight: W0 <- merged_weight() (W0 + (alpha/r) B A for LoRA; a variant's own),
+    computed in float32, then cast to W0's dtype.
 
-    in_base_dtype: the released evaluation's arithmetic instead (its bundled peft 0.9.0, whose LoRA layers take the
-    base weight's dtype): A and B cast to W0's dtype, B A formed and scaled in it, added to W0 in it. For a bf16 base
-    that rounds B A, its scaled copy and the sum, each to bf16.
+    in_base_dtype: the released evaluation's arithmetic instead, for plain LoRA (its bundled peft 0.9.0, whose LoRA
+    layers take the base weight's dtype): A and B cast to W0's dtype, B A formed and scaled in it, added to W0 in it.
+    For a bf16 base that rounds B A, its scaled copy and the sum, each to bf16. (A variant merges in float32.)
 
     Explicit and idempotent: a merged layer is skipped, and forward stops adding BA. Nothing merges as a side effect
     of train() or eval(). In bf16, W0 + BA is rounded: unmerge_lora subtracts BA again, which restores W0 exactly
@@ -312,10 +403,10 @@ def merge_lora(model: nn.Module, in_base_dtype: bool = False) -> nn.Module:
     for m in lora_layers(model).values():
         if not m.merged:
             w = m.base_layer.weight
-            if in_base_dtype:
+            if in_base_dtype and type(m) is LoRALinear:
                 w.add_((m.lora_B.weight.to(w.dtype) @ m.lora_A.weight.to(w.dtype)) * m.scaling)
             else:
-                w.copy_((w.float() + m.delta_weight()).to(w.dtype))
+                w.copy_(m.merged_weight().to(w.dtype))
             m.merged = True
     return model
 
@@ -326,6 +417,6 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     for m in lora_layers(model).values():
         if m.merged:
             w = m.base_layer.weight
-            w.copy_((w.float() - m.delta_weight()).to(w.dtype))
+            w.copy_(m.unmerged_weight().to(w.dtype))
             m.merged = False
     return model

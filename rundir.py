@@ -236,7 +236,7 @@ def check_run_dir(out: Path, args, reuse: bool = False, locked: bool = False, de
     if not isinstance(stored, dict):
         raise ValueError(f"{out / 'args.json'} holds no flags (a JSON {type(stored).__name__}, not an object): restore "
                          "it, or start the run again with --overwrite.")
-    if (stored.get("micro_batch_size") != now["micro_batch_size"] and now.get("peft") == "lora"
+    if (stored.get("micro_batch_size") != now["micro_batch_size"] and now.get("peft") in ("lora", "dora")
             and now.get("lora_dropout", 0) > 0):
         raise ValueError(f"{out} was started with --micro-batch-size {stored.get('micro_batch_size')}: LoRA dropout "
                          "draws its masks per forward pass, so another split draws other masks and gives another "

@@ -562,7 +562,7 @@ def run_arms(args) -> dict:
     """python train.py --old A --new B --arms plain,transpeft,refit: the paper's comparison, one run per arm and seed
     under <out>/<arm>-seed<s> (each an ordinary run: --resume continues it, a finished one is reused), summarised as
     the toy study is: seeds pair the arms (the same PEFT initialisation and data order)."""
-    arms = select_arms(args.arms, peft="LoRA" if args.peft == "lora" else "adapter")
+    arms = select_arms(args.arms, peft={"lora": "LoRA", "dora": "DoRA"}.get(args.peft, "adapter"))
     out = Path(args.out) if args.out else default_out(args, kind="-arms")
     rows = []
     for seed in range(args.seed, args.seed + (args.seeds or 1)):

@@ -74,7 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--old", help="the base to train on (alias, directory or hub id); none = the embedded toy study")
     p.add_argument("--new", help="its update, where the trained module is evaluated unchanged")
-    p.add_argument("--peft", choices=["lora", "adapter"], default="lora")
+    p.add_argument("--peft", choices=["lora", "dora", "adapter"], default="lora",
+                   help="lora; dora (peft's use_dora: LoRA's direction, a learned length per row); adapter (bottleneck)")
     p.add_argument("--p-intra", default="0.0", help="knowledge-masking rate: one float, or one per layer (commas)")
     p.add_argument("--p-cross", default="0.1", help="knowledge-dropping rate: one float, or one per layer (commas)")
     p.add_argument("--p-attn", type=float, default=0.0,
@@ -177,7 +178,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  ("eval_merged", False, True), ("eval_data", "gsm8k", "gsm8k,math")):
         if getattr(args, name) is None:
             setattr(args, name, official if args.as_released else ours)
-    if args.eval_merged and args.peft != "lora":
+    if args.eval_merged and args.peft == "adapter":
         p.error("--eval-merged (and --as-released) merge a LoRA into its base; a bottleneck adapter cannot be merged")
     try:
         args.update_seeds = [int(u) for u in str(args.update_seeds).split(",")]
@@ -244,9 +245,10 @@ def get_lr(step: int, total: int, base_lr: float, warmup: int) -> float:
 
 
 def add_peft(model, args, verbose: bool = True) -> None:
-    if args.peft == "lora":
+    if args.peft in ("lora", "dora"):
         lora_lib.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                          targets=[t.strip() for t in args.lora_targets.split(",") if t.strip()], verbose=False)
+                          targets=[t.strip() for t in args.lora_targets.split(",") if t.strip()], verbose=False,
+                          variant=lora_lib.DoRALinear if args.peft == "dora" else lora_lib.LoRALinear)
     else:
         adapter_lib.add_adapter(model, bottleneck=args.adapter_bottleneck, placement=args.adapter_placement,
                                 verbose=False)

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import build_hf_model, pack_internlm2, train_a_few_steps, write_internlm2_checkpoint
-from lora import LoRALinear, add_lora, is_lora_parameter, load_lora, merge_lora, save_lora, unmerge_lora
+from lora import (DoRALinear, LoRALinear, add_lora, load_lora, lora_parameters, merge_lora, save_lora,
+                  unmerge_lora)
 from checkpoint import load_model
 
 peft = pytest.importorskip("peft")
@@ -91,9 +92,10 @@ def test_identity_at_init_trains_only_lora_and_merges_exactly(hf_checkpoint):
 
     train_a_few_steps(model, ids)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(is_lora_parameter(n) for n in trainable)
+    # plain LoRA owns A and B alone: peft's names
+    assert trainable == set(lora_parameters(model)) == {n for n, _ in model.named_parameters() if ".lora_" in n}
     for n, p in model.named_parameters():
-        if is_lora_parameter(n):
+        if n in trainable:
             continue
         assert torch.equal(p, base[n.replace(".base_layer", "")]), n  # every base weight bit-identical
     assert any(m.lora_B.weight.abs().sum() > 0 for m in model.modules() if isinstance(m, LoRALinear))
@@ -110,7 +112,7 @@ def test_identity_at_init_trains_only_lora_and_merges_exactly(hf_checkpoint):
         model(ids)
     unmerge_lora(model)
     for n, p in model.named_parameters():
-        if not is_lora_parameter(n):
+        if n not in trainable:
             assert torch.allclose(p, base[n.replace(".base_layer", "")], atol=1e-6)
     assert (logits(model, ids) - unmerged).abs().max() <= 1e-5
 
@@ -168,8 +170,12 @@ def test_loading_onto_another_shape_or_with_missing_keys_names_the_first_mismatc
     with pytest.raises(ValueError, match=r"missing tensor model.layers.1.self_attn.v_proj.lora_B.weight \(shape \(32, 4\)\)"):
         load_lora(load_model(small), tmp_path / "ad")
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps({**cfg, "use_rslora": True}))
+    with pytest.raises(ValueError, match="use_rslora"):
+        load_lora(load_model(small), tmp_path / "ad")
+    # a config that names a variant (DoRA) asks for its own weights, which a plain LoRA's file lacks
     (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
-    with pytest.raises(ValueError, match="use_dora"):
+    with pytest.raises(ValueError, match="missing tensor model.layers.0.self_attn.q_proj.lora_magnitude_vector"):
         load_lora(load_model(small), tmp_path / "ad")
 
 
@@ -240,3 +246,119 @@ def test_a_bf16_base_adds_the_float32_update_before_one_rounding():
     y = layer(torch.ones(1, 1, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and y.item() == 1.0078125
     assert (torch.tensor(1.0078125, dtype=torch.bfloat16) + torch.tensor(0.0039).to(torch.bfloat16)).item() == 1.015625
+
+
+def randomize_dora(model, seed=0):
+    """A, B and the magnitudes away from their start (m = n would hide a wrong norm)."""
+    randomize_lora(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
+
+
+def test_our_dora_loads_in_peft_with_its_logits(hf_checkpoint, tmp_path):
+    path, hf = hf_checkpoint("qwen2")  # q/k/v biases: the magnitude scales W x, not the bias
+    ours = add_lora(load_model(path), r=4, alpha=8, dropout=0.05, targets=ALL, variant=DoRALinear)
+    randomize_dora(ours)
+    save_lora(ours, tmp_path / "ad", base_model_name_or_path=str(path))
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["use_dora"] is True
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "ad")
+    ids = torch.randint(0, 96, (2, 30))
+    assert (logits(ours, ids) - logits(theirs, ids)).abs().max() <= 1e-4
+    sd = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    theirs_sd = peft.get_peft_model_state_dict(theirs)
+    assert set(sd) == set(theirs_sd) and all(torch.equal(sd[k], v) for k, v in theirs_sd.items())
+
+
+def test_a_peft_dora_loads_here_and_trains_with_the_same_dropout(hf_checkpoint, tmp_path):
+    path, hf = hf_checkpoint("llama-bias")  # biases everywhere
+    config = peft.LoraConfig(r=4, lora_alpha=12, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"],
+                             init_lora_weights=False, use_dora=True, task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(hf, config)
+    randomize_dora(theirs)
+    theirs.save_pretrained(tmp_path / "ad")
+    ours = load_lora(load_model(path), tmp_path / "ad")
+    assert all(type(m) is DoRALinear for m in ours.modules() if isinstance(m, LoRALinear))
+    ids = torch.randint(0, 96, (2, 30))
+    assert (logits(ours, ids) - logits(theirs, ids)).abs().max() <= 1e-4
+    # in training, dropout draws x' and W0 x' is recomputed from it: the same masks give the same outputs
+    ours.train(), theirs.train()
+    torch.manual_seed(5)
+    a = ours(ids)
+    torch.manual_seed(5)
+    b = theirs(ids).logits
+    assert (a - b).abs().max() <= 1e-4
+
+
+def test_dora_trains_its_magnitudes_and_merges_to_the_same_function(hf_checkpoint, tmp_path):
+    path, _ = hf_checkpoint("qwen2")
+    model = add_lora(load_model(path), r=4, alpha=8, targets=ALL, variant=DoRALinear)
+    ids = torch.randint(0, 96, (2, 30))
+    assert (logits(model, ids) - logits(load_model(path), ids)).abs().max() <= 1e-5  # m = n, B = 0: the base model
+    start = {n: p.detach().clone() for n, p in lora_parameters(model).items()}
+    assert any("lora_magnitude_vector" in n for n in start) and all(p.requires_grad for p in lora_parameters(model).values())
+    train_a_few_steps(model, ids)
+    assert all(not torch.equal(p, start[n]) for n, p in lora_parameters(model).items() if "magnitude" in n)
+    save_lora(model, tmp_path / "ad")
+    reloaded = load_lora(load_model(path), tmp_path / "ad")
+    unmerged = logits(model, ids)
+    assert (logits(reloaded, ids) - unmerged).abs().max() <= 1e-5
+    merge_lora(reloaded)
+    assert (logits(reloaded, ids) - unmerged).abs().max() <= 1e-4
+    unmerge_lora(reloaded)
+    base = dict(load_model(path).named_parameters())
+    for n, p in reloaded.named_parameters():
+        if n not in lora_parameters(reloaded):
+            assert torch.allclose(p, base[n.replace(".base_layer", "")], atol=1e-5), n
+
+
+class GatedLoRA(LoRALinear):
+    """A fork's variant, defined here alone: the update times a learned scalar gate g, y = W0 x + b + g s B A x."""
+
+    ADAPTER_CONFIG = {"use_gate": True}  # what names it in adapter_config.json (load_lora finds it by this)
+
+    def __init__(self, base, r, alpha, dropout=0.0):
+        super().__init__(base, r, alpha, dropout)
+        self.lora_gate = torch.nn.Parameter(torch.tensor(0.5))
+
+    def delta(self, x, out=None):
+        d = self.lora_gate * super().delta(x)
+        return d if out is None else (out.float() + d).to(out.dtype)
+
+    def merged_weight(self):
+        return self.base_layer.weight.float() + self.lora_gate.detach() * self.delta_weight()
+
+    def unmerged_weight(self):
+        return self.base_layer.weight.float() - self.lora_gate.detach() * self.delta_weight()
+
+
+def test_a_variant_with_a_parameter_of_its_own_trains_saves_reloads_and_merges(hf_checkpoint, tmp_path):
+    path, _ = hf_checkpoint("qwen2")
+    model = add_lora(load_model(path), r=4, alpha=8, targets=["q_proj", "v_proj"], variant=GatedLoRA)
+    ids = torch.randint(0, 96, (2, 30))
+    train_a_few_steps(model, ids)
+    gates = [m.lora_gate.item() for m in model.modules() if isinstance(m, GatedLoRA)]
+    assert gates and all(g != 0.5 for g in gates)  # the gate trained
+    save_lora(model, tmp_path / "ad")
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["use_gate"] is True
+    assert any(k.endswith(".lora_gate") for k in load_file(tmp_path / "ad" / "adapter_model.safetensors"))
+    reloaded = load_lora(load_model(path), tmp_path / "ad")
+    assert [m.lora_gate.item() for m in reloaded.modules() if isinstance(m, GatedLoRA)] == gates
+    unmerged = logits(model, ids)
+    assert (logits(reloaded, ids) - unmerged).abs().max() <= 1e-5
+    merge_lora(reloaded)
+    assert (logits(reloaded, ids) - unmerged).abs().max() <= 1e-5
+
+
+def test_a_variant_without_a_config_of_its_own_is_not_saved_as_its_parent(hf_checkpoint, tmp_path):
+    class Halved(LoRALinear):  # changes the function, names nothing: it would load as plain LoRA
+        def delta(self, x, out=None):
+            d = 0.5 * super().delta(x)
+            return d if out is None else out + d
+
+    path, _ = hf_checkpoint("qwen2")
+    model = add_lora(load_model(path), r=4, alpha=8, targets=["q_proj"], variant=Halved)
+    with pytest.raises(ValueError, match="Halved defines no ADAPTER_CONFIG of its own"):
+        save_lora(model, tmp_path / "ad")

@@ -115,6 +115,21 @@ def test_arms_resume_starts_an_arm_never_begun(world):
     assert {r["arm"] for r in json.loads((out / "arms.json").read_text())["rows"]} == {"plain", "drop"}
 
 
+def test_the_experiment_with_dora(world):
+    """--peft dora: the transfer experiment end to end, the adapter in peft's DoRA format (use_dora, a magnitude per
+    row beside A and B), and --resume continuing it bit for bit."""
+    whole, parts = world["tmp"] / "whole", world["tmp"] / "parts"
+    train.main(run_args(world, whole, "--max-steps", "4", "--peft", "dora"))
+    train.main(run_args(world, parts, "--max-steps", "4", "--peft", "dora", "--stop-after", "2"))
+    train.main(run_args(world, parts, "--max-steps", "4", "--peft", "dora", "--resume"))
+    config = json.loads((whole / "adapter" / "adapter_config.json").read_text())
+    weights = load_file(whole / "adapter" / "adapter_model.safetensors")
+    assert config["use_dora"] is True and any(k.endswith("lora_magnitude_vector") for k in weights)
+    assert weights.keys() == load_file(parts / "adapter" / "adapter_model.safetensors").keys()
+    assert all(torch.equal(v, load_file(parts / "adapter" / "adapter_model.safetensors")[k]) for k, v in weights.items())
+    assert json.loads((whole / "results.json").read_text())["peft"] == "dora"
+
+
 def test_batched_decoding_equals_one_prompt_at_a_time(world):
     model, tok = lora_model(world)
     prompts = [eval_prompt(q) for q, _ in QUESTIONS] + ["Short one", "A much longer prompt " * 5]

@@ -19,9 +19,7 @@ collator pads with id 2 and derives both the prompt length and the attention mas
 id 2 shortens the masked span and such tokens are hidden from attention; and an example whose prompt fills max_len
 is kept there with no supervised token, dropped here.
 
-Evaluation sets (load_eval_set): GSM8K's test split (question / answer ending in "#### N") and MATH's 5,000 test
-problems (problem / solution with its \\boxed answer; MetaMath's MATH_test.jsonl spells them instruction / output),
-each prompted with eval_prompt, as the released math_infer/ scripts do.
+The evaluation prompt (eval_prompt) and stop strings are here; the evaluation sets, one entry per task, in tasks.py.
 """
 
 from __future__ import annotations
@@ -34,7 +32,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import is_main_process, read_json
-from scoring import gold_answer, math_gold
+from scoring import gold_answer
 
 IGNORE_INDEX = -100  # label of a position that carries no loss (F.cross_entropy's default ignore_index)
 
@@ -161,7 +159,7 @@ def load_examples(source: str, split: str = "train", max_samples: int | None = N
     """Examples from "gsm8k" (hub openai/gsm8k, config main), "metamath" (hub meta-math/MetaMathQA) or a local
     .jsonl/.json/.parquet file; the first max_samples of them (the official recipe takes MetaMathQA's first 100,000).
     Every record used is checked when loaded (a bad one is named by file and line), so that bad data stops a run
-    before any compute. (Evaluation sets: load_eval_sets.)"""
+    before any compute. (Evaluation sets: tasks.load_eval_sets.)"""
     if source == "gsm8k":
         path = _hub_file("openai/gsm8k", f"main/{split}-00000-of-00001.parquet", f"GSM8K's {split} split")
     elif source == "metamath":
@@ -198,68 +196,6 @@ def fingerprint(*collections: list[dict]) -> str:
         for r in records:
             h.update(json.dumps(r, sort_keys=True).encode())
     return h.hexdigest()
-
-
-MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
-                 "prealgebra", "precalculus")  # EleutherAI/hendrycks_math's configs: the 5,000 test problems together
-MAX_NEW_TOKENS = {"gsm8k": 1024, "math": 2048}  # the released evaluations' max_tokens per task
-
-
-def _eval_records(source: str, limit: int | None) -> list[tuple[str, object]]:
-    if source == "gsm8k":
-        path = _hub_file("openai/gsm8k", "main/test-00000-of-00001.parquet", "GSM8K's test split")
-        return _read_records(path)[:limit]
-    if source == "math":
-        records = []
-        for subject in MATH_SUBJECTS:  # (stops early: --eval-limit 8 reads one subject's file)
-            path = _hub_file("EleutherAI/hendrycks_math", f"{subject}/test-00000-of-00001.parquet",
-                             f"MATH's {subject} test problems")
-            records += _read_records(path)
-            if limit is not None and len(records) >= limit:
-                break
-        return records[:limit]
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"--eval-data {source}: not gsm8k or math, and no such file: give gsm8k, math, or a "
-                                "local .jsonl/.json/.parquet file.")
-    return _read_records(path)[:limit]
-
-
-def _eval_example(record, where: str) -> tuple[str, dict]:
-    """(task, example) of one evaluation record: GSM8K {question, answer}; MATH {question, solution}."""
-    if not isinstance(record, dict) or ("question" in record and "answer" in record):
-        return "gsm8k", _normalise(record, where)  # (which names a record that is no JSON object)
-    for problem, solution in (("problem", "solution"), ("instruction", "output")):  # the hub's / MetaMath's names
-        if problem in record and solution in record:
-            return "math", {"question": _text(record, problem, where), "solution": _text(record, solution, where)}
-    raise ValueError(f"{where} has fields {sorted(record)}; an evaluation record needs GSM8K's question/answer, or "
-                     "MATH's problem/solution (MetaMath's copy: instruction/output).")
-
-
-def load_eval_sets(sources: list[str], limit: int | None = None) -> dict[str, list[dict]]:
-    """The evaluation sets named (gsm8k, math, or local files of either), checked before any compute: task name ->
-    its first `limit` examples ({question, answer} for GSM8K, {question, solution} for MATH). A MATH solution without
-    a \\boxed answer is named in one warning and kept: the official code scores it wrong, and so does this one."""
-    if not sources:
-        raise ValueError("--eval-data names no task: give gsm8k, math or the path of a file (commas between several).")
-    sets, origin = {}, {}
-    for source in sources:
-        records = _eval_records(source, limit)
-        if not records:
-            raise ValueError(f"--eval-data {source} holds no examples: nothing to evaluate on.")
-        tasks, examples = zip(*(_eval_example(r, where) for where, r in records))
-        task = tasks[0]
-        if other := next((w for (w, _), t in zip(records, tasks) if t != task), None):
-            raise ValueError(f"{other} is not a {task} record like the ones before it: keep one task per file.")
-        if task in sets:
-            raise ValueError(f"--eval-data names two {task} sets ({origin[task]} and {source}): give each task once.")
-        sets[task], origin[task] = list(examples), source
-        if task == "math":
-            missing = [where for (where, _), e in zip(records, examples) if math_gold(e["solution"]) is None]
-            if missing and is_main_process():
-                print(f"warning: {len(missing)} MATH solution(s) without a \\boxed answer ({', '.join(missing[:3])}"
-                      f"{', ...' if len(missing) > 3 else ''}): scored wrong, as the official code scores them")
-    return sets
 
 
 # -----------------------------------------------------------------------------------------------------------

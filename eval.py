@@ -36,8 +36,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import MAX_NEW_TOKENS, STOP_STRINGS, eval_prompt, load_eval_sets
-from scoring import SCORERS, gold, judge, predictions
+from data import STOP_STRINGS, eval_prompt
+from scoring import SCORERS
+from tasks import TASKS, load_eval_sets
 
 
 @torch.inference_mode()
@@ -128,15 +129,16 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 512, ba
 def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 512, batch_size: int = 16,
              out_jsonl: str | os.PathLike | None = None, desc: str = "eval", compile: bool = False,
              scorer: str = "official", task: str = "gsm8k") -> dict:
-    """Accuracy of model on examples of `task` (GSM8K {question, answer}, MATH {question, solution}) by `scorer`
-    (scoring.SCORERS); the other scorer's accuracy is reported beside it, so a reader sees how much the rule matters.
-    Per-example records (both predictions and verdicts) to out_jsonl if given.
+    """Accuracy of model on examples of `task` (a name of tasks.TASKS: GSM8K {question, answer}, MATH {question,
+    solution}, a fork's own) by `scorer` (scoring.SCORERS); the other scorer's accuracy is reported beside it, so a
+    reader sees how much the rule matters. Per-example records (both predictions and verdicts) to out_jsonl if given.
 
     Under torchrun every process decodes every N-th example and the records are gathered; process 0 writes them.
     The shares are padded to one length and decoding runs in lockstep, since a model sharded by FSDP needs every
     process in each forward pass."""
     rank, n_proc = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    references = [e["answer"] if task == "gsm8k" else e["solution"] for e in examples]
+    entry = TASKS[task]
+    references = [e[entry.reference] for e in examples]
     mine = list(range(rank, len(examples), n_proc))
     share = math.ceil(len(examples) / n_proc)
     mine += [mine[-1] if mine else 0] * (share - len(mine))  # padding, dropped again below
@@ -146,7 +148,7 @@ def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 512, 
 
     def progress(rows, completions):
         nonlocal correct, seen
-        correct += sum(judge(completions[r], references[mine[r]], scorer, task)[0] for r in rows)
+        correct += sum(entry.judge(completions[r], references[mine[r]], scorer)[0] for r in rows)
         seen += len(rows)
         bar.update(len(rows))
         bar.set_postfix(acc=f"{correct / seen:.1%}")  # of this process's share
@@ -164,12 +166,10 @@ def evaluate(model, tokenizer, examples: list[dict], max_new_tokens: int = 512, 
         done = {i: c for part in gathered for i, c in part.items()}
     records = []
     for i, e in enumerate(examples):
-        judged = {name: judge(done[i], references[i], name, task) for name in SCORERS}
-        read = predictions(done[i], task)
-        record = {"question": e["question"], "completion": done[i], "gold": gold(references[i], task),
-                  "prediction_official": read["official"], "prediction_lenient": read["lenient"]}
-        if task == "gsm8k":
-            record["rule_lenient"] = read["rule_lenient"]
+        judged = {name: entry.judge(done[i], references[i], name) for name in SCORERS}
+        record = {"question": e["question"], "completion": done[i], "gold": entry.gold(references[i])}
+        for key, value in entry.predictions(done[i]).items():  # what each scorer read (GSM8K: and its rule)
+            record["prediction_" + key if key in SCORERS else key] = value
         record.update({f"correct_{name}": verdict for name, (verdict, _) in judged.items()})
         record.update({f"unjudged_{name}": why for name, (_, why) in judged.items() if why})  # scored unequal
         if past[i]:
@@ -262,9 +262,6 @@ def unjudged_note(result: dict) -> str:
     return "; ".join(notes)
 
 
-TASK_NAMES = {"gsm8k": "GSM8K exact match", "math": "MATH accuracy"}
-
-
 def results_table(r: dict) -> str:
     """train.py's final table from its results.json: per task and setting, the accuracy by the chosen scorer, and both
     scorers'."""
@@ -275,7 +272,7 @@ def results_table(r: dict) -> str:
     lines = []
     for task in r["tasks"]:
         rows = [(name, base, r[task][key]) for key, name, base in settings if r[task][key]]
-        lines += ["", f"{'setting':<38} {'base':<{width}}  {TASK_NAMES[task]} ({rows[0][2]['scorer']} scorer)   "
+        lines += ["", f"{'setting':<38} {'base':<{width}}  {TASKS[task].title} ({rows[0][2]['scorer']} scorer)   "
                   "lenient / official scorer"]
         lines += [f"{name:<38} {str(base):<{width}}  {res['accuracy']:7.2%}  ({res['correct']}/{res['total']}){'':16}"
                   f"{res['accuracy_lenient']:7.2%} / {res['accuracy_official']:.2%}" for name, base, res in rows]
@@ -309,7 +306,8 @@ def main(argv=None) -> None:
     p.add_argument("--eval-batch-size", "--batch-size", dest="eval_batch_size", type=int, default=16,
                    help="prompts decoded at once")
     p.add_argument("--max-new-tokens", type=int,
-                   help="default per task, as released: " + ", ".join(f"{t} {n}" for t, n in MAX_NEW_TOKENS.items()))
+                   help="default per task, as released: "
+                   + ", ".join(f"{name} {task.max_new_tokens}" for name, task in TASKS.items()))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="per-example jsonl (default: beside the adapter, or eval.jsonl; -<task> is added "
                    "before the suffix when several tasks are evaluated)")
@@ -345,10 +343,10 @@ def main(argv=None) -> None:
     other = next(name for name in SCORERS if name != args.scorer)
     for task, examples in sets.items():
         path = task_file(out, task, len(sets) > 1)
-        result = evaluate(model, tokenizer, examples, args.max_new_tokens or MAX_NEW_TOKENS[task],
+        result = evaluate(model, tokenizer, examples, args.max_new_tokens or TASKS[task].max_new_tokens,
                           args.eval_batch_size, path, desc=f"eval {task}", compile=args.compile, scorer=args.scorer,
                           task=task)
-        print(f"{args.model}{' + ' + args.adapter if args.adapter else ''}: {TASK_NAMES[task]} ({args.scorer} scorer) "
+        print(f"{args.model}{' + ' + args.adapter if args.adapter else ''}: {TASKS[task].title} ({args.scorer} scorer) "
               f"{result['accuracy']:.2%} ({result['correct']}/{result['total']}; {other} scorer "
               f"{result['accuracy_' + other]:.2%}) in {result['seconds']:.0f}s; per-example results in {path}")
         if unjudged_note(result):

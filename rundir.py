@@ -31,6 +31,7 @@ import torch.distributed as dist
 import adapter as adapter_lib
 import lora as lora_lib
 from checkpoint import is_main_process, read_json, read_torch_file
+from transpeft import DROPPING, INTERVENTIONS, MASKING
 
 
 def default_out(args, kind: str = "") -> Path:
@@ -40,7 +41,10 @@ def default_out(args, kind: str = "") -> Path:
     def rate(r):  # per-layer rates by a short hash of their values: two schedules never share a directory
         return r if isinstance(r, float) else "layerwise-" + hashlib.sha1(json.dumps(r).encode()).hexdigest()[:8]
 
-    rates = f"cross{rate(args.p_cross)}-intra{rate(args.p_intra)}" + (f"-attn{args.p_attn}" if args.p_attn else "")
+    # the paper's two always, in the released recipe's order; any other intervention where it is on
+    rates = f"cross{rate(args.p_cross)}-intra{rate(args.p_intra)}" + "".join(
+        f"-{unit.tag}{rate(getattr(args, unit.name))}" for unit in INTERVENTIONS
+        if unit not in (DROPPING, MASKING) and getattr(args, unit.name, 0.0))
     return Path("runs") / f"{short(args.old)}-{short(args.new)}-{args.peft}{kind}-{rates}-seed{args.seed}"
 
 

@@ -38,6 +38,7 @@ sympy functions and constants (an answer holding anything else is unequal).
 from __future__ import annotations
 
 import ast
+import atexit
 import math
 import multiprocessing
 import operator
@@ -485,6 +486,7 @@ def symbolic_equal(a: str, b: str, seconds: float = SYMBOLIC_SECONDS) -> bool:
     if _pool is None:  # spawned, not forked: the parent may hold CUDA state and threads
         _pool = multiprocessing.get_context("spawn").Pool(1, initializer=_start_worker)
         _pool.apply(abs, (0,))  # waits until the worker has started
+        atexit.register(_pool.terminate)  # before the interpreter's teardown, which the pool's own __del__ trips on
     try:
         equal, why = _pool.apply_async(_sympy_equal, (a, b)).get(seconds)
     except multiprocessing.TimeoutError:

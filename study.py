@@ -4,7 +4,7 @@ paper gives? Arms x seeds x bases, paired; the same code for the toy world (pyth
 bases (python train.py --old A --new B --arms plain,transpeft,refit).
 
 Terms, in the order a reader meets them:
-    arm          one way of training the module (ARMS): plain, Trans-PEFT's interventions, a control, the upper bound.
+    arm          one way of training the module (all_arms): plain, Trans-PEFT's interventions, a control, the upper bound.
                  Every arm is compared with plain training of the same seed.
     seed         pairs the arms: every arm of a seed starts from the same module initialisation and sees the same data
                  order; only the arm's own intervention differs. The seeds are the independent samples.
@@ -47,27 +47,29 @@ from data import IGNORE_INDEX, collate, next_token_targets, tokenize_dataset
 from eval import evaluate
 from rundir import remove, run_outputs
 from train import TrainSettings, default_out, interventions, run_experiment, train
-from transpeft import ffn_gradient
+from transpeft import INTERVENTIONS, ffn_gradient
 
 # -----------------------------------------------------------------------------------------------------------
 # The arms: one schema for the toy and for real bases
 
-RATE = 0.1  # the released recipe's p_cross, used for every intervention so that the arms are comparable
-# An arm changes a run by these keys, every other intervention staying off: p_intra, p_cross (Trans-PEFT), p_attn
-# (control A), lora_dropout, train_on="new" (the upper bound), rates_from_flags (the rates of --p-intra, --p-cross,
-# --p-attn). "{peft}" in a name is LoRA or adapter. Arms marked on_request run only when named (or with --arms all):
-# so that the toy's default fits 10 minutes, masking alone (masking + dropping contains it) and the upper bound (a
-# training per seed) are among them.
-ARMS = [
-    dict(key="plain", name="plain {peft}"),
-    dict(key="transpeft", name="Trans-PEFT trained on old (the flags' rates)", rates_from_flags=True, on_request=True),
-    dict(key="mask", name=f"Trans-PEFT masking (p_intra {RATE})", p_intra=RATE, on_request=True),
-    dict(key="drop", name=f"Trans-PEFT dropping (p_cross {RATE})", p_cross=RATE),
-    dict(key="both", name="Trans-PEFT masking + dropping", p_intra=RATE, p_cross=RATE),
-    dict(key="attn_mask", name=f"control A: masking attention ({RATE})", p_attn=RATE),
-    dict(key="lora_dropout", name="control B: LoRA dropout 0.3", lora_dropout=0.3),
-    dict(key="refit", name="upper bound: {peft} trained on the update", train_on="new", on_request=True),
-]
+# An arm changes a run by the rates it sets (each an Intervention's name: p_intra, p_cross, p_attn, a fork's own),
+# every other intervention staying off, or by lora_dropout, train_on="new" (the upper bound), rates_from_flags (the
+# rates the flags give). "{peft}" in a name is LoRA, DoRA or adapter. Arms marked on_request run only when named (or
+# with --arms all): so that the toy's default fits 10 minutes, masking alone (masking + dropping contains it) and the
+# upper bound (a training per seed) are among them. The interventions' arms come from their units, in their order.
+
+
+def all_arms() -> list[dict]:
+    """Every arm: plain, the flags' rates, each intervention's own (transpeft.INTERVENTIONS, a fork's too), control B,
+    the upper bound."""
+    return [dict(key="plain", name="plain {peft}"),
+            dict(key="transpeft", name="Trans-PEFT trained on old (the flags' rates)", rates_from_flags=True,
+                 on_request=True),
+            *(arm for unit in INTERVENTIONS for arm in unit.arms),
+            dict(key="lora_dropout", name="control B: LoRA dropout 0.3", lora_dropout=0.3),
+            dict(key="refit", name="upper bound: {peft} trained on the update", train_on="new", on_request=True)]
+
+
 # The toy's LoRA recipe. Chosen on pilot seeds 100-111, which no reported study uses, for plain LoRA to learn the
 # task (source accuracy >= 0.9) on every seed: it did on 12 of 12 with this recipe (source >= 0.96), on 9 of 12 with
 # 300 steps, and on seeds 100-105 on 2 of 6 at lr 1e-2 for 200 steps and 4 of 6 at lr 5e-3 for 200 steps. Learning
@@ -77,9 +79,10 @@ TOY_LORA = dict(r=8, alpha=16, dropout=0.05, targets=("q_proj", "k_proj", "v_pro
 
 
 def select_arms(wanted: list[str] | None, peft: str = "LoRA") -> list[dict]:
-    """The arms named, in ARMS order, names filled in. None: every arm not run on request; "all": every arm with
+    """The arms named, in all_arms order, names filled in. None: every arm not run on request; "all": every arm with
     settings of its own (not "transpeft", which at the default flags is "drop")."""
-    keys = [a["key"] for a in ARMS]
+    arms = all_arms()
+    keys = [a["key"] for a in arms]
     if wanted and (unknown := set(wanted) - set(keys) - {"all"}):
         raise ValueError(f"Unknown arm(s) {', '.join(sorted(unknown))}: choose from {', '.join(keys)}, or all.")
 
@@ -88,14 +91,14 @@ def select_arms(wanted: list[str] | None, peft: str = "LoRA") -> list[dict]:
             return not a.get("on_request")
         return a["key"] in wanted or ("all" in wanted and not a.get("rates_from_flags"))
 
-    return [{**a, "name": a["name"].format(peft=peft)} for a in ARMS if chosen(a)]
+    return [{**a, "name": a["name"].format(peft=peft)} for a in arms if chosen(a)]
 
 
 def arm_settings(arm: dict, flags: argparse.Namespace | None = None) -> dict:
     """The interventions an arm trains with: its own (every other rate 0); rates_from_flags: those of the flags."""
-    own = {k: getattr(flags, k) for k in ("p_intra", "p_cross", "p_attn")} if arm.get("rates_from_flags") else {}
-    return {"p_intra": 0.0, "p_cross": 0.0, "p_attn": 0.0, **own,
-            **{k: arm[k] for k in ("p_intra", "p_cross", "p_attn", "lora_dropout") if k in arm}}
+    names = [unit.name for unit in INTERVENTIONS]
+    own = {k: getattr(flags, k) for k in names} if arm.get("rates_from_flags") else {}
+    return {**dict.fromkeys(names, 0.0), **own, **{k: arm[k] for k in (*names, "lora_dropout") if k in arm}}
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -116,7 +119,7 @@ def toy_lora(arm: dict, settings: dict, seed: int, base: str, dataset, tokenizer
     lora_lib.add_lora(model, r=recipe["r"], alpha=recipe["alpha"],
                       dropout=settings.get("lora_dropout", recipe["dropout"]), targets=list(recipe["targets"]),
                       verbose=False)
-    rates = {k: settings[k] for k in ("p_intra", "p_cross", "p_attn")}
+    rates = {unit.name: settings[unit.name] for unit in INTERVENTIONS}
     with interventions(model, **rates, seed=seed):
         log = train(model, dataset, s, run_dir, tokenizer.pad_token_id,
                     desc=f"seed {seed} {arm['key']} on {Path(base).name}")

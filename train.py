@@ -45,17 +45,17 @@ import adapter as adapter_lib
 import lora as lora_lib
 from checkpoint import (check_checkpoint, check_device, check_same_architecture, is_main_process, load_config,
                         load_model, load_tokenizer, print_trainable, read_json)
-from data import (IGNORE_INDEX, MAX_NEW_TOKENS, collate, fingerprint, load_eval_sets, load_examples, next_token_targets,
-                  training_set)
+from data import IGNORE_INDEX, collate, fingerprint, load_examples, next_token_targets, training_set
 from eval import check_new_tokens, eval_sources, evaluate, load_for_eval, results_table
 from model import Transformer
 from scoring import SCORERS
 from rundir import (SHARDED, acquire_lock, begin_run, check_data, check_run_dir, checkpoint_state, decided_by_rank0,
                     default_out, interrupted, release_lock, restore_checkpoint, restore_sharded, save_atomic, save_peft,
                     save_sharded)
+from tasks import TASKS, load_eval_sets
 from toy import REGIMES
-from transpeft import (apply_attention_masking, apply_transpeft, per_layer, remove_attention_masking, remove_transpeft,
-                       reseed_drops)
+from transpeft import INTERVENTIONS, per_layer, reseed_drops
+
 
 class StopRequested(Exception):
     """--stop-after was reached: a checkpoint is written, --resume continues."""
@@ -75,11 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--old", help="the base to train on (alias, directory or hub id); none = the embedded toy study")
     p.add_argument("--new", help="its update, where the trained module is evaluated unchanged")
     p.add_argument("--peft", choices=["lora", "dora", "adapter"], default="lora",
-                   help="lora; dora (peft's use_dora: LoRA's direction, a learned length per row); adapter (bottleneck)")
-    p.add_argument("--p-intra", default="0.0", help="knowledge-masking rate: one float, or one per layer (commas)")
-    p.add_argument("--p-cross", default="0.1", help="knowledge-dropping rate: one float, or one per layer (commas)")
-    p.add_argument("--p-attn", type=float, default=0.0,
-                   help="control A, not the paper's: the masking on attention's o_proj input instead of the FFN")
+                   help="lora; dora (peft's use_dora: LoRA's direction, a learned length per row); adapter")
+    for unit in INTERVENTIONS:  # --p-intra, --p-cross, --p-attn and a fork's own (transpeft.Intervention)
+        p.add_argument("--" + unit.name.replace("_", "-"), default=unit.default, help=unit.help)
     p.add_argument("--lora-r", type=int, default=64)
     p.add_argument("--lora-alpha", type=float, default=128)
     p.add_argument("--lora-dropout", type=float, default=0.05)
@@ -102,13 +100,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", help="run directory (default: runs/<old>-<new>-<peft>-cross<p>-intra<p>-seed<s>)")
     p.add_argument("--refit-new", action="store_true", help="also train a plain PEFT module on --new (the upper bound)")
-    p.add_argument("--arms", help="the study's arms (study.ARMS), comma-separated, each one run per seed, then the "
+    p.add_argument("--arms", help="the study's arms (study.all_arms), comma-separated, each one run per seed, then the "
                    "paired comparison; with --old/--new e.g. plain,transpeft,refit; for the toy study a subset or all "
                    "(default: all but the ones run on request)")
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N examples only")
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, help="default per task, as released: " +
-                   ", ".join(f"{task} {n}" for task, n in MAX_NEW_TOKENS.items()))
+                   ", ".join(f"{name} {task.max_new_tokens}" for name, task in TASKS.items()))
     p.add_argument("--scorer", choices=SCORERS, default="official",
                    help="official: the released evaluation's rules; lenient: ours (see scoring.py)")
     released = p.add_argument_group("this code's choices vs the released run's (docs/differences.md)")
@@ -164,14 +162,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         check_device(args.device)
     except ValueError as e:
         p.error(str(e))
-    try:
-        args.p_intra, args.p_cross = parse_rate(args.p_intra), parse_rate(args.p_cross)
-    except ValueError:
-        p.error("--p-intra and --p-cross take a float, or comma-separated floats (one per layer)")
-    for name in ("p_intra", "p_cross", "p_attn"):
-        rates = getattr(args, name)
-        if not all(0 <= r < 1 for r in (rates if isinstance(rates, list) else [rates])):
-            p.error(f"--{name.replace('_', '-')} must be in [0, 1): it is the probability of taking knowledge away")
+    for unit in INTERVENTIONS:
+        flag = "--" + unit.name.replace("_", "-")
+        try:
+            rate = parse_rate(getattr(args, unit.name))  # (a schedule's form and rates are checked there)
+        except ValueError as e:
+            p.error(f"{flag} takes a float, comma-separated floats (one per layer), or linear:<first>:<last>: {e}")
+        rates = rate if isinstance(rate, list) else [] if isinstance(rate, str) else [rate]
+        if not all(0 <= r < 1 for r in rates):
+            p.error(f"{flag} must be in [0, 1): it is the probability of taking knowledge away")
+        setattr(args, unit.name, rate)
     if (args.old is None) != (args.new is None):
         p.error("give both --old and --new, or neither (the toy study)")
     for name, ours, official in (("peft_dtype", "float32", "bfloat16"), ("loss_mean", "batch", "micro-batch"),
@@ -205,8 +205,13 @@ def flag_defaults() -> dict:
     return vars(parse_args(["--old", "-", "--new", "-", "--device", "cpu"]))
 
 
-def parse_rate(text) -> float | list[float]:
-    values = [float(v) for v in str(text).split(",")]  # one rate, or one per layer
+def parse_rate(text) -> float | list[float] | str:
+    """One rate, one per layer (commas), or a depth schedule kept as typed ("linear:0:0.2"; transpeft.per_layer
+    resolves it where the depth is known)."""
+    if str(text).startswith("linear:"):
+        per_layer(str(text), 2, "the schedule")  # its form is checked now; its rates per layer later
+        return str(text)
+    values = [float(v) for v in str(text).split(",")]
     return values[0] if len(values) == 1 else values
 
 
@@ -265,8 +270,8 @@ def check_settings(args) -> None:
     check_checkpoint(args.new)  # (a hub id: the new base is fetched now)
     for base in (args.old, args.new):
         check_new_tokens(args.max_new_tokens, load_config(base))
-    per_layer(args.p_intra, cfg.num_hidden_layers, "--p-intra")
-    per_layer(args.p_cross, cfg.num_hidden_layers, "--p-cross")
+    for unit in INTERVENTIONS:  # one rate per layer, or a schedule, now that the depth is known
+        per_layer(getattr(args, unit.name), cfg.num_hidden_layers, "--" + unit.name.replace("_", "-"))
     with torch.device("meta"):
         add_peft(Transformer(cfg), args, verbose=False)
 
@@ -295,24 +300,28 @@ def unwrap_layers(model) -> None:
 
 
 @contextmanager
-def interventions(model, p_intra=0.0, p_cross=0.0, seed: int = 0, p_attn: float = 0.0, grad_checkpointing: bool = False,
-                  compile: bool = False):
-    """Everything a training run switches on, in the one order that works, undone in reverse on the way out:
-    Trans-PEFT (rates p_intra, p_cross; its drop generator seeded with `seed`, then reseeded per step by train()),
-    control A (p_attn), then the layer wrappers (a wrapper binds the forward of the class the layer has when wrapped,
-    so it must come after the class swaps). Afterwards the model has model.py's plain layers again, as evaluation
-    expects. With every rate 0 nothing is switched on: the plain model trains."""
-    if p_intra or p_cross:
-        apply_transpeft(model, p_intra=p_intra, p_cross=p_cross, seed=seed)
-    if p_attn:
-        apply_attention_masking(model, p_attn)
+def interventions(model, seed: int = 0, grad_checkpointing: bool = False, compile: bool = False, **rates):
+    """Everything a training run switches on, in the one order that works, undone in reverse on the way out: every
+    intervention of transpeft.INTERVENTIONS given a rate above 0 (rates: p_intra=..., p_cross=..., p_attn=..., a fork's
+    own; the drops' generator seeded with `seed`, then reseeded per step by train()), then the layer wrappers (a
+    wrapper binds the forward of the class the layer has when wrapped, so it must come after the class swaps).
+    Afterwards the model has model.py's plain layers again, as evaluation expects. With every rate 0 nothing is
+    switched on: the plain model trains."""
+    units = {unit.name: unit for unit in INTERVENTIONS}
+    if unknown := set(rates) - set(units):
+        raise ValueError(f"No intervention named {', '.join(sorted(unknown))}: transpeft.INTERVENTIONS has "
+                         f"{', '.join(units)}.")
+    on = [unit for unit in INTERVENTIONS
+          if any(per_layer(rates.get(unit.name, 0.0), len(model.model.layers), unit.name))]
+    for unit in on:
+        unit.switch_on(model, rates[unit.name], seed)
     wrap_layers(model, grad_checkpointing, compile)
     try:
         yield model
     finally:
         unwrap_layers(model)
-        remove_attention_masking(model)
-        remove_transpeft(model)
+        for unit in reversed(on):
+            unit.switch_off(model)
 
 
 def _checkpointed(layer, forward, *args, **kwargs):
@@ -379,9 +388,10 @@ def train(model, dataset: list[dict], args: TrainSettings, run_dir: Path, pad_id
     if fsdp:
         shard(model)  # in place; the optimizer must see the sharded parameters
     elif n_proc > 1:
-        # A PEFT weight inside a dropped FFN (a LoRA on gate/up/down, an FFN adapter) gets no gradient in that step:
-        # DDP must be told to expect unused parameters.
-        unused = any(r > 0 for r in (getattr(model, "transpeft_rates", None) or {}).get("p_cross", []))
+        # A PEFT weight inside a skipped block (a LoRA on gate/up/down in a dropped FFN, an FFN adapter) gets no
+        # gradient in that step: DDP must be told to expect unused parameters, for every intervention that can.
+        on = getattr(model, "intervention_rates", None) or {}
+        unused = any(unit.unused and any(on.get(unit.name, [])) for unit in INTERVENTIONS)
         engine = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999), eps=1e-8)
@@ -499,7 +509,7 @@ def train_and_save(base: str, dataset, args, run_dir: Path, pad_id: int, desc: s
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)  # and AdamW keeps its state in the parameters' dtype
-    rates = dict(p_intra=args.p_intra, p_cross=args.p_cross, p_attn=args.p_attn) if intervene else {}
+    rates = {unit.name: getattr(args, unit.name) for unit in INTERVENTIONS} if intervene else {}
     with interventions(model, **rates, seed=args.seed, grad_checkpointing=args.grad_checkpointing,
                        compile=args.compile):
         log = train(model, dataset, TrainSettings.from_args(args), run_dir, pad_id, desc)
@@ -558,15 +568,16 @@ def experiment(args, out: Path, examples, train_set, eval_sets: dict, old_tok, n
         sizes = ", ".join(f"{len(problems)} {task}" for task, problems in eval_sets.items())
         print(f"run directory: {out}  ({len(train_set)} training examples; evaluation: {sizes})")
     t0 = time.time()
-    results = {"old": args.old, "new": args.new, "peft": args.peft, "p_intra": args.p_intra, "p_cross": args.p_cross,
-               "p_attn": args.p_attn, "peft_dtype": args.peft_dtype, "loss_mean": args.loss_mean,
+    results = {"old": args.old, "new": args.new, "peft": args.peft,
+               **{unit.name: getattr(args, unit.name) for unit in INTERVENTIONS},
+               "peft_dtype": args.peft_dtype, "loss_mean": args.loss_mean,
                "eval_merged": args.eval_merged, "tasks": list(eval_sets)}
     results.update({task: {"source_old": None, "transfer_new": None, "refit_new": None} for task in eval_sets})
 
     def evaluate_all(model, tokenizer, setting: str, where: Path, name: str) -> None:
         for task, problems in eval_sets.items():
             results[task][setting] = evaluate(
-                model, tokenizer, problems, args.max_new_tokens or MAX_NEW_TOKENS[task], args.eval_batch_size,
+                model, tokenizer, problems, args.max_new_tokens or TASKS[task].max_new_tokens, args.eval_batch_size,
                 where / f"eval-{name}-{task}.jsonl", desc=f"{task} on {name}",
                 compile=args.compile and not dist.is_initialized(), scorer=args.scorer, task=task)
 

@@ -55,7 +55,8 @@ ffn_gradient, the two sides of the paper's bound (the loss and its gradient norm
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -100,15 +101,26 @@ class DroppingDecoderLayer(DecoderLayer):
         return torch.rand((), generator=self.transpeft_rng).item() < self.p_cross
 
 
-def per_layer(rate: float | Sequence[float], n_layers: int, name: str) -> list[float]:
-    """One rate per layer, from a single float or a sequence of n_layers floats, each in [0, 1)."""
-    rates = [float(rate)] * n_layers if isinstance(rate, (int, float)) else [float(r) for r in rate]
+def per_layer(rate: float | Sequence[float] | str, n_layers: int, name: str) -> list[float]:
+    """One rate per layer, each in [0, 1), from a single float, a sequence of n_layers floats, or a depth schedule
+    "linear:a:b" (a at the first layer to b at the last, evenly; resolved here, where the depth is known, so that a
+    run's args.json keeps what was typed)."""
+    if isinstance(rate, str) and rate.startswith("linear:"):
+        try:
+            a, b = (float(v) for v in rate.split(":")[1:])
+        except ValueError:
+            raise ValueError(f"{name} {rate!r}: a schedule is linear:<first layer's rate>:<last layer's rate>, e.g. "
+                             "linear:0:0.2.") from None
+        rates = [a + (b - a) * i / max(1, n_layers - 1) for i in range(n_layers)]
+    else:
+        rates = [float(rate)] * n_layers if isinstance(rate, (int, float, str)) else [float(r) for r in rate]
     if len(rates) != n_layers:
         raise ValueError(f"{name} has {len(rates)} values but the model has {n_layers} layers: give one rate, or one "
                          "per layer.")
     for i, r in enumerate(rates):
         if not 0 <= r < 1 or math.isnan(r):
-            where = f" (layer {i})" if not isinstance(rate, (int, float)) else ""
+            one = isinstance(rate, (int, float)) or (isinstance(rate, str) and not rate.startswith("linear:"))
+            where = "" if one else f" (layer {i})"
             raise ValueError(f"{name} must be in [0, 1), got {r}{where}: it is the probability of taking knowledge "
                              "away.")
     return rates
@@ -124,16 +136,10 @@ def apply_transpeft(model: nn.Module, p_intra: float | Sequence[float] = 0.0, p_
     loop reseeds it per step: see reseed_drops.
     Switch off with remove_transpeft(model); calling apply_transpeft again replaces the rates.
     """
-    layers = model.model.layers
-    intra, cross = per_layer(p_intra, len(layers), "p_intra"), per_layer(p_cross, len(layers), "p_cross")
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
-    model.transpeft_rng = torch.Generator().manual_seed(seed)
-    for layer, pi, pc in zip(layers, intra, cross):
-        # Swapping the class keeps every parameter, buffer, hook and name; only forward changes.
-        layer.__class__, layer.p_cross, layer.transpeft_rng = DroppingDecoderLayer, pc, model.transpeft_rng
-        layer.mlp.__class__, layer.mlp.p_intra = MaskedMLP, pi
-    model.transpeft_rates = {"p_intra": intra, "p_cross": cross}
+    MASKING.switch_on(model, p_intra, seed)
+    DROPPING.switch_on(model, p_cross, seed)
     return model
 
 
@@ -157,12 +163,44 @@ def reseed_drops(model: nn.Module, seed: int, step: int) -> None:
 
 def remove_transpeft(model: nn.Module) -> nn.Module:
     """Switch Trans-PEFT off: back to the plain layers of model.py."""
+    DROPPING.switch_off(model)
+    MASKING.switch_off(model)
+    return model
+
+
+def _mask_ffns(model: nn.Module, rates: list[float], seed: int) -> None:
+    for layer, rate in zip(model.model.layers, rates):
+        # Swapping the class keeps every parameter, buffer, hook and name; only forward changes.
+        layer.mlp.__class__, layer.mlp.p_intra = MaskedMLP, rate
+
+
+def _unmask_ffns(model: nn.Module) -> None:
+    for layer in model.model.layers:
+        if isinstance(layer.mlp, MaskedMLP):
+            layer.mlp.__class__ = MLP
+            del layer.mlp.p_intra
+
+
+def step_generator(model: nn.Module, seed: int) -> torch.Generator:
+    """model.transpeft_rng, created seeded with `seed` where it is absent: the one generator of every per-step draw
+    (the drops, a fork's own), shared by all layers and reseeded per step (reseed_drops)."""
+    if getattr(model, "transpeft_rng", None) is None:
+        model.transpeft_rng = torch.Generator().manual_seed(seed)
+    return model.transpeft_rng
+
+
+def _drop_ffns(model: nn.Module, rates: list[float], seed: int) -> None:
+    step_generator(model, seed)
+    for layer, rate in zip(model.model.layers, rates):
+        layer.__class__, layer.p_cross, layer.transpeft_rng = DroppingDecoderLayer, rate, model.transpeft_rng
+
+
+def _undrop_ffns(model: nn.Module) -> None:
     for layer in model.model.layers:
         if isinstance(layer, DroppingDecoderLayer):
-            layer.__class__, layer.mlp.__class__ = DecoderLayer, MLP
-            del layer.p_cross, layer.transpeft_rng, layer.mlp.p_intra
-    model.transpeft_rng = model.transpeft_rates = None
-    return model
+            layer.__class__ = DecoderLayer
+            del layer.p_cross, layer.transpeft_rng
+    model.transpeft_rng = None
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -181,26 +219,97 @@ class MaskedInputLinear(nn.Linear):
         return super().forward(x)
 
 
-def apply_attention_masking(model: nn.Module, p: float) -> nn.Module:
+def apply_attention_masking(model: nn.Module, p: float | Sequence[float] | str) -> nn.Module:
     """Control A, not part of Trans-PEFT: knowledge masking moved from the FFN to attention. In every layer the input
     of o_proj (all heads' outputs, attention's counterpart of the SwiGLU product) is masked at rate p, in the *base*
     branch only: W_o (x ⊙ m) + (alpha/r) B A x when a LoRA sits on o_proj. FFN masking takes nothing from a LoRA on
     attention, so neither may the control: they differ only in where base knowledge is taken away. Built as the
     interventions are, by swapping the base projection's class; works before or after a LoRA is attached."""
-    (p,) = per_layer(p, 1, "p_attn")
-    for layer in model.model.layers:
-        o = layer.self_attn.o_proj
-        base = getattr(o, "base_layer", o)  # under a LoRA wrapper: its frozen base layer
-        base.__class__, base.p_attn = MaskedInputLinear, p
+    ATTENTION_MASKING.switch_on(model, p, seed=0)
     return model
 
 
 def remove_attention_masking(model: nn.Module) -> nn.Module:
+    ATTENTION_MASKING.switch_off(model)
+    return model
+
+
+def _mask_attention(model: nn.Module, rates: list[float], seed: int) -> None:
+    for layer, rate in zip(model.model.layers, rates):
+        o = layer.self_attn.o_proj
+        base = getattr(o, "base_layer", o)  # under a LoRA wrapper: its frozen base layer
+        base.__class__, base.p_attn = MaskedInputLinear, rate
+
+
+def _unmask_attention(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, MaskedInputLinear):
             module.__class__ = nn.Linear
             del module.p_attn
-    return model
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The interventions as units: what the command line, the training loop, the study and the run directory derive
+# from. A fork adds one by appending an Intervention to INTERVENTIONS (docs/extending.md).
+
+STUDY_RATE = 0.1  # the study arms' rate, every intervention's: the released recipe's p_cross, so arms compare
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One way of taking knowledge away in training, and everything the rest of the code needs to know about it.
+
+    name      its rate's name: "p_intra" is the flag --p-intra and the key of args.json and results.json
+    tag       its part of a run directory's default name (..-attn0.1-..)
+    help      the flag's help
+    apply     apply(model, rates, seed) switches it on, one rate per layer; seed: of model.transpeft_rng, for draws
+              that follow the per-step reseed (reseed_drops)
+    remove    remove(model) switches it off
+    default   the flag's default: one rate, one per layer ("0.1,0.2,..."), or a schedule ("linear:0:0.2")
+    unused    it can leave a trainable weight without a gradient in a step (a LoRA inside a skipped block):
+              DDP's find_unused_parameters follows
+    per_step  its draws come from model.transpeft_rng, reseeded per step (the same for every micro-batch and
+              process); else from torch's global RNG, like dropout's
+    arms      the study arms it offers (study.all_arms): dicts of key, name, the rates they set, on_request"""
+
+    name: str
+    tag: str
+    help: str
+    apply: Callable[[nn.Module, list[float], int], None]
+    remove: Callable[[nn.Module], None]
+    default: str = "0.0"
+    unused: bool = False
+    per_step: bool = False
+    arms: tuple[dict, ...] = ()
+
+    def switch_on(self, model: nn.Module, rate: float | Sequence[float] | str, seed: int | None = None) -> None:
+        """apply at `rate` resolved per layer (per_layer), and note the rates on the model (model.intervention_rates),
+        where train() reads what DDP must be told. seed None: drawn from torch's global RNG (per_step units)."""
+        rates = per_layer(rate, len(model.model.layers), self.name)
+        if seed is None and self.per_step:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        self.apply(model, rates, seed)
+        model.intervention_rates = {**(getattr(model, "intervention_rates", None) or {}), self.name: rates}
+
+    def switch_off(self, model: nn.Module) -> None:
+        self.remove(model)
+        (getattr(model, "intervention_rates", None) or {}).pop(self.name, None)
+
+
+MASKING = Intervention(
+    "p_intra", "intra", "knowledge-masking rate: one float, one per layer (commas), or linear:<first>:<last>",
+    _mask_ffns, _unmask_ffns,
+    arms=(dict(key="mask", name=f"Trans-PEFT masking (p_intra {STUDY_RATE})", p_intra=STUDY_RATE, on_request=True),))
+DROPPING = Intervention(
+    "p_cross", "cross", "knowledge-dropping rate: one float, one per layer (commas), or linear:<first>:<last>",
+    _drop_ffns, _undrop_ffns, default="0.1", unused=True, per_step=True,
+    arms=(dict(key="drop", name=f"Trans-PEFT dropping (p_cross {STUDY_RATE})", p_cross=STUDY_RATE),
+          dict(key="both", name="Trans-PEFT masking + dropping", p_intra=STUDY_RATE, p_cross=STUDY_RATE)))
+ATTENTION_MASKING = Intervention(
+    "p_attn", "attn", "control A, not the paper's: the same masking on attention's input to o_proj (base branch)",
+    _mask_attention, _unmask_attention,
+    arms=(dict(key="attn_mask", name=f"control A: masking attention ({STUDY_RATE})", p_attn=STUDY_RATE),))
+INTERVENTIONS = [MASKING, DROPPING, ATTENTION_MASKING]  # the paper's two first: they name every run directory
 
 
 # -----------------------------------------------------------------------------------------------------------

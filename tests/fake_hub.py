@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import MATH_SUBJECTS  # noqa: E402
+from tasks import MATH_SUBJECTS  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "gsm8k"

@@ -125,7 +125,7 @@ def test_eval_refuses_an_empty_task_list_and_new_tokens_past_the_positions(world
 
 
 def test_an_unclosed_boxed_gold_is_named_by_the_missing_answer_warning(world, capsys):
-    from data import load_eval_sets
+    from tasks import load_eval_sets
 
     path = world["tmp"] / "math.jsonl"
     path.write_text(json.dumps({"problem": "1+4?", "solution": "It is $\\boxed{5$."}) + "\n")

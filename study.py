@@ -45,8 +45,9 @@ from analysis import analyze_drift, pyplot
 from checkpoint import cache_dir, is_main_process, load_model, load_tokenizer
 from data import IGNORE_INDEX, collate, next_token_targets, tokenize_dataset
 from eval import evaluate
-from rundir import remove, run_outputs
-from train import TrainSettings, default_out, interventions, run_experiment, train
+from rundir import default_out, remove, run_outputs
+from experiment import run_experiment
+from loop import TrainSettings, interventions, train
 from transpeft import INTERVENTIONS, ffn_gradient
 
 # -----------------------------------------------------------------------------------------------------------
@@ -561,7 +562,7 @@ def run_toy_study(args) -> dict:
     return results
 
 
-def run_arms(args) -> dict:
+def run_arms(args, defaults: dict | None = None) -> dict:
     """python train.py --old A --new B --arms plain,transpeft,refit: the paper's comparison, one run per arm and seed
     under <out>/<arm>-seed<s> (each an ordinary run: --resume continues it, a finished one is reused), summarised as
     the toy study is: seeds pair the arms (the same PEFT initialisation and data order)."""
@@ -576,7 +577,8 @@ def run_arms(args) -> dict:
                                         "resume": args.resume and bool(run_outputs(arm_out)), "refit_new": False,
                                         **arm_settings(arm, args)})
             refit = arm.get("train_on") == "new"
-            r = run_experiment(run, train_on_new=refit, reuse=True)  # with --resume a finished arm is read
+            # with --resume, a finished arm is read
+            r = run_experiment(run, train_on_new=refit, reuse=True, defaults=defaults)
             for task in r["tasks"]:  # each task a "regime" of the summary: its own comparison
                 res = r[task]
                 rows.append({"arm": key, "seed": seed, "regime": f"{Path(str(args.new)).name} {task}",

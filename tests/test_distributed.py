@@ -106,7 +106,7 @@ DROP_PROBE = """
 import json, sys
 from pathlib import Path
 import torch, torch.distributed as dist
-import train
+import loop
 from data import load_examples, tokenize_dataset
 from lora import add_lora
 from checkpoint import load_model, load_tokenizer
@@ -121,9 +121,9 @@ for i, layer in enumerate(model.model.layers):
     layer.mlp.register_forward_hook(lambda m, a, o, i=i: seen.append(i))
 torch.rand(1000 * (dist.get_rank() + 1))  # the processes' global RNGs differ
 ds, _ = tokenize_dataset(load_examples(data), load_tokenizer(old), 320)
-args = train.TrainSettings(lr=1e-2, weight_decay=0.0, warmup_ratio=0.0, grad_clip=1.0, batch_size=4, micro_batch_size=1,
+args = loop.TrainSettings(lr=1e-2, weight_decay=0.0, warmup_ratio=0.0, grad_clip=1.0, batch_size=4, micro_batch_size=1,
                            max_steps=6, epochs=1, seed=0, save_every=100, resume=False, stop_after=None, loss_mean="batch")
-train.train(model, ds, args, Path(out) / "run", 0)
+loop.train(model, ds, args, Path(out) / "run", 0)
 patterns = [None] * dist.get_world_size()
 dist.all_gather_object(patterns, seen)
 if dist.get_rank() == 0:

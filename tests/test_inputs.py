@@ -7,11 +7,12 @@ import json
 import math
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 import analysis
 import eval as eval_cli
+import experiment
+import loop
 import train
 from test_runs import broken_copy, eval_out, no_training, refused, saved_lora  # noqa: F401 (eval_out: autouse)
 from test_train_eval import run_args
@@ -140,8 +141,8 @@ def test_every_training_flag_reaches_the_training_loop():
             "--max-steps", "7", "--epochs", "2.5", "--warmup-ratio", "0.2", "--weight-decay", "0.01", "--grad-clip",
             "0.5", "--loss-mean", "micro-batch", "--seed", "9", "--save-every", "5", "--stop-after", "4", "--resume",
             "--device", "cpu"]
-    settings = train.TrainSettings.from_args(train.parse_args(argv))
-    assert settings == train.TrainSettings(lr=0.002, batch_size=12, micro_batch_size=3, max_steps=7, epochs=2.5,
+    settings = loop.TrainSettings.from_args(train.parse_args(argv))
+    assert settings == loop.TrainSettings(lr=0.002, batch_size=12, micro_batch_size=3, max_steps=7, epochs=2.5,
                                            warmup_ratio=0.2, weight_decay=0.01, grad_clip=0.5, loss_mean="micro-batch",
                                            seed=9, save_every=5, stop_after=4, resume=True, fsdp=False)
 
@@ -167,8 +168,8 @@ def test_the_data_fingerprint_covers_the_evaluation_sets(world):
 
 def test_eval_merged_with_refit_evaluates_the_refit_adapter(world, monkeypatch):
     seen = []
-    real = train.model_for_eval
-    monkeypatch.setattr(train, "model_for_eval", lambda base, adapter, args: seen.append((base, adapter))
+    real = experiment.model_for_eval
+    monkeypatch.setattr(experiment, "model_for_eval", lambda base, adapter, args: seen.append((base, adapter))
                         or real(base, adapter, args))
     out = world["tmp"] / "run"
     train.main(run_args(world, out, "--max-steps", "2", "--refit-new", "--eval-merged"))

@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 import analysis
 import eval as eval_cli
 import rundir
+import experiment
+import loop
 import train
 from lora import add_lora, load_lora, save_lora
 from checkpoint import load_model
@@ -112,17 +114,17 @@ def test_an_interrupted_adapter_save_leaves_the_old_adapter_whole(world, monkeyp
 def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(world, monkeypatch):
     out = world["tmp"] / "run"
     argv = run_args(world, out, "--max-steps", "6")
-    real_get_lr = train.get_lr
+    real_get_lr = loop.get_lr
 
     def get_lr(step, *a):
         if step == 3:  # after the checkpoint of step 2 (--save-every 2)
             raise KeyboardInterrupt
         return real_get_lr(step, *a)
 
-    monkeypatch.setattr(train, "get_lr", get_lr)
+    monkeypatch.setattr(loop, "get_lr", get_lr)
     message = refused(argv, f"{out / 'checkpoint.pt'}", "--resume")
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
-    monkeypatch.setattr(train, "get_lr", real_get_lr)
+    monkeypatch.setattr(loop, "get_lr", real_get_lr)
     command = shlex.split(message.split("continue with: ")[1])
     assert command[:2] == ["python", "train.py"]
     train.main(command[2:])  # the printed command finishes the run
@@ -130,7 +132,7 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(world, monkeypatc
 
 
 def test_ctrl_c_before_any_checkpoint_says_so(world, monkeypatch):
-    monkeypatch.setattr(train, "get_lr", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(loop, "get_lr", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     refused(run_args(world, world["tmp"] / "run", "--max-steps", "6"), "before the first checkpoint", "--overwrite")
 
 
@@ -164,7 +166,7 @@ GOOD = {"question": "What is 1 plus 1?", "answer": "1 + 1 = 2\n#### 2"}
 ])
 @pytest.mark.parametrize("flag", ["--eval-data", "--train-data"])
 def test_bad_records_are_named_by_file_and_line_before_anything_runs(world, monkeypatch, line, phrase, flag):
-    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(experiment, "train", lambda *a, **k: pytest.fail("training started"))
     data = write_lines(world["tmp"] / "bad.jsonl", GOOD, line)
     out = world["tmp"] / "run"
     refused(run_args(world, out, flag, data), "bad.jsonl, line 2", phrase)
@@ -345,7 +347,7 @@ def test_a_device_that_is_not_there_is_refused_in_one_line(world, capsys, device
 
 
 def test_unknown_or_repeated_evaluation_sets_are_refused_before_anything_runs(world, monkeypatch):
-    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(experiment, "train", lambda *a, **k: pytest.fail("training started"))
     out = world["tmp"] / "run"
     refused(run_args(world, out, "--eval-data", "gsm9k"), "--eval-data gsm9k", "give gsm8k, math, or a local")
     copy = world["tmp"] / "copy.jsonl"
@@ -360,7 +362,7 @@ def test_unknown_or_repeated_evaluation_sets_are_refused_before_anything_runs(wo
 
 
 def no_training(monkeypatch):
-    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(experiment, "train", lambda *a, **k: pytest.fail("training started"))
 
 
 def test_a_second_process_on_a_locked_directory_is_refused(world, monkeypatch):
@@ -597,15 +599,15 @@ def test_two_live_processes_on_one_out(world):
 
 HELD = """import sys, time
 from pathlib import Path
-import train
+import experiment, train
 gate = Path(sys.argv[1])
-read = train.load_eval_sets
+read = experiment.load_eval_sets
 def held(*args, **kwargs):  # this run has checked --out; it waits here, before its lock, until the gate opens
     gate.with_suffix(".checked").touch()
     while not gate.exists():
         time.sleep(0.05)
     return read(*args, **kwargs)
-train.load_eval_sets = held
+experiment.load_eval_sets = held
 train.main(sys.argv[2:])
 """
 
@@ -718,7 +720,7 @@ def test_only_process_0_decides_the_run_directory(monkeypatch):
 
 def test_ctrl_c_during_the_refit_names_the_refits_checkpoint(world, monkeypatch):
     out = world["tmp"] / "run"
-    real = train.train
+    real = experiment.train
 
     def interrupt_the_refit(model, dataset, settings, run_dir, *args, **kwargs):
         log = real(model, dataset, settings, run_dir, *args, **kwargs)
@@ -726,7 +728,7 @@ def test_ctrl_c_during_the_refit_names_the_refits_checkpoint(world, monkeypatch)
             raise KeyboardInterrupt
         return log
 
-    monkeypatch.setattr(train, "train", interrupt_the_refit)
+    monkeypatch.setattr(experiment, "train", interrupt_the_refit)
     argv = run_args(world, out, "--max-steps", "2", "--refit-new")
     with pytest.raises(SystemExit) as e:
         train.main(argv)

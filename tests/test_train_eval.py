@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 import eval as eval_cli
 import model as model_py
+import experiment
+import loop
 import train
 from data import eval_prompt
 from eval import generate
@@ -227,12 +229,12 @@ def test_compiled_layers_train_like_eager(world):
         torch.manual_seed(0)
         model = add_lora(load_model(world["old"]), r=4, alpha=8, targets=["q_proj", "down_proj"], verbose=False)
         apply_transpeft(model, p_cross=0.5, seed=0)
-        train.wrap_layers(model, compile=compiled)
+        loop.wrap_layers(model, compile=compiled)
         model.train()
         loss = model(ids, targets=ids)
         loss.backward()
         results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-        train.unwrap_layers(model)
+        loop.unwrap_layers(model)
         assert all("forward" not in layer.__dict__ for layer in model.model.layers)
     (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
     ffn_loras = [n for n in eager_grads if ".mlp.down_proj.lora_A" in n]
@@ -318,7 +320,7 @@ def test_lr_schedule_is_transformers_cosine_with_warmup(total, ratio):
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=3e-4)
     schedule = transformers.get_cosine_schedule_with_warmup(opt, warmup, total)
     for step in range(total):
-        assert train.get_lr(step, total, 3e-4, warmup) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=1e-15), step
+        assert loop.get_lr(step, total, 3e-4, warmup) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=1e-15), step
         opt.step()
         schedule.step()
 
@@ -376,11 +378,11 @@ def test_loss_and_gradient_are_the_defined_token_means(world, loss_mean, micro):
     loss.backward()
     grad_norm = torch.cat([p.grad.flatten() for p in ref.parameters() if p.requires_grad]).norm().item()
 
-    args = train.TrainSettings(lr=0.0, weight_decay=0.0, warmup_ratio=0.0, grad_clip=1e9, batch_size=4,
+    args = loop.TrainSettings(lr=0.0, weight_decay=0.0, warmup_ratio=0.0, grad_clip=1e9, batch_size=4,
                                micro_batch_size=micro,
                                max_steps=1, epochs=1, seed=0, save_every=100, resume=False, stop_after=None,
                                loss_mean=loss_mean)
-    logged = train.train(fresh(), dataset, args, world["tmp"] / f"{loss_mean}-{micro}", pad_id=0)[0]
+    logged = loop.train(fresh(), dataset, args, world["tmp"] / f"{loss_mean}-{micro}", pad_id=0)[0]
     assert logged["loss"] == pytest.approx(loss.item(), rel=1e-5)
     assert logged["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
 
@@ -478,7 +480,7 @@ def test_new_tokens_default_per_task_and_as_released_evaluates_both(world, monke
         return {"task": task, "scorer": "official", "accuracy": 0.0, "correct": 0, "total": len(examples),
                 "accuracy_official": 0.0, "accuracy_lenient": 0.0}
 
-    monkeypatch.setattr(train, "evaluate", fake_evaluate)
+    monkeypatch.setattr(experiment, "evaluate", fake_evaluate)
     math_file = world["tmp"] / "MATH_test.jsonl"
     math_file.write_text("".join(json.dumps({"problem": q, "solution": s}) + "\n" for q, s in MATH_RECORDS[:2]))
     argv = run_args(world, world["tmp"] / "n", "--max-steps", "1")
@@ -533,8 +535,8 @@ def test_layer_drops_change_from_step_to_step(world):
     model.forward = counting
     from data import load_examples, tokenize_dataset
     dataset, _ = tokenize_dataset(load_examples(world["data"]), load_tokenizer(world["old"]), 320)
-    settings = train.TrainSettings(lr=1e-2, batch_size=2, micro_batch_size=1, max_steps=8, seed=0, save_every=100)
-    train.train(model, dataset, settings, world["tmp"] / "drops", pad_id=0)
+    settings = loop.TrainSettings(lr=1e-2, batch_size=2, micro_batch_size=1, max_steps=8, seed=0, save_every=100)
+    loop.train(model, dataset, settings, world["tmp"] / "drops", pad_id=0)
     steps = [forwards[i : i + 2] for i in range(0, len(forwards), 2)]  # two micro-batches a step
     assert all(a == b for a, b in steps) and len({s[0] for s in steps}) > 1
 
@@ -542,13 +544,13 @@ def test_layer_drops_change_from_step_to_step(world):
 def test_merged_evaluation_uses_each_base_for_its_own_setting(world, monkeypatch):
     """--eval-merged: the source accuracy comes from the adapter merged into --old, the transfer from --new."""
     loaded = []
-    real = train.model_for_eval
+    real = experiment.model_for_eval
 
     def recording(base, adapter_dir, args):
         loaded.append((base, Path(adapter_dir).name))
         return real(base, adapter_dir, args)
 
-    monkeypatch.setattr(train, "model_for_eval", recording)
+    monkeypatch.setattr(experiment, "model_for_eval", recording)
     train.main(run_args(world, world["tmp"] / "m", "--max-steps", "1", "--eval-merged"))
     assert loaded == [(world["old"], "adapter"), (world["new"], "adapter")]
 

@@ -252,9 +252,9 @@ def test_per_layer_rates(hf_checkpoint):
 
 
 def test_gradient_checkpointing_replays_the_random_draws(hf_checkpoint):
-    """train.wrap_layers(grad_checkpointing=True) recomputes each layer in backward with the masks and drops its
+    """loop.wrap_layers(grad_checkpointing=True) recomputes each layer in backward with the masks and drops its
     forward pass drew: losses and LoRA gradients equal those without checkpointing (a fresh draw would not)."""
-    from train import wrap_layers
+    from loop import wrap_layers
 
     path, _ = hf_checkpoint("qwen2", num_hidden_layers=4)
     ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -58,7 +58,8 @@ def check_settings(args) -> None:
 
 
 def train_and_save(base: str, dataset, args, run_dir: Path, pad_id: int, desc: str, intervene: bool):
-    """Load base, attach a fresh PEFT module, (with intervene) switch Trans-PEFT and control A on, train, save it."""
+    """Load base, attach a fresh PEFT module, (with intervene) switch the interventions on at the flags' rates, train,
+    save it."""
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     torch.manual_seed(args.seed)
     model = load_model(base, dtype=dtype, device=args.device)

@@ -9,6 +9,8 @@ Glossary (the paper's names, this code's flags and classes):
     the drops' random generator                 model.transpeft_rng     reseeded per optimizer step: reseed_drops
     switching both on / off                     apply_transpeft / remove_transpeft
     control A (not the paper's)     --p-attn    MaskedInputLinear       the same mask on attention's base branch
+    each of the three as one unit               Intervention            INTERVENTIONS: what the flags, the study's
+                                                                        arms and DDP's set-up are derived from
 
 Why it works (the paper's account): a model update rewrites the *knowledge* stored in the FFN layers much more than
 the *task patterns* carried by attention. A PEFT module trained normally leans on the old FFN knowledge and breaks

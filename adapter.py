@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import (check_made_for, full_tensor, is_main_process, load_selected, print_trainable, read_json,
+from bases import (check_made_for, full_tensor, is_main_process, load_selected, print_trainable, read_json,
                         read_safetensors)
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import (check_checkpoint, check_same_architecture, check_tokenizer_fits, load_config, load_model,
+from bases import (check_checkpoint, check_same_architecture, check_tokenizer_fits, load_config, load_model,
                         load_tokenizer)
 from data import collate, next_token_targets
 from eval import check_writable

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import is_main_process, read_json
+from bases import is_main_process, read_json
 from scoring import gold_answer
 
 IGNORE_INDEX = -100  # label of a position that carries no loss (F.cross_entropy's default ignore_index)

@@ -212,7 +212,7 @@ def load_for_eval(base: str, adapter_dir=None, device: str = "cpu", merged: bool
     adapter merged by its bundled peft 0.9.0, the merged bf16 model decoded): W <- W + (alpha/r) B A with every step
     in bfloat16 (lora.merge_lora(in_base_dtype=True)), on any device, and decoding in bfloat16."""
     from lora import lora_layers, merge_lora
-    from checkpoint import load_model
+    from bases import load_model
 
     dtype = torch.bfloat16 if merged or device.startswith("cuda") else torch.float32
     model = load_model(base, dtype=dtype, device=device)
@@ -294,7 +294,7 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # started: Ctrl-C is KeyboardInterrupt again
     import argparse
 
-    from checkpoint import check_checkpoint, check_device, load_config, load_tokenizer
+    from bases import check_checkpoint, check_device, load_config, load_tokenizer
 
     p = argparse.ArgumentParser(description="GSM8K and MATH accuracy of a base model, with or without an adapter.")
     p.add_argument("--model", required=True, help="alias, local checkpoint directory or hub repo id of the base")

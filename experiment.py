@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 import adapter as adapter_lib
 import lora as lora_lib
-from checkpoint import (check_checkpoint, check_same_architecture, is_main_process, load_config, load_model,
+from bases import (check_checkpoint, check_same_architecture, is_main_process, load_config, load_model,
                         load_tokenizer, print_trainable, read_json)
 from data import fingerprint, load_examples, training_set
 from eval import check_new_tokens, eval_sources, evaluate, load_for_eval, results_table

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from checkpoint import (ALIASES, check_made_for, convert_internlm2, full_tensor, is_main_process, load_selected,
+from bases import (ALIASES, check_made_for, convert_internlm2, full_tensor, is_main_process, load_selected,
                         print_trainable, read_json, read_safetensors, read_torch_file)
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -1,6 +1,6 @@
 """
 The decoder-only transformer behind Qwen2 / Qwen2.5, Llama 3 / 3.1 / 3.2 and InternLM2 / 2.5, and its training loss.
-(checkpoint.py reads their Hugging Face checkpoints and tokenizers into it.)
+(bases.py reads their Hugging Face model files and tokenizers into it.)
 
 All these families share one architecture (pre-norm, RMSNorm, rotary positions, grouped-query attention,
 SwiGLU feed-forward):

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 import adapter as adapter_lib
 import lora as lora_lib
-from checkpoint import is_main_process, read_json, read_torch_file
+from bases import is_main_process, read_json, read_torch_file
 from transpeft import DROPPING, INTERVENTIONS, MASKING
 
 

@@ -42,7 +42,7 @@ import torch
 import lora as lora_lib
 import toy
 from analysis import analyze_drift, pyplot
-from checkpoint import cache_dir, is_main_process, load_model, load_tokenizer
+from bases import cache_dir, is_main_process, load_model, load_tokenizer
 from data import IGNORE_INDEX, collate, next_token_targets, tokenize_dataset
 from eval import evaluate
 from rundir import default_out, remove, run_outputs

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import scoring
-from checkpoint import is_main_process
+from bases import is_main_process
 from data import _hub_file, _normalise, _read_records, _text
 
 

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import eval_prompt
-from checkpoint import cache_dir, load_model, load_tokenizer
+from bases import cache_dir, load_model, load_tokenizer
 from model import ModelConfig, Transformer
 
 # -----------------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 import study  # the toy study and --arms; study.py uses experiment.py and loop.py, never this file
-from checkpoint import check_device, is_main_process
+from bases import check_device, is_main_process
 from experiment import run_experiment
 from lora import MAX_ALPHA
 from loop import Diverged, StopRequested, init_distributed

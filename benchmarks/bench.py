@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from eval import generate  # noqa: E402
 from lora import add_lora  # noqa: E402
-from checkpoint import load_model  # noqa: E402
+from bases import load_model  # noqa: E402
 from transpeft import apply_transpeft  # noqa: E402
 
 SIZES = {

@@ -55,7 +55,7 @@ from bench import IdsTokenizer, interleaved  # noqa: E402
 from data import next_token_targets  # noqa: E402
 from eval import generate  # noqa: E402
 from lora import add_lora  # noqa: E402
-from checkpoint import check_device  # noqa: E402
+from bases import check_device  # noqa: E402
 from model import ModelConfig, Transformer, rope_inv_freq  # noqa: E402
 from transpeft import apply_transpeft, remove_transpeft  # noqa: E402
 

@@ -6,7 +6,7 @@ import torch
 
 from adapter import add_adapter, is_adapter_parameter, load_adapter, remove_adapter, save_adapter
 from conftest import train_a_few_steps
-from checkpoint import load_model
+from bases import load_model
 
 
 def logits(model, ids):

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from analysis import analyze_drift, drop_costs, save_plot, track_output_norms
-from checkpoint import load_model
+from bases import load_model
 from data import collate, next_token_targets
 from test_tokenizer import write_checkpoint_tokenizer
 

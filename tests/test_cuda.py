@@ -12,7 +12,7 @@ from conftest import QUESTIONS
 from data import eval_prompt
 from eval import generate
 from lora import add_lora
-from checkpoint import load_model, load_tokenizer
+from bases import load_model, load_tokenizer
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

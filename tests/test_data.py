@@ -12,7 +12,7 @@ GSM8K = Path(__file__).resolve().parents[2] / "shared" / "gsm8k"
 
 
 class WordTokenizer:
-    """A stand-in with the interface of checkpoint.Tokenizer: one id per whitespace-separated word; pad == EOS == 0."""
+    """A stand-in with the interface of bases.Tokenizer: one id per whitespace-separated word; pad == EOS == 0."""
 
     eos_token_id = pad_token_id = 0
 
@@ -106,7 +106,7 @@ def test_tokenisation_matches_the_official_preprocess(tmp_path):
     """Prompt and response tokenised as one string, the prompt's token count masked: ids and labels equal the
     official ones computed with transformers' tokenizer, including where that differs from tokenising the parts apart."""
     transformers = pytest.importorskip("transformers")
-    from checkpoint import load_tokenizer
+    from bases import load_tokenizer
 
     texts = [official_source(r) + r["response"] for r in METAMATH]
     write_checkpoint_tokenizer(tmp_path, "qwen2", post="bytelevel", corpus=texts * 5, vocab_size=700)  # Qwen2's pipeline: "Response:The" is one pre-token

@@ -109,7 +109,7 @@ import torch, torch.distributed as dist
 import loop
 from data import load_examples, tokenize_dataset
 from lora import add_lora
-from checkpoint import load_model, load_tokenizer
+from bases import load_model, load_tokenizer
 from transpeft import apply_transpeft
 
 dist.init_process_group("gloo")

@@ -152,3 +152,26 @@ def test_a_task_of_a_forks_own_is_evaluated_by_eval_py_and_train_py(world, yes_n
     assert results["tasks"] == ["gsm8k", "yesno"]
     assert results["yesno"]["transfer_new"]["accuracy"] == pytest.approx(2 / 3)  # --eval-limit 3: yes, no, yes
     assert (run / "eval-new-yesno.jsonl").exists()
+
+
+def test_a_depth_schedule_is_kept_as_typed_and_resolved_per_layer(world, monkeypatch, capsys):
+    """--p-cross linear:0:0.2: args.json keeps what was typed (so --resume compares it as typed), the layers get
+    0 ... 0.2 evenly (here 2 layers: 0 and 0.2)."""
+    import experiment
+
+    seen, real = [], experiment.train
+
+    def spy(model, *args, **kwargs):
+        seen.append(model.intervention_rates["p_cross"])
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(experiment, "train", spy)
+    out = world["tmp"] / "run"
+    argv = run_args(world, out, "--max-steps", "4", "--p-cross", "linear:0:0.2", "--p-intra", "0")
+    train.main([*argv, "--stop-after", "2"])
+    assert json.loads((out / "args.json").read_text())["p_cross"] == "linear:0:0.2"
+    train.main([*argv, "--resume"])
+    assert seen == [[0.0, 0.2], [0.0, 0.2]] and (out / "results.json").exists()
+    with pytest.raises(SystemExit):
+        train.main(run_args(world, world["tmp"] / "bad", "--p-cross", "linear:0:1.5"))
+    assert "--p-cross takes" in capsys.readouterr().err and not (world["tmp"] / "bad").exists()

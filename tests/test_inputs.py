@@ -178,7 +178,7 @@ def test_eval_merged_with_refit_evaluates_the_refit_adapter(world, monkeypatch):
 
 
 def test_the_vocabulary_check_counts_added_tokens_and_is_exact_at_the_boundary(world, hf_checkpoint):
-    from checkpoint import check_tokenizer_fits, load_config, load_tokenizer
+    from bases import check_tokenizer_fits, load_config, load_tokenizer
 
     tok = load_tokenizer(world["old"])
     tok.tok.add_special_tokens(["<|extra|>"])  # a token added past the BPE vocabulary

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from conftest import build_hf_model, pack_internlm2, train_a_few_steps, write_internlm2_checkpoint
 from lora import (DoRALinear, LoRALinear, add_lora, load_lora, lora_parameters, merge_lora, save_lora,
                   unmerge_lora)
-from checkpoint import load_model
+from bases import load_model
 
 peft = pytest.importorskip("peft")
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conftest import build_hf_model, write_internlm2_checkpoint
-from checkpoint import load_model
+from bases import load_model
 from model import ModelConfig, linear_cross_entropy, rope_inv_freq
 
 transformers = pytest.importorskip("transformers")
@@ -283,7 +283,7 @@ def test_hub_id_and_alias_resolve_through_hub_cache(hf_checkpoint, tmp_path):
     ids = torch.randint(0, 96, (1, 20))
     torch.save(ids, tmp_path / "ids.pt")
     code = (
-        "import torch; from checkpoint import load_model\n"
+        "import torch; from bases import load_model\n"
         f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
         "with torch.no_grad():\n"
         "    out = [load_model(n)(ids) for n in ('Qwen/Qwen2-0.5B', 'qwen2-0.5b')]\n"
@@ -297,13 +297,13 @@ def test_hub_id_and_alias_resolve_through_hub_cache(hf_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}], ids=["offline", "unreachable"])
 def test_hub_unreachable_is_one_clear_sentence(tmp_path, env):
-    r = run_python("from checkpoint import load_model; load_model('Qwen/Qwen2-0.5B')", {"HF_HUB_CACHE": str(tmp_path), **env})
+    r = run_python("from bases import load_model; load_model('Qwen/Qwen2-0.5B')", {"HF_HUB_CACHE": str(tmp_path), **env})
     assert r.returncode != 0
     assert "Could not get Qwen/Qwen2-0.5B from the Hugging Face hub" in r.stderr and "HF_HUB_OFFLINE" in r.stderr
 
 
 def test_command_line_prints_one_line_errors(tmp_path):
     for arg, expected in [("qwen3", "Unknown model 'qwen3'"), (str(tmp_path), "has no config.json")]:
-        r = subprocess.run([sys.executable, "checkpoint.py", arg], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        r = subprocess.run([sys.executable, "bases.py", arg], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert r.returncode != 0 and "Traceback" not in r.stderr
         assert r.stderr.strip().startswith("error:") and expected in r.stderr and len(r.stderr.strip().splitlines()) == 1

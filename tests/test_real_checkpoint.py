@@ -20,7 +20,7 @@ import torch
 import train
 from data import IGNORE_INDEX, STOP_STRINGS, eval_prompt, load_examples, tokenize_dataset
 from eval import generate
-from checkpoint import cache_dir, load_model, load_tokenizer
+from bases import cache_dir, load_model, load_tokenizer
 
 pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")

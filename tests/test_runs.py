@@ -24,7 +24,7 @@ import experiment
 import loop
 import train
 from lora import add_lora, load_lora, save_lora
-from checkpoint import load_model
+from bases import load_model
 from test_train_eval import run_args
 
 

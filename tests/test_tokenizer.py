@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from checkpoint import load_model, load_tokenizer
+from bases import load_model, load_tokenizer
 
 TEXT = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.\n#### 72"
 # Qwen2's pre-tokenizer split: one non-letter may lead a word (so "Response:The" is one pre-token), digits one by one.

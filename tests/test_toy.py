@@ -14,7 +14,7 @@ import toy
 import train
 from data import gsm8k_response, tokenize_example
 from scoring import gold_answer, is_correct
-from checkpoint import load_model, load_tokenizer
+from bases import load_model, load_tokenizer
 
 ALL = study.select_arms(["all"])  # the toy study's --arms all, the upper bound last
 QUICK = {"v1": {**toy.RECIPE["v1"], "steps": 20}, "v2": {**toy.RECIPE["v2"], "steps": 5}}

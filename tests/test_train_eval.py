@@ -20,7 +20,7 @@ import train
 from data import eval_prompt
 from eval import generate
 from lora import add_lora
-from checkpoint import load_model, load_tokenizer
+from bases import load_model, load_tokenizer
 from conftest import QUESTIONS
 
 needs_cxx = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")),

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lora import PROJECTIONS, add_lora
-from checkpoint import load_model
+from bases import load_model
 from transpeft import (MaskedInputLinear, apply_attention_masking, apply_transpeft, ffn_gradient,
                        remove_attention_masking, remove_transpeft)
 

@@ -1,10 +1,10 @@
 """
-Reading Hugging Face checkpoints into model.py's Transformer: finding them (an alias, a local directory, a hub repo
-id, the offline hub cache), reading their files (config.json, safetensors straight or sharded, legacy .bin) strictly
-(every tensor accounted for, every shape checked, errors that name the tensor), converting InternLM2's names and
-packed `wqkv`, and the tokenizer that the checkpoint's own files describe.
+Reading base models (Hugging Face model directories) into model.py's Transformer: finding them (an alias, a local
+directory, a hub repo id, the offline hub cache), reading their files (config.json, safetensors straight or sharded,
+legacy .bin) strictly (every tensor accounted for, every shape checked, errors that name the tensor), converting
+InternLM2's names and packed `wqkv`, and the tokenizer that the model's own files describe.
 
-    python checkpoint.py qwen2.5-0.5b --prompt "The capital of France is"   # does it load, and what does it say?
+    python bases.py qwen2.5-0.5b --prompt "The capital of France is"   # does it load, and what does it say?
 
 Also here, because lora.py and adapter.py save and load through them: the process that writes files under torchrun
 (is_main_process), gathering an FSDP-sharded tensor (full_tensor), and the check that a saved PEFT module was
@@ -522,7 +522,7 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
 
 
 if __name__ == "__main__":
-    # A quick check that a checkpoint loads: `python checkpoint.py qwen2.5-0.5b --prompt "The capital of France is"`.
+    # A quick check that a base model loads: `python bases.py qwen2.5-0.5b --prompt "The capital of France is"`.
     import argparse
     import sys
 

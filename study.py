@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def all_arms() -> list[dict]:
             dict(key="transpeft", name="Trans-PEFT trained on old (the flags' rates)", rates_from_flags=True,
                  on_request=True),
             *(arm for unit in INTERVENTIONS for arm in unit.arms),
-            dict(key="lora_dropout", name="control B: LoRA dropout 0.3", lora_dropout=0.3),
+            dict(key="lora_dropout", name="control B: LoRA dropout {rate}", lora_dropout=0.3),
             dict(key="refit", name="upper bound: {peft} trained on the update", train_on="new", on_request=True)]
 
 
@@ -79,20 +80,45 @@ TOY_LORA = dict(r=8, alpha=16, dropout=0.05, targets=("q_proj", "k_proj", "v_pro
                 lr=5e-3, steps=500, warmup_ratio=0.1, batch_size=16, max_len=128, max_new_tokens=24)
 
 
+def rate_keys(arm: dict) -> list[str]:
+    """The rates an arm sets: interventions' (p_intra, ...) and control B's lora_dropout."""
+    return [k for k in (*(unit.name for unit in INTERVENTIONS), "lora_dropout") if k in arm]
+
+
 def select_arms(wanted: list[str] | None, peft: str = "LoRA") -> list[dict]:
     """The arms named, in all_arms order, names filled in. None: every arm not run on request; "all": every arm with
-    settings of its own (not "transpeft", which at the default flags is "drop")."""
-    arms = all_arms()
-    keys = [a["key"] for a in arms]
-    if wanted and (unknown := set(wanted) - set(keys) - {"all"}):
-        raise ValueError(f"Unknown arm(s) {', '.join(sorted(unknown))}: choose from {', '.join(keys)}, or all.")
+    settings of its own (not "transpeft", which at the default flags is "drop"). "<key>@<rate>" (drop@0.05,
+    both@0.2, lora_dropout@0.5) is that arm with every rate it sets at <rate>: a dose, placed after its arm."""
+    arms, doses = all_arms(), {}
+    keys, dosable = [a["key"] for a in arms], [a["key"] for a in arms if rate_keys(a)]
+    for spec in [w for w in wanted or [] if "@" in w]:
+        key, _, text = spec.partition("@")
+        try:
+            rate = float(text)
+        except ValueError:
+            rate = math.nan
+        if key not in dosable or not 0 <= rate < 1:
+            raise ValueError(f"--arms {spec}: a dose is <arm>@<rate>, the rate in [0, 1), of an arm that sets a "
+                             f"rate: {', '.join(dosable)}.")
+        base = arms[keys.index(key)]
+        doses.setdefault(key, []).append({**base, "key": spec, **dict.fromkeys(rate_keys(base), rate),
+                                          "on_request": True})
+    named_doses = {d["key"] for ds in doses.values() for d in ds}
+    if wanted and (unknown := set(wanted) - set(keys) - {"all"} - named_doses):
+        raise ValueError(f"Unknown arm(s) {', '.join(sorted(unknown))}: choose from {', '.join(keys)}, or all, or "
+                         "<arm>@<rate>.")
 
     def chosen(a):
         if not wanted:
             return not a.get("on_request")
         return a["key"] in wanted or ("all" in wanted and not a.get("rates_from_flags"))
 
-    return [{**a, "name": a["name"].format(peft=peft)} for a in arms if chosen(a)]
+    def named(a):  # "{rate}": the arm's rate; a dose of an arm whose name has none gets it appended
+        rates = [a[k] for k in rate_keys(a)]
+        name = a["name"] + (" ({rate})" if "@" in a["key"] and "{rate}" not in a["name"] else "")
+        return {**a, "name": name.format(peft=peft, rate=rates[0] if rates else "")}
+
+    return [named(a) for base in arms for a in (base, *doses.get(base["key"], [])) if chosen(a)]
 
 
 def arm_settings(arm: dict, flags: argparse.Namespace | None = None) -> dict:

@@ -272,7 +272,8 @@ class Intervention:
               DDP's find_unused_parameters follows
     per_step  its draws come from model.transpeft_rng, reseeded per step (the same for every micro-batch and
               process); else from torch's global RNG, like dropout's
-    arms      the study arms it offers (study.all_arms): dicts of key, name, the rates they set, on_request"""
+    arms      the study arms it offers (study.all_arms): dicts of key, name ("{rate}" in it: the arm's rate), the
+              rates they set, on_request; `--arms <key>@<rate>` runs one at another rate"""
 
     name: str
     tag: str
@@ -301,16 +302,16 @@ class Intervention:
 MASKING = Intervention(
     "p_intra", "intra", "knowledge-masking rate: one float, one per layer (commas), or linear:<first>:<last>",
     _mask_ffns, _unmask_ffns,
-    arms=(dict(key="mask", name=f"Trans-PEFT masking (p_intra {STUDY_RATE})", p_intra=STUDY_RATE, on_request=True),))
+    arms=(dict(key="mask", name="Trans-PEFT masking (p_intra {rate})", p_intra=STUDY_RATE, on_request=True),))
 DROPPING = Intervention(
     "p_cross", "cross", "knowledge-dropping rate: one float, one per layer (commas), or linear:<first>:<last>",
     _drop_ffns, _undrop_ffns, default="0.1", unused=True, per_step=True,
-    arms=(dict(key="drop", name=f"Trans-PEFT dropping (p_cross {STUDY_RATE})", p_cross=STUDY_RATE),
+    arms=(dict(key="drop", name="Trans-PEFT dropping (p_cross {rate})", p_cross=STUDY_RATE),
           dict(key="both", name="Trans-PEFT masking + dropping", p_intra=STUDY_RATE, p_cross=STUDY_RATE)))
 ATTENTION_MASKING = Intervention(
     "p_attn", "attn", "control A, not the paper's: the same masking on attention's input to o_proj (base branch)",
     _mask_attention, _unmask_attention,
-    arms=(dict(key="attn_mask", name=f"control A: masking attention ({STUDY_RATE})", p_attn=STUDY_RATE),))
+    arms=(dict(key="attn_mask", name="control A: masking attention ({rate})", p_attn=STUDY_RATE),))
 INTERVENTIONS = [MASKING, DROPPING, ATTENTION_MASKING]  # the paper's two first: they name every run directory
 
 

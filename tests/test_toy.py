@@ -235,3 +235,18 @@ def test_the_arms_the_docs_name():
     assert [a["key"] for a in study.select_arms(None)] == ["plain", "drop", "both", "attn_mask", "lora_dropout"]
     assert [a["key"] for a in study.select_arms(["all"])] == ["plain", "mask", "drop", "both", "attn_mask",
                                                               "lora_dropout", "refit"]
+
+
+def test_an_arm_at_another_rate():
+    """<arm>@<rate>: every rate the arm sets, at that rate, placed after its arm; names say the rate."""
+    arms = study.select_arms(["plain", "drop@0.05", "both@0.2", "lora_dropout@0.5", "drop"])
+    assert [a["key"] for a in arms] == ["plain", "drop", "drop@0.05", "both@0.2", "lora_dropout@0.5"]
+    settings = {a["key"]: study.arm_settings(a) for a in arms}
+    assert settings["drop@0.05"] == {"p_intra": 0.0, "p_cross": 0.05, "p_attn": 0.0}
+    assert settings["both@0.2"] == {"p_intra": 0.2, "p_cross": 0.2, "p_attn": 0.0}
+    assert settings["lora_dropout@0.5"]["lora_dropout"] == 0.5
+    assert [a["name"] for a in arms][2:] == ["Trans-PEFT dropping (p_cross 0.05)", "Trans-PEFT masking + dropping (0.2)",
+                                             "control B: LoRA dropout 0.5"]
+    for bad in ("plain@0.1", "refit@0.1", "drop@1.5", "drop@x", "nosuch@0.1"):
+        with pytest.raises(ValueError, match="a dose is <arm>@<rate>"):
+            study.select_arms([bad])

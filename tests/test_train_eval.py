@@ -107,6 +107,13 @@ def lora_model(world, dropout=0.0):
     return model, load_tokenizer(world["old"])
 
 
+def test_an_arm_at_another_rate_on_real_bases(world):
+    out = world["tmp"] / "arms"
+    train.main(run_args(world, out, "--max-steps", "2", "--arms", "plain,drop@0.05"))
+    assert json.loads((out / "drop@0.05-seed42" / "args.json").read_text())["p_cross"] == 0.05
+    assert {r["arm"] for r in json.loads((out / "arms.json").read_text())["rows"]} == {"plain", "drop@0.05"}
+
+
 def test_arms_resume_starts_an_arm_never_begun(world):
     out = world["tmp"] / "arms"
     train.main(run_args(world, out, "--max-steps", "2", "--arms", "plain"))

@@ -14,7 +14,7 @@ math_infer/ scripts do; scoring.py holds both built-in tasks' rules.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import scoring
@@ -59,7 +59,7 @@ class Task:
     gold: Callable[[str], object] = lambda reference: reference
     predictions: Callable[[str], dict] = lambda completion: {}
     fields: str = ""
-    check: Callable[[list[dict], list[str]], None] = field(default=lambda examples, wheres: None)
+    check: Callable[[list[dict], list[str]], None] = lambda examples, wheres: None
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -106,9 +106,9 @@ def run_experiment(args, train_on_new: bool = False, reuse: bool = False, defaul
     examples = load_examples(args.train_data, "train", args.max_samples)
     train_set = None if train_on_new else training_set(examples, old_tok, args.max_len, args.train_data)
     eval_sets = load_eval_sets(eval_sources(args.eval_data), args.eval_limit)
-    if len(examples if train_set is None else train_set) < args.batch_size:
-        raise ValueError(f"{len(examples if train_set is None else train_set)} training examples do not fill one "
-                         f"batch of {args.batch_size}: give a smaller --batch-size or more data.")
+    if (n := len(examples if train_set is None else train_set)) < args.batch_size:
+        raise ValueError(f"{n} training examples do not fill one batch of {args.batch_size}: give a smaller "
+                         "--batch-size or more data.")
     args.data_sha256 = fingerprint(examples, *eval_sets.values())
     if decided_by_rank0(lambda: decide(args.data_sha256)):
         return read_json(out / "results.json")

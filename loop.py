@@ -108,10 +108,11 @@ def interventions(model, seed: int = 0, grad_checkpointing: bool = False, compil
     if unknown := set(rates) - set(units):
         raise ValueError(f"No intervention named {', '.join(sorted(unknown))}: transpeft.INTERVENTIONS has "
                          f"{', '.join(units)}.")
-    on = [unit for unit in INTERVENTIONS
-          if any(per_layer(rates.get(unit.name, 0.0), len(model.model.layers), unit.name))]
+    layers = {unit.name: per_layer(rates.get(unit.name, 0.0), len(model.model.layers), unit.name)
+              for unit in INTERVENTIONS}
+    on = [unit for unit in INTERVENTIONS if any(layers[unit.name])]
     for unit in on:
-        unit.switch_on(model, rates[unit.name], seed)
+        unit.switch_on(model, layers[unit.name], seed)
     wrap_layers(model, grad_checkpointing, compile)
     try:
         yield model

@@ -113,10 +113,7 @@ def restore_checkpoint(model, optimizer, path: Path, total: int) -> int:
                                          for n, p in params.items()):
         raise ValueError(f"{path} holds other trainable weights than this run's PEFT module (other names or shapes: "
                          "another --lora-r?): start the run again with --overwrite.")
-    step = state["step"]
-    if not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= total):
-        raise ValueError(f"{path} says it stopped at step {step!r}, which is not a step of this run's {total}: the "
-                         "file was edited or belongs to another run; start the run again with --overwrite.")
+    step = checked_step(state["step"], total, path)
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(state["trainable"][n])
@@ -124,6 +121,14 @@ def restore_checkpoint(model, optimizer, path: Path, total: int) -> int:
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return step
+
+
+def checked_step(step, total: int, path: Path) -> int:
+    """A checkpoint's step, refused unless it is a step of this run (0 ... total)."""
+    if not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= total):
+        raise ValueError(f"{path} says it stopped at step {step!r}, which is not a step of this run's {total}: the "
+                         "file was edited or belongs to another run; start the run again with --overwrite.")
     return step
 
 
@@ -161,10 +166,7 @@ def restore_sharded(model, optimizer, path: Path, total: int) -> int:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     state = read_torch_file(path / "state.pt")
-    step = state.get("step") if isinstance(state, dict) else None
-    if not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= total):
-        raise ValueError(f"{path / 'state.pt'} says it stopped at step {step!r}, which is not a step of this run's "
-                         f"{total}: start the run again with --overwrite.")
+    step = checked_step(state.get("step") if isinstance(state, dict) else None, total, path / "state.pt")
     if len(state.get("rng") or []) != dist.get_world_size():
         raise ValueError(f"{path} was written by {len(state.get('rng') or [])} processes and this run has "
                          f"{dist.get_world_size()}: resume with as many (torchrun --nproc_per_node).")

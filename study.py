@@ -4,7 +4,7 @@ paper gives? Arms x seeds x bases, paired; the same code for the toy world (pyth
 bases (python train.py --old A --new B --arms plain,transpeft,refit).
 
 Terms, in the order a reader meets them:
-    arm          one way of training the module (all_arms): plain, Trans-PEFT's interventions, a control, the upper bound.
+    arm          one way of training the module (all_arms): plain, the interventions, the controls, the upper bound.
                  Every arm is compared with plain training of the same seed.
     seed         pairs the arms: every arm of a seed starts from the same module initialisation and sees the same data
                  order; only the arm's own intervention differs. The seeds are the independent samples.
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -54,19 +53,12 @@ from transpeft import INTERVENTIONS, ffn_gradient
 # -----------------------------------------------------------------------------------------------------------
 # The arms: one schema for the toy and for real bases
 
-# An arm changes a run by the rates it sets (each an Intervention's name: p_intra, p_cross, p_attn, a fork's own),
-# every other intervention staying off, or by lora_dropout, train_on="new" (the upper bound), rates_from_flags (the
-# rates the flags give). "{peft}" in a name is LoRA, DoRA or adapter. Arms marked on_request run only when named (or
-# with --arms all): so that the toy's default fits 10 minutes, masking alone (masking + dropping contains it) and the
-# upper bound (a training per seed) are among them. The interventions' arms come from their units, in their order.
-
-
 def all_arms() -> list[dict]:
-    """Every arm: plain, the flags' rates, each intervention's own (transpeft.INTERVENTIONS, a fork's too), control B,
-    the upper bound."""
-    return [dict(key="plain", name="plain {peft}"),
-            dict(key="transpeft", name="Trans-PEFT trained on old (the flags' rates)", rates_from_flags=True,
-                 on_request=True),
+    """Every arm: plain, the flags' rates, each intervention's own (a fork's too), control B, the upper bound. An arm
+    sets rates (every other one 0), train_on="new" or rates_from_flags; on_request ones run only when named (or with
+    --arms all), so that the toy's default fits 10 minutes. "{peft}", "{rate}" in a name: LoRA/DoRA/adapter, a rate."""
+    flags = dict(key="transpeft", name="Trans-PEFT trained on old (the flags' rates)", rates_from_flags=True)
+    return [dict(key="plain", name="plain {peft}"), {**flags, "on_request": True},
             *(arm for unit in INTERVENTIONS for arm in unit.arms),
             dict(key="lora_dropout", name="control B: LoRA dropout {rate}", lora_dropout=0.3),
             dict(key="refit", name="upper bound: {peft} trained on the update", train_on="new", on_request=True)]
@@ -80,8 +72,7 @@ TOY_LORA = dict(r=8, alpha=16, dropout=0.05, targets=("q_proj", "k_proj", "v_pro
                 lr=5e-3, steps=500, warmup_ratio=0.1, batch_size=16, max_len=128, max_new_tokens=24)
 
 
-def rate_keys(arm: dict) -> list[str]:
-    """The rates an arm sets: interventions' (p_intra, ...) and control B's lora_dropout."""
+def rate_keys(arm: dict) -> list[str]:  # the rates an arm sets: interventions' (p_intra, ...) and lora_dropout
     return [k for k in (*(unit.name for unit in INTERVENTIONS), "lora_dropout") if k in arm]
 
 
@@ -89,24 +80,18 @@ def select_arms(wanted: list[str] | None, peft: str = "LoRA") -> list[dict]:
     """The arms named, in all_arms order, names filled in. None: every arm not run on request; "all": every arm with
     settings of its own (not "transpeft", which at the default flags is "drop"). "<key>@<rate>" (drop@0.05,
     both@0.2, lora_dropout@0.5) is that arm with every rate it sets at <rate>: a dose, placed after its arm."""
-    arms, doses = all_arms(), {}
-    keys, dosable = [a["key"] for a in arms], [a["key"] for a in arms if rate_keys(a)]
-    for spec in [w for w in wanted or [] if "@" in w]:
-        key, _, text = spec.partition("@")
-        try:
-            rate = float(text)
-        except ValueError:
-            rate = math.nan
-        if key not in dosable or not 0 <= rate < 1:
-            raise ValueError(f"--arms {spec}: a dose is <arm>@<rate>, the rate in [0, 1), of an arm that sets a "
-                             f"rate: {', '.join(dosable)}.")
-        base = arms[keys.index(key)]
-        doses.setdefault(key, []).append({**base, "key": spec, **dict.fromkeys(rate_keys(base), rate),
-                                          "on_request": True})
-    named_doses = {d["key"] for ds in doses.values() for d in ds}
-    if wanted and (unknown := set(wanted) - set(keys) - {"all"} - named_doses):
-        raise ValueError(f"Unknown arm(s) {', '.join(sorted(unknown))}: choose from {', '.join(keys)}, or all, or "
+    arms = {a["key"]: a for a in all_arms()}
+    doses = [w for w in wanted or [] if "@" in w]
+    for key, _, text in (d.partition("@") for d in doses):
+        if not (key in arms and rate_keys(arms[key]) and text.replace(".", "", 1).isdigit() and float(text) < 1):
+            raise ValueError(f"--arms {key}@{text}: a dose is <arm>@<rate>, the rate in [0, 1), of an arm that sets a "
+                             f"rate: {', '.join(k for k, a in arms.items() if rate_keys(a))}.")
+    if wanted and (unknown := set(wanted) - set(arms) - {"all"} - set(doses)):
+        raise ValueError(f"Unknown arm(s) {', '.join(sorted(unknown))}: choose from {', '.join(arms)}, or all, or "
                          "<arm>@<rate>.")
+
+    def dose(base, spec):  # every rate the arm sets, at the spec's
+        return {**base, "key": spec, "on_request": True, **dict.fromkeys(rate_keys(base), float(spec.split("@")[1]))}
 
     def chosen(a):
         if not wanted:
@@ -118,14 +103,15 @@ def select_arms(wanted: list[str] | None, peft: str = "LoRA") -> list[dict]:
         name = a["name"] + (" ({rate})" if "@" in a["key"] and "{rate}" not in a["name"] else "")
         return {**a, "name": name.format(peft=peft, rate=rates[0] if rates else "")}
 
-    return [named(a) for base in arms for a in (base, *doses.get(base["key"], [])) if chosen(a)]
+    return [named(a) for key, base in arms.items()
+            for a in (base, *(dose(base, d) for d in doses if d.partition("@")[0] == key)) if chosen(a)]
 
 
 def arm_settings(arm: dict, flags: argparse.Namespace | None = None) -> dict:
     """The interventions an arm trains with: its own (every other rate 0); rates_from_flags: those of the flags."""
     names = [unit.name for unit in INTERVENTIONS]
     own = {k: getattr(flags, k) for k in names} if arm.get("rates_from_flags") else {}
-    return {**dict.fromkeys(names, 0.0), **own, **{k: arm[k] for k in (*names, "lora_dropout") if k in arm}}
+    return {**dict.fromkeys(names, 0.0), **own, **{k: arm[k] for k in rate_keys(arm)}}
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -597,17 +583,15 @@ def run_arms(args, defaults: dict | None = None) -> dict:
     rows = []
     for seed in range(args.seed, args.seed + (args.seeds or 1)):
         for arm in arms:
-            key = arm["key"]
-            arm_out = out / f"{key}-seed{seed}"  # --resume continues the arms begun; one not begun starts
+            arm_out = out / f"{arm['key']}-seed{seed}"  # --resume continues the arms begun; one not begun starts
             run = argparse.Namespace(**{**vars(args), "arms": None, "seed": seed, "out": str(arm_out),
                                         "resume": args.resume and bool(run_outputs(arm_out)), "refit_new": False,
                                         **arm_settings(arm, args)})
             refit = arm.get("train_on") == "new"
-            # with --resume, a finished arm is read
-            r = run_experiment(run, train_on_new=refit, reuse=True, defaults=defaults)
+            r = run_experiment(run, train_on_new=refit, reuse=True, defaults=defaults)  # --resume: a finished one read
             for task in r["tasks"]:  # each task a "regime" of the summary: its own comparison
                 res = r[task]
-                rows.append({"arm": key, "seed": seed, "regime": f"{Path(str(args.new)).name} {task}",
+                rows.append({"arm": arm["key"], "seed": seed, "regime": f"{Path(str(args.new)).name} {task}",
                              "update_seed": 0, "source": None if refit else res["source_old"]["accuracy"],
                              "transfer": (res["refit_new"] if refit else res["transfer_new"])["accuracy"]})
     report, summary = summarize_study(rows, arms, source_label=f"source ({Path(str(args.old)).name})", learned=None)

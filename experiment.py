@@ -110,8 +110,6 @@ def run_experiment(args, train_on_new: bool = False, reuse: bool = False, defaul
         raise ValueError(f"{n} training examples do not fill one batch of {args.batch_size}: give a smaller "
                          "--batch-size or more data.")
     args.data_sha256 = fingerprint(examples, *eval_sets.values())
-    if decided_by_rank0(lambda: decide(args.data_sha256)):
-        return read_json(out / "results.json")
     lock = decided_by_rank0(lambda: acquire_lock(out, args))
     try:  # decided again under the lock: another run may have begun or finished here while this one read its data
         if decided_by_rank0(lambda: decide(args.data_sha256, locked=True)):

@@ -182,9 +182,6 @@ def restore_sharded(model, optimizer, path: Path, total: int) -> int:
     # strict=False: the moments of the weights without a gradient yet are absent (the weights were read strictly)
     set_state_dict(model, optimizer, model_state_dict=loaded["trainable"], optim_state_dict=loaded["optimizer"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
-    for name, p in model.named_parameters():  # as in the run that was not interrupted: no state before a gradient
-        if name not in optim["state"]:
-            optimizer.state.pop(p, None)
     cpu_rng, cuda_rng = state["rng"][dist.get_rank()]
     torch.set_rng_state(cpu_rng)
     if cuda_rng is not None and torch.cuda.is_available():

@@ -200,3 +200,10 @@ def test_an_absolute_shard_path_in_an_index_is_refused(world):
 
     refused(["--model", broken_copy(world, "absolute", absolute), "--data", world["data"]],
             "outside the checkpoint directory", main=eval_cli.main)
+
+
+def test_a_stop_id_past_the_embedding_is_refused(world):
+    """generation_config.json's eos_token_id is a stop id of decoding: past the embedding it is refused too."""
+    base = broken_copy(world, "stop", lambda p: (p / "generation_config.json").write_text('{"eos_token_id": [0, 600]}'))
+    refused(["--model", base, "--data", world["data"]], "The stop token id", "0, 600", "512 embedding rows",
+            main=eval_cli.main)

@@ -601,20 +601,20 @@ HELD = """import sys, time
 from pathlib import Path
 import experiment, train
 gate = Path(sys.argv[1])
-read = experiment.load_eval_sets
-def held(*args, **kwargs):  # this run has checked --out; it waits here, before its lock, until the gate opens
-    gate.with_suffix(".checked").touch()
+lock = experiment.acquire_lock
+def held(*args, **kwargs):  # this run has checked --out and read its data; it waits here, at its lock, until the gate
+    gate.with_suffix(".checked").touch()  # opens
     while not gate.exists():
         time.sleep(0.05)
-    return read(*args, **kwargs)
-experiment.load_eval_sets = held
+    return lock(*args, **kwargs)
+experiment.acquire_lock = held
 train.main(sys.argv[2:])
 """
 
 
 @pytest.mark.slow
 def test_a_run_that_finished_while_another_read_its_data_is_not_overwritten(world):
-    """Process B checks an empty --out and is held before its lock (reading a large file, say) while A runs to the
+    """Process B checks an empty --out, reads its data and is held just before its lock while A runs to the
     end in the same --out: B, let go, decides again under its lock and refuses; A's run is intact."""
     out, gate = world["tmp"] / "run", world["tmp"] / "gate"
     argv = run_args(world, out, "--max-steps", "2")
@@ -679,7 +679,8 @@ def test_resume_takes_over_a_stale_lock(world):
 
 @pytest.mark.parametrize("content, phrase", [
     (b"\xff\xfe\x00", "is not a lock that a run wrote"), (b"", "is not a lock that a run wrote"),
-    (b"garbage", "is not a lock that a run wrote"), (None, "is a directory, not a run's lock"),
+    (b"garbage", "is not a lock that a run wrote"), (b"12345", "is not a lock that a run wrote"),
+    (None, "is a directory, not a run's lock"),
 ])
 def test_a_lock_this_code_did_not_write_is_named(world, monkeypatch, content, phrase):
     no_training(monkeypatch)

@@ -283,8 +283,9 @@ def begin_run(out: Path, args) -> None:
 def interrupted(args, argv: list[str], toy_out: Path) -> str:
     """The one line a Ctrl-C ends with: where the last checkpoint is, and the command that continues from it."""
     if args.old is None:
-        return (f"interrupted: the toy study in {toy_out} is incomplete; run the same command with --overwrite to "
-                "start it again.")
+        again = shlex.join([a for a in argv if a not in ("--resume", "--overwrite")] + ["--resume"])
+        return (f"interrupted: the toy study in {toy_out} is incomplete; continue it (finished arm-seeds are kept) "
+                f"with: python train.py {again}")
     out = Path(args.out) if args.out else default_out(args)
     flags = [a for a in argv if a not in ("--resume", "--overwrite")]
     ckpt = next((out / where / name for where in ("refit-new", ".") for name in ("checkpoint.pt", SHARDED)

@@ -34,20 +34,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
+import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import lora as lora_lib
 import toy
 from analysis import analyze_drift, pyplot
-from bases import cache_dir, is_main_process, load_model, load_tokenizer
+from bases import cache_dir, is_main_process, load_model, load_tokenizer, read_json
 from data import IGNORE_INDEX, collate, next_token_targets, tokenize_dataset
 from eval import evaluate
-from rundir import default_out, remove, run_outputs
+from rundir import acquire_lock, default_out, release_lock, remove, run_outputs
 from experiment import run_experiment
 from loop import TrainSettings, interventions, train
+from stats import holm, mean_std, paired_interval, spearman
 from transpeft import INTERVENTIONS, ffn_gradient
 
 # -----------------------------------------------------------------------------------------------------------
@@ -79,29 +84,37 @@ def rate_keys(arm: dict) -> list[str]:  # the rates an arm sets: interventions' 
 def select_arms(wanted: list[str] | None, peft: str = "LoRA") -> list[dict]:
     """The arms named, in all_arms order, names filled in. None: every arm not run on request; "all": every arm with
     settings of its own (not "transpeft", which at the default flags is "drop"). "<key>@<rate>" (drop@0.05,
-    both@0.2, lora_dropout@0.5) is that arm with every rate it sets at <rate>: a dose, placed after its arm."""
+    both@0.2, lora_dropout@0.5) is that arm with every rate it sets at <rate>: a dose, placed after its arm;
+    "<key>@<rate>/<rate>" gives an arm that sets two rates one each, in rate_keys order (both@0.2/0.1: p_intra 0.2,
+    p_cross 0.1)."""
     arms = {a["key"]: a for a in all_arms()}
     doses = [w for w in wanted or [] if "@" in w]
     for key, _, text in (d.partition("@") for d in doses):
-        if not (key in arms and rate_keys(arms[key]) and text.replace(".", "", 1).isdigit() and float(text) < 1):
-            raise ValueError(f"--arms {key}@{text}: a dose is <arm>@<rate>, the rate in [0, 1), of an arm that sets a "
-                             f"rate: {', '.join(k for k, a in arms.items() if rate_keys(a))}.")
+        values = text.split("/")
+        if not (key in arms and rate_keys(arms[key]) and len(values) in (1, len(rate_keys(arms[key])))
+                and all(v.replace(".", "", 1).isdigit() and float(v) < 1 for v in values)):
+            raise ValueError(f"--arms {key}@{text}: a dose is <arm>@<rate> (or one rate per rate the arm sets, "
+                             "separated by /), each rate in [0, 1), of an arm that sets a rate: "
+                             f"{', '.join(k for k, a in arms.items() if rate_keys(a))}.")
     if wanted and (unknown := set(wanted) - set(arms) - {"all"} - set(doses)):
         raise ValueError(f"Unknown arm(s) {', '.join(sorted(unknown))}: choose from {', '.join(arms)}, or all, or "
                          "<arm>@<rate>.")
 
-    def dose(base, spec):  # every rate the arm sets, at the spec's
-        return {**base, "key": spec, "on_request": True, **dict.fromkeys(rate_keys(base), float(spec.split("@")[1]))}
+    def dose(base, spec):  # every rate the arm sets, at the spec's (one, or one each)
+        values = [float(v) for v in spec.split("@")[1].split("/")]
+        keys = rate_keys(base)
+        return {**base, "key": spec, "on_request": True, **dict(zip(keys, values * len(keys) if len(values) == 1
+                                                                    else values))}
 
     def chosen(a):
         if not wanted:
             return not a.get("on_request")
         return a["key"] in wanted or ("all" in wanted and not a.get("rates_from_flags"))
 
-    def named(a):  # "{rate}": the arm's rate; a dose of an arm whose name has none gets it appended
-        rates = [a[k] for k in rate_keys(a)]
+    def named(a):  # "{rate}": the arm's rate(s); a dose of an arm whose name has none gets it appended
+        rates = list(dict.fromkeys(a[k] for k in rate_keys(a)))  # one rate where they are equal
         name = a["name"] + (" ({rate})" if "@" in a["key"] and "{rate}" not in a["name"] else "")
-        return {**a, "name": name.format(peft=peft, rate=rates[0] if rates else "")}
+        return {**a, "name": name.format(peft=peft, rate="/".join(map(str, rates)))}
 
     return [named(a) for key, base in arms.items()
             for a in (base, *(dose(base, d) for d in doses if d.partition("@")[0] == key)) if chosen(a)]
@@ -176,78 +189,10 @@ def toy_arm(arm: dict, settings: dict, seed: int, old: str, updates: list[tuple]
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Statistics: paired differences over seeds
-
-
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+# Which modules learned the task
 
 
 LEARNED = 0.9  # source accuracy from which an arm counts as having learned the task on toy-v1
-
-
-# Student's t quantile t(0.975, df): a 95% interval for a mean is mean ± T975[df] * SE (df = n - 1; a df between
-# the listed ones takes the next smaller one, which widens the interval slightly).
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228, 11: 2.201,
-        12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060,
-        30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
-
-
-def sign_flip_p(diffs: list[float]) -> float:
-    """Two-sided p-value of the paired sign-flip (permutation) test of "mean difference 0": under that hypothesis
-    each seed's difference is as likely to have either sign, so p = the fraction of the 2^n sign patterns whose
-    |mean| reaches the observed one. Exact up to n = 16 (65,536 patterns); beyond, 2^16 random patterns."""
-    d = torch.tensor(diffs, dtype=torch.float64)
-    n = len(diffs)
-    if n <= 16:
-        signs = (torch.arange(2**n)[:, None] >> torch.arange(n)) & 1  # (2^n, n): every pattern, the identity included
-    else:
-        signs = torch.randint(0, 2, (2**16, n), generator=torch.Generator().manual_seed(0))
-        signs[0] = 0
-    flipped = ((1 - 2 * signs.double()) * d).mean(1).abs()
-    return (flipped >= d.mean().abs() - 1e-12).double().mean().item()
-
-
-def holm(pvalues: list[float]) -> list[float]:
-    """Holm's step-down adjustment: the k-th smallest of m p-values times (m - k + 1), kept monotone, capped at 1.
-    Rejecting where the adjusted p < 0.05 keeps the chance of any false "beyond noise" among the m at 5%."""
-    m, adjusted, running = len(pvalues), [0.0] * len(pvalues), 0.0
-    for k, i in enumerate(sorted(range(m), key=lambda i: pvalues[i])):
-        running = max(running, min(1.0, (m - k) * pvalues[i]))
-        adjusted[i] = running
-    return adjusted
-
-
-def paired_interval(diffs: list[float]) -> dict:
-    """Mean of paired differences, its std, SE, the half-width of its 95% t interval (n >= 2), and the sign-flip p."""
-    m, sd = mean_std(diffs)
-    se = sd / len(diffs) ** 0.5
-    half = T975[max(k for k in T975 if k <= len(diffs) - 1)] * se
-    return {"n": len(diffs), "mean": m, "std": sd, "se": se, "ci95": half, "excludes_0": abs(m) > half,
-            "p": sign_flip_p(diffs)}
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman's rank correlation: Pearson's correlation of the ranks (ties share their mean rank)."""
-    def ranks(v):
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(v):
-            j = i
-            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
-
-    rx, ry = ranks(x), ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
-    return cov / var if var > 0 else float("nan")
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -357,10 +302,18 @@ def bound_summary(rows: list[dict], present: list[str]) -> dict:
     return out
 
 
-def delta(c: dict | None) -> str:
-    """A paired difference as 'mean ± half-width p p-value', marked * where beyond noise (Holm-adjusted p < 0.05)."""
+# Below this many seeds a 95% t interval of a difference of accuracies is mostly wider than the difference's range
+# [-1, 1] (t(0.975, 1) = 12.7): a table shows how many seeds lie on each side of 0 instead.
+MIN_SEEDS_FOR_INTERVAL = 5
+
+
+def delta(c: dict | None, above: str = "> 0") -> str:
+    """A paired difference as 'mean ± half-width p p-value', marked * where beyond noise (Holm-adjusted p < 0.05);
+    with too few seeds for an interval (or one wider than 1), its mean and on how many seeds it is `above`."""
     if c is None:
         return ""
+    if c["n"] < MIN_SEEDS_FOR_INTERVAL or c["ci95"] > 1:
+        return f"{c['mean']:+.2f}, {above} on {c['above']} of {c['n']} seeds"
     mark = " *" if c.get("p_holm", 1) < 0.05 else ""
     return f"{c['mean']:+.2f} ± {c['ci95']:.2f} p {c.get('p_holm', c['p']):.2f}{mark}"
 
@@ -368,7 +321,7 @@ def delta(c: dict | None) -> str:
 def transfer_table(summary: dict) -> list[str]:
     """The study's main table: per arm and regime, transfer accuracy and its paired difference to plain training."""
     names = {key: a["name"] for key, a in summary["arms"].items()}
-    regimes, w, cell = list(summary["regimes"]), max(map(len, names.values())), 34
+    regimes, w, cell = list(summary["regimes"]), max(map(len, names.values())), 36
     lines = ["transfer accuracy on the updates (mean ± std) and its paired difference to plain LoRA over every seed "
              "(95% t interval, sign-flip p Holm-adjusted; * p < 0.05)",
              f"{'arm':<{w}}  " + "  ".join(f"{regime + ' update':<{cell}}" for regime in regimes)]
@@ -376,16 +329,69 @@ def transfer_table(summary: dict) -> list[str]:
         cells = []
         for regime in regimes:
             s = summary["regimes"][regime]["arms"].get(key)
-            cells.append(f"{s['transfer'][0]:.2f} ± {s['transfer'][1]:.2f}  {delta(s.get('itt')):<20}" if s else "-")
+            cells.append(f"{s['transfer'][0]:.2f} ± {s['transfer'][1]:.2f}  {delta(s.get('itt'), 'better'):<22}"
+                         if s else "-")
         lines.append(f"{name:<{w}}  " + "  ".join(f"{c:<{cell}}" for c in cells))
     return lines
 
 
-def headline(summary: dict) -> str:
-    """What a study prints at its end: the transfer table and one sentence per regime."""
+# What each toy update did, in words a newcomer needs no docs for (toy.REGIMES)
+REGIME_TEXT = {"full": "every weight of toy-v1 moved, as real model versions are made",
+               "ffn": "only the FFN weights moved: the update rewrote knowledge, the paper's premise",
+               "attn": "only attention moved: the paper's premise reversed"}
+
+PUBLISHED = Path(__file__).resolve().parent / "docs" / "toy-study-results.json"  # the study docs/toy-study.md reports
+
+
+def published_study(path: Path = PUBLISHED) -> dict | None:
+    """The published study's summary, computed from its rows as a run computes its own (so the numbers the docs
+    quote, this file and a run's reference cannot drift apart); None where the file is absent."""
+    if not path.exists():
+        return None
+    ref = read_json(path)
+    _, summary = summarize_study(ref["rows"], select_arms(ref["arms"]))
+    return {**summary, "seeds": len({r["seed"] for r in ref["rows"]}), "command": ref["command"]}
+
+
+def headline(summary: dict, reference: dict | None = None) -> str:
+    """What a study prints at its end: per regime, each arm's transfer and its difference to plain training, beside
+    the published study's for the same arm (reference: published_study()), and one sentence."""
     names = {key: a["name"] for key, a in summary["arms"].items()}
-    sentences = [verdict(regime, s, names) for regime, s in summary["regimes"].items()]
-    return "\n".join(transfer_table(summary) + [""] + sentences)
+    seeds = summary["arms"]["plain"]["seeds"]
+    w = max(map(len, names.values()))
+    this, pub = f"this run ({seeds} seeds)", f"published ({reference['seeds']} seeds)" if reference else ""
+    lines = ["transfer: accuracy on the update of the module trained on the old base, unchanged; Δ: its difference "
+             "to plain training, seed by seed (mean ± 95% t interval, Holm-adjusted p; * beyond noise; with under "
+             f"{MIN_SEEDS_FOR_INTERVAL} seeds, on how many seeds the arm is better)" +
+             (f". Published: docs/toy-study.md, `{reference['command']}`." if reference else ".")]
+    for regime, s in summary["regimes"].items():
+        ref = reference["regimes"].get(regime) if reference else None
+        lines += ["", f"{regime} update" + (f": {REGIME_TEXT[regime]}" if regime in REGIME_TEXT else ""),
+                  f"  {'arm':<{w}}  {this + ': transfer, Δ':<42}" + (f"  {pub}: transfer, Δ" if ref else "")]
+        for key, name in names.items():
+            cells = []
+            for part in (s, ref):
+                a = part["arms"].get(key) if part else None
+                cells.append(f"{a['transfer'][0]:.2f}  {delta(a.get('itt'), 'better')}" if a else "-")
+            lines.append(f"  {name:<{w}}  {cells[0]:<42}" + (f"  {cells[1]}" if ref else ""))
+        lines.append("  " + (told(regime, s, ref, names) if ref else verdict(regime, s, names)))
+    return "\n".join(lines)
+
+
+def told(regime: str, s: dict, ref: dict, names: dict) -> str:
+    """One sentence per regime beside the published study: its largest gain over plain training, whether beyond
+    noise, what the paper predicts, and whether this run points the same way."""
+    shared = [k for k in ref["arms"] if k in s["arms"] and "itt" in ref["arms"][k] and "itt" in s["arms"][k]]
+    if not shared:
+        return verdict(regime, s, names)
+    best = max(shared, key=lambda k: ref["arms"][k]["itt"]["mean"])
+    c = ref["arms"][best]["itt"]
+    noise = "beyond noise" if c.get("p_holm", 1) < 0.05 else "within noise"
+    same = sum((s["arms"][k]["itt"]["mean"] > 0) == (ref["arms"][k]["itt"]["mean"] > 0) for k in shared)
+    return (f"Published: plain training keeps {ref['arms']['plain']['transfer'][0]:.2f}; the largest gain is "
+            f"{names[best]}'s, {c['mean']:+.2f} ± {c['ci95']:.2f}, {noise}" +
+            (f" ({PREDICTION[regime]})" if regime in PREDICTION else "") +
+            f". This run points the same way for {same} of {len(shared)} arms.")
 
 
 def format_study(summary: dict, names: dict, present: list[str], regimes: list[str], source_label: str) -> str:
@@ -409,7 +415,7 @@ def format_study(summary: dict, names: dict, present: list[str], regimes: list[s
         cells = []
         for regime in regimes:
             c = summary["regimes"][regime]["arms"].get(key, {}).get("learned_subset")
-            cells.append(f"{delta(c)} (n {c['n']})" if c else "")
+            cells.append(f"{delta(c, 'better')} (n {c['n']})" if c else "")
         lines.append(f"{names[key]:<{w}}  " + "  ".join(f"{c:<{cell}}" for c in cells))
     if summary["regime_contrast"]:
         lines += ["", "regime contrast: the gain over plain LoRA under the FFN-only update minus that under the "
@@ -481,6 +487,46 @@ def chart(summary: dict, path: Path) -> bool:
     return True
 
 
+def dose_chart(summary: dict, arms: list[dict], path: Path) -> bool:
+    """The dose response: one panel per regime, the transfer gain over plain training (mean, 95% t interval) against
+    the rate, one line per arm family (an arm and its doses, `<arm>@<rate>`; x: the first rate the arm sets, so
+    p_intra for masking + dropping). A family's default arm whose first rate one of its doses shares is drawn apart
+    (a hollow marker). False (nothing written) where matplotlib is not installed or no arm has doses."""
+    plt = pyplot()
+    families: dict = {}  # base key -> [(rate, arm key, is a dose)]
+    for a in arms:
+        if rate_keys(a) and a["key"] != "plain":
+            families.setdefault(a["key"].split("@")[0], []).append((a[rate_keys(a)[0]], a["key"], "@" in a["key"]))
+    families = {k: sorted(v) for k, v in families.items() if any(dose for *_, dose in v)}
+    if plt is None or not families:
+        return False
+    regimes = list(summary["regimes"])
+    fig, axes = plt.subplots(1, len(regimes), figsize=(4.2 * len(regimes), 3.6), sharey=True, squeeze=False)
+    for ax, regime in zip(axes[0], regimes):
+        cells = summary["regimes"][regime]["arms"]
+        for i, (family, points) in enumerate(families.items()):
+            doses = {rate for rate, _, dose in points if dose}
+            line = [(r, cells[k]["itt"]) for r, k, dose in points if (dose or r not in doses) and "itt" in cells.get(k, {})]
+            apart = [(r, cells[k]["itt"]) for r, k, dose in points if not dose and r in doses and "itt" in cells.get(k, {})]
+            name = summary["arms"][points[0][1]]["name"].split(" (")[0]
+            color = f"C{i}"
+            if line:
+                ax.errorbar([r for r, _ in line], [c["mean"] for _, c in line], yerr=[c["ci95"] for _, c in line],
+                            marker="o", capsize=3, color=color, label=name)
+            for r, c in apart:
+                ax.errorbar([r], [c["mean"]], yerr=[c["ci95"]], marker="o", mfc="none", capsize=3, color=color)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_title(f"{regime} update")
+        ax.set_xlabel("rate (masking + dropping: p_intra)")
+    axes[0][0].set_ylabel("transfer gain over plain")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("dose response: transfer gain over plain training, every seed (mean and 95% t interval)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def drift_table(drift: dict) -> str:
     """Per update, its drift averaged over layers (analysis.analyze_drift)."""
     columns = (("attn_weight", "attn ΔW/W"), ("ffn_weight", "ffn ΔW/W"), ("attn_cos", "attn 1-cos"),
@@ -493,15 +539,19 @@ def drift_table(drift: dict) -> str:
     return "\n".join(lines)
 
 
-def finish(out: Path, results: dict, report: str, results_name: str = "results.json") -> None:
-    """Write results, report and chart; print the headline and, last, where everything is."""
+def finish(out: Path, results: dict, report: str, results_name: str = "results.json",
+           reference: dict | None = None) -> None:
+    """Write results, report and charts (study.png; dose.png where arms were run at several rates); print the headline
+    (beside the reference's numbers: the published study) and, last, where everything is."""
     (out / results_name).write_text(json.dumps(results, indent=2))
     (out / "report.txt").write_text(report + "\n")
-    charted = chart(results["summary"], out / "study.png")
-    print("\n" + headline(results["summary"]))
-    if not charted:
-        print("(pip install matplotlib for the chart, study.png)")
-    written = ", ".join(str(out / name) for name in [results_name, "report.txt"] + ["study.png"] * charted)
+    charts = [name for name, drawn in (("study.png", chart(results["summary"], out / "study.png")),
+                                       ("dose.png", dose_chart(results["summary"], results.get("arms", []),
+                                                               out / "dose.png"))) if drawn]
+    print("\n" + headline(results["summary"], reference))
+    if pyplot() is None:
+        print("(pip install matplotlib for the charts)")
+    written = ", ".join(str(out / name) for name in [results_name, "report.txt", *charts])
     print(f"\nwrote {written}; every table is in {out / 'report.txt'}" +
           (f" ({results['minutes']:.1f} min)" if "minutes" in results else ""))
 
@@ -514,9 +564,61 @@ def toy_out(args) -> Path:
     return Path(args.out or ("runs/toy-study-quick" if args.quick else "runs/toy-study"))
 
 
+def toy_data(old: str, recipe: dict, quick: bool, device: str = "cpu") -> tuple:
+    """The toy task, tokenized: (tokenizer, training set, test questions, the test questions as one batch of ids and
+    next-token targets, for the losses of the bound)."""
+    train_examples, test = toy.task(toy.make_world(0))
+    if quick:
+        test = test[:12]
+    tokenizer = load_tokenizer(old)
+    dataset, _ = tokenize_dataset(train_examples, tokenizer, recipe["max_len"], prompt_fn=toy.train_prompt)
+    scored, _ = tokenize_dataset(test, tokenizer, recipe["max_len"], prompt_fn=toy.train_prompt)  # for the losses
+    ids, labels = collate(scored, tokenizer.pad_token_id)
+    return tokenizer, dataset, test, (ids.to(device), next_token_targets(labels).to(device))
+
+
+def arm_key(arm: dict, recipe: dict, updates: list[tuple]) -> dict:
+    """What one arm-seed's rows depend on, beside its seed: a finished arm-seed is reused by --resume only where
+    this is unchanged (the arm's settings, the LoRA recipe, and every update with the recipe it was built by)."""
+    bases = [read_json(Path(path) / "toy_recipe.json") for _, _, path in updates]
+    key = {"arm": {k: v for k, v in arm.items() if k != "name"}, "recipe": recipe,
+           "updates": [[regime, u, Path(path).name] for regime, u, path in updates], "bases": bases}
+    return json.loads(json.dumps(key))  # as read back from rows.json (tuples as lists)
+
+
+_WORKER: dict = {}  # a side-by-side worker's data, built once per process (toy_data)
+
+
+def default_jobs() -> int:
+    """The toy study's arm-seeds side by side: one per core this process may use, at most 8 (each a process of its
+    own, ~0.3 GB). Measured on a 2-core CPU: 1.36x the arm-seeds per hour of one at a time on both cores
+    (benchmarks/README.md)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
+def _start_worker(old: str, recipe: dict, quick: bool, device: str) -> None:
+    torch.set_num_threads(1)  # one core each: the arms run side by side, not one arm on every core
+    sys.stderr = open(os.devnull, "w")  # the workers' progress bars would interleave; the parent prints each arm-seed
+    _WORKER["data"] = toy_data(old, recipe, quick, device)
+
+
+def _run_job(job: tuple) -> list[dict]:
+    arm, seed, old, updates, run_dir, recipe, device = job
+    tokenizer, dataset, test, test_batch = _WORKER["data"]
+    return toy_arm(arm, arm_settings(arm), seed, old, updates, dataset, test, test_batch, tokenizer, run_dir, recipe,
+                   device)
+
+
 def run_toy_study(args) -> dict:
     """The embedded default: every arm (or --arms) for every seed, trained on toy-v1 and moved to every update of
-    every regime; then the drift analysis of each update, the tables and the chart."""
+    every regime; then the drift analysis of each update, the tables and the chart.
+
+    Each finished arm-seed leaves rows.json in its directory (seed<s>/<arm>/), so that --resume trains only the
+    arm-seeds not yet finished (more seeds or arms than the first command named included) and a study too long for
+    one sitting runs in several. --jobs N trains N arm-seeds side by side, one process with one thread each: on a
+    2-core CPU the toy's matrices (128 wide) gain little from a second thread. One thread or two give the same rows
+    (tests/test_toy.py)."""
     t_start = time.time()
     recipe, base_recipe, root = dict(TOY_LORA), toy.RECIPE, None
     if args.quick:  # a smoke test of the whole path, for CI: tiny bases, a few steps; the numbers mean nothing
@@ -527,50 +629,80 @@ def run_toy_study(args) -> dict:
     if arms[0]["key"] != "plain":
         raise ValueError("The toy study compares every arm with plain LoRA: --arms must include plain.")
     out = toy_out(args)
-    if args.resume:
-        raise ValueError("The toy study cannot be resumed: run it again with --overwrite.")
     started = (out / "args.json").exists() or (out / "results.json").exists()
-    if started and not args.overwrite:
+    if args.resume and not started:
+        raise ValueError(f"--resume: {out} holds no toy study to continue; run without --resume to start one.")
+    if started and not (args.overwrite or args.resume):
         state = "a finished study (results.json)" if (out / "results.json").exists() else "an unfinished study"
-        raise ValueError(f"{out} already holds {state}: pass --overwrite to replace it, or another --out.")
-    if args.overwrite:  # the study's own outputs only
-        remove(out / "args.json", out / "results.json", out / "report.txt", out / "study.png", *out.glob("seed[0-9]*"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "args.json").write_text(json.dumps({**vars(args), "recipe": recipe}, indent=2, default=str))
+        raise ValueError(f"{out} already holds {state}: pass --resume to continue it (finished arm-seeds are kept; "
+                         "more --seeds or --arms are added), --overwrite to replace it, or another --out.")
+    lock = acquire_lock(out, args)
+    try:
+        if args.overwrite:  # the study's own outputs only
+            remove(out / "args.json", out / "results.json", out / "report.txt", out / "study.png", out / "dose.png",
+                   *out.glob("seed[0-9]*"))
+        (out / "args.json").write_text(json.dumps({**vars(args), "recipe": recipe}, indent=2, default=str))
 
-    updates = []  # (regime, update seed, directory)
-    for regime in args.regimes:
-        for u in args.update_seeds:
-            old, new = toy.build_bases(u, recipe=base_recipe, root=root, regime=regime)
-            toy.task(toy.make_world(u))  # asserts that the task's answers hold on this update too
-            updates.append((regime, u, new))
-    train_examples, test = toy.task(toy.make_world(0))
-    if args.quick:
-        test = test[:12]
-    tokenizer = load_tokenizer(old)
-    dataset, _ = tokenize_dataset(train_examples, tokenizer, recipe["max_len"], prompt_fn=toy.train_prompt)
-    scored, _ = tokenize_dataset(test, tokenizer, recipe["max_len"], prompt_fn=toy.train_prompt)  # for the losses
-    ids, labels = collate(scored, tokenizer.pad_token_id)
-    test_batch = (ids.to(args.device), next_token_targets(labels).to(args.device))
+        updates = []  # (regime, update seed, directory)
+        for regime in args.regimes:
+            for u in args.update_seeds:
+                old, new = toy.build_bases(u, recipe=base_recipe, root=root, regime=regime)
+                toy.task(toy.make_world(u))  # asserts that the task's answers hold on this update too
+                updates.append((regime, u, new))
+        tokenizer, _, test, _ = data = toy_data(old, recipe, args.quick, args.device)
 
-    rows = []
-    for seed in range(args.seeds):
-        for arm in arms:
-            t0 = time.time()
-            on = updates[:1] if arm.get("train_on") == "new" else updates  # the upper bound: on the first update only
-            new_rows = toy_arm(arm, arm_settings(arm, args), seed, old, on, dataset, test, test_batch, tokenizer,
-                               out / f"seed{seed}" / arm["key"], recipe, args.device)
-            rows += new_rows
-            src = f"{new_rows[0]['source']:.2f}" if new_rows[0]["source"] is not None else "  - "
-            transfer = " ".join(f"{r['regime']}-u{r['update_seed']} {r['transfer']:.2f}" for r in new_rows)
-            print(f"seed {seed} | {arm['name']:<42} | source {src} | transfer {transfer} | {time.time() - t0:.0f}s")
-    prompts = torch.tensor([tokenizer.encode(e["question"]) for e in test])  # every toy question is 8 words long
-    drift = {Path(new).name: analyze_drift(load_model(old), load_model(new), prompts) for _, _, new in updates}
-    report, summary = summarize_study(rows, arms)
-    results = {"recipe": recipe, "arms": arms, "seeds": args.seeds, "regimes": args.regimes,
-               "update_seeds": args.update_seeds,
-               "rows": rows, "summary": summary, "drift": drift, "minutes": (time.time() - t_start) / 60}
-    finish(out, results, report + "\n\n" + drift_table(drift))
+        jobs, done = [], {}  # one job per arm-seed not finished yet
+        for seed in range(args.seed, args.seed + args.seeds):
+            for arm in arms:
+                on = updates[:1] if arm.get("train_on") == "new" else updates  # the upper bound: the first update
+                run_dir = out / f"seed{seed}" / arm["key"].replace("/", "-")  # both@0.2/0.1: both@0.2-0.1
+                key = arm_key(arm, recipe, on)
+                finished = read_json(run_dir / "rows.json") if (run_dir / "rows.json").exists() else None
+                if args.resume and finished and finished["key"] == key:
+                    done[seed, arm["key"]] = finished["rows"]
+                else:
+                    remove(run_dir)
+                    jobs.append((arm, seed, old, on, run_dir, recipe, args.device))
+        if done:
+            print(f"--resume: {len(done)} arm-seeds finished before, {len(jobs)} to train")
+
+        def report(job, rows, seconds):
+            arm, seed, run_dir = job[0], job[1], job[4]
+            tmp = run_dir / "rows.json.tmp"  # written whole, then renamed: a killed study leaves no half file
+            tmp.write_text(json.dumps({"key": arm_key(arm, recipe, job[3]), "rows": rows}, indent=1))
+            os.replace(tmp, run_dir / "rows.json")
+            done[seed, arm["key"]] = rows
+            src = f"{rows[0]['source']:.2f}" if rows[0]["source"] is not None else "  - "
+            transfer = " ".join(f"{r['regime']}-u{r['update_seed']} {r['transfer']:.2f}" for r in rows)
+            tqdm.write(f"seed {seed} | {arm['name']:<42} | source {src} | transfer {transfer} | {seconds:.0f}s")
+
+        if args.jobs > 1 and len(jobs) > 1:
+            context = multiprocessing.get_context("spawn")  # a fresh interpreter: no OpenMP state forked mid-use
+            with context.Pool(min(args.jobs, len(jobs)), _start_worker, (old, recipe, args.quick, args.device)) as pool, \
+                    tqdm(total=len(jobs), desc=f"arm-seeds, {args.jobs} side by side", unit="arm-seed") as bar:
+                t0 = time.time()
+                for job, rows in zip(jobs, pool.imap(_run_job, jobs)):  # in order: the rows as one at a time
+                    report(job, rows, time.time() - t0)
+                    bar.update()
+                    t0 = time.time()
+        else:
+            for job in jobs:
+                t0 = time.time()
+                arm, seed, old, on, run_dir, recipe, device = job
+                rows = toy_arm(arm, arm_settings(arm), seed, old, on, data[1], test, data[3], tokenizer, run_dir,
+                               recipe, device)
+                report(job, rows, time.time() - t0)
+        rows = [row for seed in range(args.seed, args.seed + args.seeds) for arm in arms
+                for row in done[seed, arm["key"]]]
+        prompts = torch.tensor([tokenizer.encode(e["question"]) for e in test])  # every toy question is 8 words long
+        drift = {Path(new).name: analyze_drift(load_model(old), load_model(new), prompts) for _, _, new in updates}
+        report_text, summary = summarize_study(rows, arms)
+        results = {"recipe": recipe, "arms": arms, "seeds": list(range(args.seed, args.seed + args.seeds)),
+                   "regimes": args.regimes, "update_seeds": args.update_seeds,
+                   "rows": rows, "summary": summary, "drift": drift, "minutes": (time.time() - t_start) / 60}
+        finish(out, results, report_text + "\n\n" + drift_table(drift), reference=published_study())
+    finally:
+        release_lock(lock)
     return results
 
 

@@ -76,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup-ratio", type=float, default=0.03)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, help="default 42; the toy study: its first seed, default 0")
     p.add_argument("--out", help="run directory (default: runs/<old>-<new>-<peft>-cross<p>-intra<p>-seed<s>)")
     p.add_argument("--refit-new", action="store_true", help="also train a plain PEFT module on --new (the upper bound)")
     p.add_argument("--arms", help="the study's arms (study.all_arms), comma-separated, each one run per seed, then the "
@@ -110,8 +110,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.compile each decoder layer for training (the first step compiles), and the decoding "
                    "step of single-process evaluations (its first batch compiles; on CUDA replayed as a CUDA graph)")
     toy_flags = p.add_argument_group("the toy study (no --old/--new); its recipe is study.TOY_LORA")
-    toy_flags.add_argument("--seeds", type=int, help="paired seeds per arm (toy study: seeds 0..N-1, default 2; with "
-                           "--arms: from --seed, default 1)")
+    toy_flags.add_argument("--seeds", type=int, help="paired seeds per arm, from --seed (toy study: default 2, from "
+                           "seed 0; with --arms: default 1)")
+    toy_flags.add_argument("--jobs", type=int, help="toy study: arm-seeds trained side by side, one process and one "
+                           "thread each (the same rows as one at a time; default: one per core, at most 8)")
     toy_flags.add_argument("--update-seeds", default="0", help="updates of toy-v1 per regime (0 = toy-v2), commas")
     toy_flags.add_argument("--regimes", default="full,ffn,attn", help="which weights the updates train (toy.REGIMES): "
                            "full = all, ffn = FFN only, attn = attention only")
@@ -165,6 +167,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--update-seeds takes comma-separated integers")
     if (args.seeds is not None and args.seeds <= 0) or any(u < 0 for u in args.update_seeds):
         p.error("--seeds must be positive and --update-seeds non-negative")
+    if args.seed is None:
+        args.seed = 42 if args.old is not None else 0
+    if args.jobs is not None and args.old is not None:
+        p.error("--jobs trains the toy study's arm-seeds side by side; with --old/--new use torchrun for processes")
+    if args.jobs is None:
+        args.jobs = study.default_jobs() if args.old is None else 1
+    if args.jobs < 1:
+        p.error("--jobs must be positive")
     if not (0 <= args.seed and args.seed + (args.seeds or 1) - 1 <= MAX_SEED):
         p.error(f"--seed must be in [0, {MAX_SEED}] (with --seeds N, seed + N - 1 too), got {args.seed}")
     if args.old is None and args.seeds is None:

@@ -346,4 +346,12 @@ def ffn_gradient(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tenso
         for h in handles:
             h.remove()
         model.train(was_training)
-    return loss.item(), torch.sqrt(sum(g.float().pow(2).sum() for g in grads)).item()
+    # The sum of squares in one thread: a parallel sum's order of additions, and so its last bits, would depend on
+    # how many threads run (a study's arms side by side run one thread each; its rows must not depend on that).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        squares = sum(g.double().pow(2).sum() for g in grads)
+    finally:
+        torch.set_num_threads(threads)
+    return loss.item(), torch.sqrt(squares).item()

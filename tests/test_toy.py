@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import stats
 import study
 import toy
 import train
@@ -129,7 +130,10 @@ def test_study_summary_intention_to_treat_by_hand():
     assert sub["n"] == 2 and sub["mean"] == pytest.approx(0.2) and sub["ci95"] == pytest.approx(12.706 * 0.1 * 2**0.5 / 2**0.5)
     assert summary["arms"]["mask"]["learned"] == 2 and summary["arms"]["mask"]["source"][0] == pytest.approx(2.25 / 3)
     assert mask["transfer"][0] == pytest.approx((0.5 + 0.5 + 0.9) / 3)
-    assert "+0.23 ± 0.29 p 0.25" in table
+    # under 5 seeds a table gives the direction per seed, not an interval (here half-width 0.29; with 2 seeds 12.7 SE)
+    assert "+0.23, better on 3 of 3 seeds" in table and "± 0.29" not in table
+    many = study.summarize_study(rows_for([(0.2, 0.5, 1.0), (0.4, 0.5, 0.95), (0.6, 0.9, 0.3)] * 2))[0]
+    assert "+0.23 ± 0.11 p 0.03 *" in many  # 6 seeds: the interval, 2.571 * 0.10328 / 6**0.5; p = 2/64
 
 
 def test_study_summary_counts_seeds_not_update_pairs():
@@ -175,13 +179,13 @@ def test_regime_contrast_by_hand():
 
 
 def test_sign_flip_holm_and_spearman_by_hand():
-    assert study.sign_flip_p([0.1, 0.2, 0.3]) == pytest.approx(2 / 8)  # only all-plus and all-minus reach |mean| 0.2
-    assert study.sign_flip_p([0.1, -0.1]) == pytest.approx(1.0)
+    assert stats.sign_flip_p([0.1, 0.2, 0.3]) == pytest.approx(2 / 8)  # only all-plus and all-minus reach |mean| 0.2
+    assert stats.sign_flip_p([0.1, -0.1]) == pytest.approx(1.0)
     # Holm: sorted 0.01, 0.03, 0.04 -> 3 * 0.01, 2 * 0.03, max(0.06, 1 * 0.04)
-    assert study.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     # Spearman: ranks (1,2,3,4) vs (1,3,2,4): 1 - 6 * 2 / (4 * 15) = 0.8; ties share their mean rank
-    assert study.spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)
-    assert study.spearman([1, 1, 2], [5, 5, 9]) == pytest.approx(1.0)
+    assert stats.spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)
+    assert stats.spearman([1, 1, 2], [5, 5, 9]) == pytest.approx(1.0)
 
 
 def test_the_study_bound_correlates_gradient_norms_with_loss_gaps():
@@ -195,7 +199,7 @@ def test_the_study_bound_correlates_gradient_norms_with_loss_gaps():
     assert bound["arms"]["plain"]["grad_norm"] == pytest.approx(0.25) and bound["arms"]["drop"]["grad_norm"] == pytest.approx(0.5)
     assert bound["arms"]["plain"]["loss_gap"] == pytest.approx(0.0275)
     g = [r["ffn_grad_norm"] for r in rows]
-    assert bound["n"] == 8 and bound["spearman"] == pytest.approx(study.spearman(g, [r["loss_new"] - 1 for r in rows]))
+    assert bound["n"] == 8 and bound["spearman"] == pytest.approx(stats.spearman(g, [r["loss_new"] - 1 for r in rows]))
 
 
 def test_chart_draws_the_gains(tmp_path):
@@ -210,8 +214,8 @@ def test_chart_draws_the_gains(tmp_path):
 def test_spearman_with_ties_in_one_variable_only():
     # x ranks (1, 2.5, 2.5, 4), y ranks (1, 2, 3, 4): deviations (-1.5, 0, 0, 1.5) and (-1.5, -0.5, 0.5, 1.5),
     # covariance 4.5, variances 4.5 and 5: rho = 4.5 / sqrt(22.5) = sqrt(0.9)
-    assert study.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9 ** 0.5)
-    assert study.spearman([1, 2, 3, 4], [1, 2, 2, 3]) == pytest.approx(0.9 ** 0.5)
+    assert stats.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9 ** 0.5)
+    assert stats.spearman([1, 2, 3, 4], [1, 2, 2, 3]) == pytest.approx(0.9 ** 0.5)
 
 
 def bound_rows(points):
@@ -250,3 +254,32 @@ def test_an_arm_at_another_rate():
     for bad in ("plain@0.1", "refit@0.1", "drop@1.5", "drop@x", "nosuch@0.1"):
         with pytest.raises(ValueError, match="a dose is <arm>@<rate>"):
             study.select_arms([bad])
+
+
+@pytest.mark.slow
+def test_toy_study_side_by_side_and_resumed_gives_the_same_rows(tmp_path, monkeypatch):
+    """--jobs 2 (two processes, one thread each) and a study resumed after losing arm-seeds, with more seeds added,
+    give the rows of one uninterrupted run one arm-seed at a time; a finished arm-seed is not trained again unless
+    what it depends on changed."""
+    monkeypatch.setenv("TRANSPEFT_CACHE", str(tmp_path / "cache"))
+    quick = ["--quick", "--arms", "plain,drop@0.2", "--regimes", "full,ffn"]
+    train.main([*quick, "--seeds", "3", "--out", str(tmp_path / "one")])
+    train.main([*quick, "--seeds", "3", "--jobs", "2", "--out", str(tmp_path / "two")])
+    rows = json.loads((tmp_path / "one" / "results.json").read_text())["rows"]
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["rows"] == rows
+    assert all(r["ffn_grad_norm"] > 0 for r in rows)  # rows that hold real floats, not only zero accuracies
+
+    train.main([*quick, "--seeds", "2", "--out", str(tmp_path / "part")])
+    kept = tmp_path / "part" / "seed0" / "plain" / "rows.json"
+    stamp = kept.stat().st_mtime_ns
+    (tmp_path / "part" / "seed1" / "drop@0.2" / "rows.json").unlink()  # as if killed before this arm-seed ended
+    changed = tmp_path / "part" / "seed1" / "plain" / "rows.json"  # a recipe other than this one's: trained again
+    record = json.loads(changed.read_text())
+    changed.write_text(json.dumps({**record, "key": {**record["key"], "recipe": {**record["key"]["recipe"], "lr": 1}}}))
+    with pytest.raises(SystemExit, match="already holds a finished study.*--resume"):
+        train.main([*quick, "--seeds", "3", "--out", str(tmp_path / "part")])
+    train.main([*quick, "--seeds", "3", "--resume", "--out", str(tmp_path / "part")])
+    assert json.loads((tmp_path / "part" / "results.json").read_text())["rows"] == rows
+    assert kept.stat().st_mtime_ns == stamp  # not trained again
+    with pytest.raises(SystemExit, match="holds no toy study to continue"):
+        train.main([*quick, "--resume", "--out", str(tmp_path / "none")])

@@ -79,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="default 42; the toy study: its first seed, default 0")
     p.add_argument("--out", help="run directory (default: runs/<old>-<new>-<peft>-cross<p>-intra<p>-seed<s>)")
     p.add_argument("--refit-new", action="store_true", help="also train a plain PEFT module on --new (the upper bound)")
-    p.add_argument("--arms", help="the study's arms (study.all_arms), comma-separated, each one run per seed, then the "
+    p.add_argument("--arms", help="the study's arms (arms.all_arms), comma-separated, each one run per seed, then the "
                    "paired comparison; with --old/--new e.g. plain,transpeft,refit; for the toy study a subset or all "
                    "(default: all but the ones run on request)")
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N examples only")

@@ -272,7 +272,7 @@ class Intervention:
               DDP's find_unused_parameters follows
     per_step  its draws come from model.transpeft_rng, reseeded per step (the same for every micro-batch and
               process); else from torch's global RNG, like dropout's
-    arms      the study arms it offers (study.all_arms): dicts of key, name ("{rate}" in it: the arm's rate), the
+    arms      the study arms it offers (arms.all_arms): dicts of key, name ("{rate}" in it: the arm's rate), the
               rates they set, on_request; `--arms <key>@<rate>` runs one at another rate"""
 
     name: str

@@ -1,23 +1,26 @@
-"""toy.py and study.py: the task's answers are right by construction, the toy checkpoints are ordinary HF checkpoints
+"""toy.py, study.py, arms.py, report.py and stats.py: the task's answers are right by construction, the toy checkpoints are ordinary HF checkpoints
 that transformers loads with our logits, a reduced toy study runs end to end, and the study's statistics match hand
 calculations."""
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import arms as arms_lib
+import report
+import rundir
 import stats
-import study
 import toy
 import train
 from data import gsm8k_response, tokenize_example
 from scoring import gold_answer, is_correct
 from bases import load_model, load_tokenizer
 
-ALL = study.select_arms(["all"])  # the toy study's --arms all, the upper bound last
+ALL = arms_lib.select_arms(["all"])  # the toy study's --arms all, the upper bound last
 QUICK = {"v1": {**toy.RECIPE["v1"], "steps": 20}, "v2": {**toy.RECIPE["v2"], "steps": 5}}
 
 
@@ -90,10 +93,10 @@ def test_reduced_toy_study_end_to_end(tmp_path, monkeypatch):
     arm_dir = tmp_path / "study" / "seed1" / "drop"
     assert (arm_dir / "adapter" / "adapter_config.json").exists() and (arm_dir / "eval-toy-v2-attn-u0.jsonl").exists()
     assert (tmp_path / "study" / "seed1" / "refit" / "toy-v2" / "adapter" / "adapter_config.json").exists()
-    if study.pyplot() is not None:
+    if report.pyplot() is not None:
         assert (tmp_path / "study" / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    report = (tmp_path / "study" / "report.txt").read_text()
-    assert "regime contrast" in report and "drift of each update" in report
+    text = (tmp_path / "study" / "report.txt").read_text()
+    assert "regime contrast" in text and "drift of each update" in text
     with pytest.raises(SystemExit, match="already holds a finished study"):
         train.main(["--quick", "--seeds", "2", "--out", str(tmp_path / "study")])
     # without --arms: every arm but the two run on request only (masking alone and the upper bound)
@@ -120,7 +123,7 @@ def test_study_summary_intention_to_treat_by_hand():
     +0.3, +0.1, +0.3 -> mean 0.2333, std 0.11547, SE 0.06667, t(0.975, 2) = 4.303. The sign-flip p: of the 8 sign
     patterns of (0.3, 0.1, 0.3) only (+,+,+) and (-,-,-) reach |mean| 0.2333 ((+,-,+) gives 0.1667): p = 2/8. Secondary:
     seeds 0 and 1 only (seed 2's masked LoRA never learned: source 0.3), t(0.975, 1) = 12.706."""
-    table, summary = study.summarize_study(rows_for([(0.2, 0.5, 1.0), (0.4, 0.5, 0.95), (0.6, 0.9, 0.3)]))
+    table, summary = report.summarize_study(rows_for([(0.2, 0.5, 1.0), (0.4, 0.5, 0.95), (0.6, 0.9, 0.3)]))
     mask = summary["regimes"]["full"]["arms"]["mask"]
     itt = mask["itt"]
     assert itt["n"] == 3 and itt["mean"] == pytest.approx(0.7 / 3)
@@ -132,7 +135,7 @@ def test_study_summary_intention_to_treat_by_hand():
     assert mask["transfer"][0] == pytest.approx((0.5 + 0.5 + 0.9) / 3)
     # under 5 seeds a table gives the direction per seed, not an interval (here half-width 0.29; with 2 seeds 12.7 SE)
     assert "+0.23, better on 3 of 3 seeds" in table and "± 0.29" not in table
-    many = study.summarize_study(rows_for([(0.2, 0.5, 1.0), (0.4, 0.5, 0.95), (0.6, 0.9, 0.3)] * 2))[0]
+    many = report.summarize_study(rows_for([(0.2, 0.5, 1.0), (0.4, 0.5, 0.95), (0.6, 0.9, 0.3)] * 2))[0]
     assert "+0.23 ± 0.11 p 0.03 *" in many  # 6 seeds: the interval, 2.571 * 0.10328 / 6**0.5; p = 2/64
 
 
@@ -140,7 +143,7 @@ def test_study_summary_counts_seeds_not_update_pairs():
     """Every update seed of a regime evaluates the same trained LoRA of a seed: a seed's differences are averaged,
     and the standard error is over seeds (two here), not over the four (update, seed) pairs."""
     rows = rows_for([(0.2, 0.5, 1.0), (0.4, 0.5, 1.0)], update=0) + rows_for([(0.3, 0.8, 1.0), (0.5, 0.8, 1.0)], update=1)
-    _, summary = study.summarize_study(rows)
+    _, summary = report.summarize_study(rows)
     itt = summary["regimes"]["full"]["arms"]["mask"]["itt"]
     per_seed = [(0.3 + 0.5) / 2, (0.1 + 0.3) / 2]
     assert itt["n"] == 2 and itt["mean"] == pytest.approx(sum(per_seed) / 2)
@@ -152,7 +155,7 @@ def test_study_summary_is_per_regime_with_holm_over_every_comparison():
     p = 2/16; attn: differences summing to 0, p = 1. Holm over the two: 2 * 0.125 = 0.25, then max(0.25, 1)."""
     rows = rows_for([(0.2, 0.3, 1.0), (0.2, 0.4, 1.0), (0.2, 0.5, 1.0), (0.2, 0.6, 1.0)], regime="ffn")
     rows += rows_for([(0.2, 0.1, 1.0), (0.4, 0.5, 1.0), (0.6, 0.6, 1.0)], regime="attn")
-    _, summary = study.summarize_study(rows)
+    _, summary = report.summarize_study(rows)
     ffn, attn = summary["regimes"]["ffn"]["arms"]["mask"]["itt"], summary["regimes"]["attn"]["arms"]["mask"]["itt"]
     assert ffn["mean"] == pytest.approx(0.25) and attn["mean"] == pytest.approx(0.0) and summary["comparisons"] == 2
     assert (ffn["p"], ffn["p_holm"]) == (pytest.approx(0.125), pytest.approx(0.25))
@@ -168,14 +171,14 @@ def test_regime_contrast_by_hand():
     rows += rows_for([(0.5, 0.5, 1.0), (0.5, 0.6, 1.0), (0.5, 0.4, 1.0)], arm="drop", regime="attn")
     rows += [r for r in rows_for([(0.2, 0.2, 1.0)] * 3, arm="attn_mask", regime="ffn") if r["arm"] != "plain"]
     rows += [r for r in rows_for([(0.5, 0.5, 1.0)] * 3, arm="attn_mask", regime="attn") if r["arm"] != "plain"]
-    table, summary = study.summarize_study(rows)
+    table, summary = report.summarize_study(rows)
     drop, control = summary["regime_contrast"]["drop"], summary["regime_contrast"]["attn_mask"]
     assert drop["n"] == 3 and drop["mean"] == pytest.approx(0.3) and drop["std"] == pytest.approx(0.2)
     assert drop["ci95"] == pytest.approx(4.303 * 0.2 / 3**0.5)
     assert (drop["p"], drop["p_holm"]) == (pytest.approx(0.25), pytest.approx(0.5))
     assert (control["mean"], control["p"], control["p_holm"]) == (pytest.approx(0.0), pytest.approx(1.0), pytest.approx(1.0))
     assert "plain" not in summary["regime_contrast"] and "regime contrast" in table
-    assert study.summarize_study(rows_for([(0.2, 0.5, 1.0), (0.4, 0.5, 1.0)]))[1]["regime_contrast"] == {}  # full only
+    assert report.summarize_study(rows_for([(0.2, 0.5, 1.0), (0.4, 0.5, 1.0)]))[1]["regime_contrast"] == {}  # full only
 
 
 def test_sign_flip_holm_and_spearman_by_hand():
@@ -194,7 +197,7 @@ def test_the_study_bound_correlates_gradient_norms_with_loss_gaps():
         for arm in ("plain", "drop"):
             rows.append({"arm": arm, "seed": seed, "regime": "ffn", "update_seed": 0, "source": 1.0, "transfer": 0.5,
                          "ffn_grad_norm": g * (2 if arm == "drop" else 1), "loss_old": 1.0, "loss_new": 1.0 + gap})
-    _, summary = study.summarize_study(rows)
+    _, summary = report.summarize_study(rows)
     bound = summary["regimes"]["ffn"]["bound"]
     assert bound["arms"]["plain"]["grad_norm"] == pytest.approx(0.25) and bound["arms"]["drop"]["grad_norm"] == pytest.approx(0.5)
     assert bound["arms"]["plain"]["loss_gap"] == pytest.approx(0.0275)
@@ -204,8 +207,8 @@ def test_the_study_bound_correlates_gradient_norms_with_loss_gaps():
 
 def test_chart_draws_the_gains(tmp_path):
     plt = pytest.importorskip("matplotlib.pyplot")
-    _, summary = study.summarize_study(rows_for([(0.2, 0.5, 1.0), (0.4, 0.5, 1.0), (0.6, 0.9, 1.0)]))
-    assert study.chart(summary, tmp_path / "study.png")
+    _, summary = report.summarize_study(rows_for([(0.2, 0.5, 1.0), (0.4, 0.5, 1.0), (0.6, 0.9, 1.0)]))
+    assert report.chart(summary, tmp_path / "study.png")
     chart = plt.imread(tmp_path / "study.png")[..., :3]  # (H, W, 3) floats in [0, 1]
     grey = (abs(chart - 0.7) < 0.01).all(-1)
     assert grey.any()  # the gain's bar (grey: not beyond noise)
@@ -225,10 +228,10 @@ def bound_rows(points):
 
 
 def test_the_loss_gap_is_absolute_and_no_rank_correlation_from_two_points():
-    bound = study.bound_summary(bound_rows([(0.1, 1.0, 0.8), (0.2, 1.0, 1.3)]), ["plain"])
+    bound = report.bound_summary(bound_rows([(0.1, 1.0, 0.8), (0.2, 1.0, 1.3)]), ["plain"])
     assert bound["arms"]["plain"]["loss_gap"] == pytest.approx((0.2 + 0.3) / 2)  # |0.8 - 1.0| counts as 0.2
     assert "spearman" not in bound  # two points always rank as +1 or -1: nothing to report
-    bound = study.bound_summary(bound_rows([(0.1, 1.0, 0.8), (0.2, 1.0, 1.3), (0.3, 1.0, 1.1)]), ["plain"])
+    bound = report.bound_summary(bound_rows([(0.1, 1.0, 0.8), (0.2, 1.0, 1.3), (0.3, 1.0, 1.1)]), ["plain"])
     # gaps 0.2, 0.3, 0.1 rank 2, 3, 1 against G 1, 2, 3: d = 1, 1, -2, rho = 1 - 6 * 6 / (3 * 8) = -0.5
     assert bound["n"] == 3 and bound["spearman"] == pytest.approx(-0.5)
 
@@ -236,24 +239,35 @@ def test_the_loss_gap_is_absolute_and_no_rank_correlation_from_two_points():
 def test_the_arms_the_docs_name():
     # docs/toy-study.md: masking alone and the upper bound run on request; --arms all adds them (not "transpeft",
     # which at the default flags repeats "drop")
-    assert [a["key"] for a in study.select_arms(None)] == ["plain", "drop", "both", "attn_mask", "lora_dropout"]
-    assert [a["key"] for a in study.select_arms(["all"])] == ["plain", "mask", "drop", "both", "attn_mask",
+    assert [a["key"] for a in arms_lib.select_arms(None)] == ["plain", "drop", "both", "attn_mask", "lora_dropout"]
+    assert [a["key"] for a in arms_lib.select_arms(["all"])] == ["plain", "mask", "drop", "both", "attn_mask",
                                                               "lora_dropout", "refit"]
 
 
 def test_an_arm_at_another_rate():
     """<arm>@<rate>: every rate the arm sets, at that rate, placed after its arm; names say the rate."""
-    arms = study.select_arms(["plain", "drop@0.05", "both@0.2", "lora_dropout@0.5", "drop"])
+    arms = arms_lib.select_arms(["plain", "drop@0.05", "both@0.2", "lora_dropout@0.5", "drop"])
     assert [a["key"] for a in arms] == ["plain", "drop", "drop@0.05", "both@0.2", "lora_dropout@0.5"]
-    settings = {a["key"]: study.arm_settings(a) for a in arms}
+    settings = {a["key"]: arms_lib.arm_settings(a) for a in arms}
     assert settings["drop@0.05"] == {"p_intra": 0.0, "p_cross": 0.05, "p_attn": 0.0}
     assert settings["both@0.2"] == {"p_intra": 0.2, "p_cross": 0.2, "p_attn": 0.0}
     assert settings["lora_dropout@0.5"]["lora_dropout"] == 0.5
     assert [a["name"] for a in arms][2:] == ["Trans-PEFT dropping (p_cross 0.05)", "Trans-PEFT masking + dropping (0.2)",
                                              "control B: LoRA dropout 0.5"]
-    for bad in ("plain@0.1", "refit@0.1", "drop@1.5", "drop@x", "nosuch@0.1"):
+    # an arm that sets two rates, one each, in rate_keys order: the paper's matched pairs
+    pair = arms_lib.select_arms(["plain", "both@0.2/0.1"])[1]
+    assert arms_lib.arm_settings(pair) == {"p_intra": 0.2, "p_cross": 0.1, "p_attn": 0.0}
+    assert pair["name"] == "Trans-PEFT masking + dropping (0.2/0.1)"
+    for bad in ("plain@0.1", "refit@0.1", "drop@1.5", "drop@x", "nosuch@0.1", "drop@0.1/0.2", "both@0.1/0.2/0.3",
+                "both@0.1/"):
         with pytest.raises(ValueError, match="a dose is <arm>@<rate>"):
-            study.select_arms([bad])
+            arms_lib.select_arms([bad])
+
+
+def test_an_interrupted_toy_study_is_continued_with_resume():
+    args = train.parse_args(["--seeds", "4", "--out", "runs/x"])
+    message = rundir.interrupted(args, ["--seeds", "4", "--out", "runs/x", "--overwrite"], Path("runs/x"))
+    assert message.endswith("python train.py --seeds 4 --out runs/x --resume")
 
 
 @pytest.mark.slow
@@ -283,3 +297,117 @@ def test_toy_study_side_by_side_and_resumed_gives_the_same_rows(tmp_path, monkey
     assert kept.stat().st_mtime_ns == stamp  # not trained again
     with pytest.raises(SystemExit, match="holds no toy study to continue"):
         train.main([*quick, "--resume", "--out", str(tmp_path / "none")])
+
+
+@pytest.mark.slow
+def test_the_default_prints_no_interval_wider_than_1_and_the_published_study_beside_its_own(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """The default's form (2 seeds, the default arms) on the quick bases: with too few seeds for an interval it says
+    on how many seeds each arm is better; every interval it prints (the published study's) has a half-width <= 1;
+    each arm's published transfer and difference, as docs/toy-study-results.json gives them, sit on its line."""
+    monkeypatch.setenv("TRANSPEFT_CACHE", str(tmp_path / "cache"))
+    train.main(["--quick", "--out", str(tmp_path / "default")])
+    printed = capsys.readouterr().out.split("transfer: accuracy on the update", 1)[1]
+    widths = [float(w) for w in re.findall(r"± (\d+\.\d+)", printed)]
+    assert widths and max(widths) <= 1
+    reference = report.published_study()
+    assert f"published ({reference['seeds']} seeds)" in printed
+    blocks = dict(re.findall(r"\n(\w+) update: [^\n]*\n(.*?)\n\n", printed + "\n\n", flags=re.S))
+    assert set(blocks) == {"full", "ffn", "attn"}
+    for regime, block in blocks.items():
+        lines = {line.split("  ")[1].strip(): line for line in block.splitlines()[1:-1]}
+        for arm in arms_lib.select_arms(None):
+            published = reference["regimes"][regime]["arms"][arm["key"]]
+            line = lines[arm["name"]]
+            assert "better on" in line or arm["key"] == "plain"  # this run: 2 seeds, the direction per seed
+            assert f"{published['transfer'][0]:.2f}" in line.split("seeds")[-1]
+            if arm["key"] != "plain":
+                assert line.endswith(f"{published['itt']['mean']:+.2f} ± {published['itt']['ci95']:.2f} "
+                                     f"p {published['itt']['p_holm']:.2f}" + (" *" if published['itt']['p_holm'] < 0.05
+                                                                              else ""))
+        assert "Published: plain LoRA answers" in block.splitlines()[-1]
+
+
+def test_the_docs_quote_the_published_study_as_its_file_gives_it():
+    """docs/toy-study.md's results table is the published file's rows summarised by the code a run uses (so the
+    docs, the file and a default run's reference cannot drift apart)."""
+    docs = (Path(__file__).parent.parent / "docs" / "toy-study.md").read_text()
+    assert report.markdown_table(report.published_study()) in docs
+
+
+def test_variance_components_recover_what_built_the_table():
+    """d_su = μ + a_s + b_u (no residual): the ANOVA estimators give σ²_resid 0, σ²_seed = the sample variance of a,
+    σ²_update = that of b. With normal draws of known variances (0.04, 0.01, 0.02) on 2,000 seeds × 8 update seeds,
+    each estimate lies within 15% of its truth, and the half-width the design predicts is the spread of means that
+    repeated studies show."""
+    a, b = [0.1, -0.2, 0.4, 0.0], [0.05, -0.05, 0.3]
+    c = stats.variance_components([[0.5 + x + y for y in b] for x in a])
+    assert c["resid"] == pytest.approx(0, abs=1e-12) and c["mean"] == pytest.approx(0.5 + sum(a) / 4 + sum(b) / 3)
+    assert c["seed"] == pytest.approx(torch.tensor(a).var().item()) and c["update"] == pytest.approx(
+        torch.tensor(b).var().item())
+    g = torch.Generator().manual_seed(0)
+    seed, update, resid = 0.04, 0.01, 0.02
+    d = (seed**0.5 * torch.randn(2000, 1, generator=g) + update**0.5 * torch.randn(1, 8, generator=g)
+         + resid**0.5 * torch.randn(2000, 8, generator=g))
+    c = stats.variance_components(d.tolist())
+    assert c["seed"] == pytest.approx(seed, rel=0.15) and c["resid"] == pytest.approx(resid, rel=0.15)
+    # 10 seeds x 2 update seeds per study, 4,000 studies: the 97.5% quantile of |mean - truth| is about the half-width
+    # (the update effect b is drawn anew per study too, but half_width leaves it out: drawn at 0 here)
+    studies = (seed**0.5 * torch.randn(4000, 10, 1, generator=g) + resid**0.5 * torch.randn(4000, 10, 2, generator=g))
+    t_stats = studies.mean((1, 2)).abs() / (studies.mean(2).std(1) / 10**0.5)
+    assert (t_stats <= stats.t975(9)).double().mean().item() == pytest.approx(0.95, abs=0.01)
+    expected = stats.half_width({"seed": seed, "resid": resid}, 10, 2)
+    assert expected == pytest.approx(2.262 * ((seed + resid / 2) / 10) ** 0.5)
+    assert studies.mean((1, 2)).abs().quantile(0.95).item() == pytest.approx(expected / 2.262 * 1.96, rel=0.08)
+    assert stats.seeds_needed({"seed": seed, "resid": resid}, 2, expected) == 10
+
+
+def test_dose_chart_draws_one_line_per_family(tmp_path, monkeypatch):
+    """dose.png: per regime, each family's gain against its rates; the family's default drawn apart where a dose
+    shares its first rate (both 0.1/0.1 beside both@0.1/0.05). Nothing without doses."""
+    pytest.importorskip("matplotlib")
+    keys = ["plain", "drop", "drop@0.05", "drop@0.15", "both", "both@0.1/0.05", "both@0.2/0.1"]
+    arms = arms_lib.select_arms(keys)
+    rows = []
+    for seed in range(3):
+        for i, arm in enumerate(arms):
+            rows.append({"arm": arm["key"], "seed": seed, "regime": "ffn", "update_seed": 0, "source": 1.0,
+                         "transfer": 0.5 + 0.05 * i + 0.01 * seed * (i % 2)})
+    _, summary = report.summarize_study(rows, arms)
+    drawn = []
+    real = report.pyplot()
+
+    class Spy:  # records what each errorbar call draws
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def subplots(self, *a, **k):
+            fig, axes = real.subplots(*a, **k)
+            for ax in axes.flat:
+                original = ax.errorbar
+                ax.errorbar = lambda x, y, *a, _o=original, **k: (drawn.append((list(x), k.get("mfc"))), _o(x, y, *a, **k))[1]
+            return fig, axes
+
+    monkeypatch.setattr(report, "pyplot", lambda: Spy())
+    assert report.dose_chart(summary, arms, tmp_path / "dose.png")
+    assert (tmp_path / "dose.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(drawn, key=str) == sorted([([0.05, 0.1, 0.15], None), ([0.1, 0.2], None), ([0.1], "none")], key=str)
+    assert not report.dose_chart(summary, arms_lib.select_arms(["plain", "drop"]), tmp_path / "none.png")
+
+
+def test_the_power_command_reads_a_study_and_refuses_what_is_not_one(tmp_path, capsys):
+    rows = []
+    for u in (0, 1):
+        rows += rows_for([(0.2, 0.5, 1.0), (0.4, 0.5, 1.0), (0.6, 0.9, 1.0)], regime="ffn", update=u)
+    rows[-1]["transfer"] = 0.8  # seed 2, update 1: a seed x update interaction
+    (tmp_path / "results.json").write_text(json.dumps({"arms": arms_lib.select_arms(["plain", "mask"]), "rows": rows}))
+    stats.main([str(tmp_path / "results.json"), "--updates", "2"])
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("mask")][0]
+    seed_means = [0.3, 0.1, (0.3 + 0.2) / 2]
+    c = stats.paired_interval(seed_means)
+    assert f"{c['mean']:+.3f} ± {c['ci95']:.3f}" in line
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    for bad in ("bad.json", "missing.json"):
+        with pytest.raises(SystemExit):
+            stats.main([str(tmp_path / bad)])
+        assert "is not a toy study's results.json" in capsys.readouterr().err

@@ -16,11 +16,11 @@ from arms import rate_keys, select_arms
 from bases import read_json
 from stats import holm, mean_std, paired_interval, spearman
 
-LEARNED = 0.9  # source accuracy from which an arm counts as having learned the task on toy-v1
-
 
 # -----------------------------------------------------------------------------------------------------------
-# Summary, tables and chart
+# Summary: paired differences per regime, the regime contrast, the bound
+
+LEARNED = 0.9  # source accuracy from which an arm counts as having learned the task on toy-v1
 
 PREDICTION = {"full": "the paper expects Trans-PEFT to help where an update rewrites FFN knowledge more than attention",
               "ffn": "the paper predicts the largest Trans-PEFT gains here and none from control A",
@@ -126,6 +126,9 @@ def bound_summary(rows: list[dict], present: list[str]) -> dict:
     return out
 
 
+# -----------------------------------------------------------------------------------------------------------
+# Tables and sentences
+
 # Below this many seeds a 95% t interval of a difference of accuracies is mostly wider than the difference's range
 # [-1, 1] (t(0.975, 1) = 12.7): a table shows how many seeds lie on each side of 0 instead.
 MIN_SEEDS_FOR_INTERVAL = 5
@@ -157,98 +160,6 @@ def transfer_table(summary: dict) -> list[str]:
                          if s else "-")
         lines.append(f"{name:<{w}}  " + "  ".join(f"{c:<{cell}}" for c in cells))
     return lines
-
-
-# What each toy update did, in words a newcomer needs no docs for (toy.REGIMES)
-REGIME_TEXT = {"full": "every weight of toy-v1 moved, as real model versions are made",
-               "ffn": "only the FFN weights moved: the update rewrote knowledge, the paper's premise",
-               "attn": "only attention moved: the paper's premise reversed"}
-
-PUBLISHED = Path(__file__).resolve().parent / "docs" / "toy-study-results.json"  # the study docs/toy-study.md reports
-
-
-def published_study(path: Path = PUBLISHED) -> dict | None:
-    """The published study's summary, computed from its rows as a run computes its own (so the numbers the docs
-    quote, this file and a run's reference cannot drift apart); None where the file is absent."""
-    if not path.exists():
-        return None
-    ref = read_json(path)
-    _, summary = summarize_study(ref["rows"], select_arms(ref["arms"]))
-    counts = sorted({a["seeds"] for a in summary["arms"].values()})
-    seeds = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"  # arms may have run on more seeds
-    return {**summary, "seeds": seeds, "commands": ref["commands"]}
-
-
-def publish(out: str | Path, commands: list[str], path: Path = PUBLISHED) -> None:
-    """Write the published study's file: every finished arm-seed's rows in the study directory `out` (its
-    seed<s>/<arm>/rows.json, from every command that ran there, --resume included) and those commands."""
-    order = {regime: i for i, regime in enumerate(toy.REGIMES)}
-    records = [read_json(f) for f in Path(out).glob("seed[0-9]*/*/rows.json")]
-    arms = [a["key"] for a in select_arms(list({r["key"]["arm"]["key"] for r in records}))]
-    keep = ("arm", "seed", "regime", "update_seed", "source", "transfer", "ffn_grad_norm", "loss_old", "loss_new")
-    rows = sorted(({k: row[k] for k in keep} for r in records for row in r["rows"]),
-                  key=lambda r: (r["seed"], arms.index(r["arm"]), order[r["regime"]], r["update_seed"]))
-    path.write_text(json.dumps({"commands": commands, "arms": arms, "rows": rows}, indent=0) + "\n")
-
-
-def markdown_table(summary: dict) -> str:
-    """The study's main table as docs/toy-study.md shows it: per arm, seeds, learned, source, and per regime transfer
-    (mean ± std) and the paired difference to plain (mean ± 95% half-width, Holm-adjusted p; bold where < 0.05)."""
-    regimes = list(summary["regimes"])
-    lines = ["| arm | seeds | learned | source | " + " | ".join(f"{r} update: transfer | Δ vs plain" for r in regimes)
-             + " |", "|---" * (4 + 2 * len(regimes)) + "|"]
-    for key, a in summary["arms"].items():
-        cells = [a["name"], str(a["seeds"]), f"{a['learned']}/{a['seeds']}" if a["learned"] is not None else "-",
-                 f"{a['source'][0]:.2f} ± {a['source'][1]:.2f}" if a["source"] else "(trained on it)"]
-        for regime in regimes:
-            s = summary["regimes"][regime]["arms"].get(key)
-            c = s.get("itt") if s else None
-            d = f"{c['mean']:+.2f} ± {c['ci95']:.2f} (p {c['p_holm']:.2f})" if c else ""
-            cells += [f"{s['transfer'][0]:.2f} ± {s['transfer'][1]:.2f}" if s else "-",
-                      f"**{d}**" if c and c["p_holm"] < 0.05 else d]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def headline(summary: dict, reference: dict | None = None) -> str:
-    """What a study prints at its end: per regime, each arm's transfer and its difference to plain training, beside
-    the published study's for the same arm (reference: published_study()), and one sentence."""
-    names = {key: a["name"] for key, a in summary["arms"].items()}
-    seeds = summary["arms"]["plain"]["seeds"]
-    w = max(map(len, names.values()))
-    this, pub = f"this run ({seeds} seeds)", f"published ({reference['seeds']} seeds)" if reference else ""
-    lines = ["transfer: accuracy on the update of the module trained on the old base, unchanged; Δ: its difference "
-             "to plain training, seed by seed (mean ± 95% t interval, Holm-adjusted p; * beyond noise; with under "
-             f"{MIN_SEEDS_FOR_INTERVAL} seeds, on how many seeds the arm is better)" +
-             (". Published: the study of docs/toy-study.md (docs/toy-study-results.json)." if reference else ".")]
-    for regime, s in summary["regimes"].items():
-        ref = reference["regimes"].get(regime) if reference else None
-        lines += ["", f"{regime} update" + (f": {REGIME_TEXT[regime]}" if regime in REGIME_TEXT else ""),
-                  f"  {'arm':<{w}}  {this + ': transfer, Δ':<42}" + (f"  {pub}: transfer, Δ" if ref else "")]
-        for key, name in names.items():
-            cells = []
-            for part in (s, ref):
-                a = part["arms"].get(key) if part else None
-                cells.append(f"{a['transfer'][0]:.2f}  {delta(a.get('itt'), 'better')}" if a else "-")
-            lines.append(f"  {name:<{w}}  {cells[0]:<42}" + (f"  {cells[1]}" if ref else ""))
-        lines.append("  " + (told(regime, s, ref, names) if ref else verdict(regime, s, names)))
-    return "\n".join(lines)
-
-
-def told(regime: str, s: dict, ref: dict, names: dict) -> str:
-    """One sentence per regime beside the published study: how plain training transfers, its largest gain over
-    plain, whether beyond noise, what the paper predicts, and whether this run's differences have the same signs."""
-    shared = [k for k in ref["arms"] if k in s["arms"] and "itt" in ref["arms"][k] and "itt" in s["arms"][k]]
-    if not shared:
-        return verdict(regime, s, names)
-    best = max(shared, key=lambda k: ref["arms"][k]["itt"]["mean"])
-    c = ref["arms"][best]["itt"]
-    noise = "beyond noise" if c.get("p_holm", 1) < 0.05 else "within noise"
-    same = sum((s["arms"][k]["itt"]["mean"] > 0) == (ref["arms"][k]["itt"]["mean"] > 0) for k in shared)
-    return (f"Published: plain LoRA answers {ref['arms']['plain']['transfer'][0]:.2f} of the test questions after this "
-            f"update; the best arm, {names[best]}, {c['mean']:+.2f} ± {c['ci95']:.2f}, is {noise}" +
-            (f" ({PREDICTION[regime]})" if regime in PREDICTION else "") +
-            f". This run: the same sign as published for {same} of {len(shared)} arms.")
 
 
 def format_study(summary: dict, names: dict, present: list[str], regimes: list[str], source_label: str) -> str:
@@ -313,6 +224,118 @@ def verdict(regime: str, s: dict, names: dict) -> str:
     return f"{regime} update: plain transfers {plain:.2f}; {found}{bound}{predicted}."
 
 
+# What each toy update did, in words a newcomer needs no docs for (toy.REGIMES)
+REGIME_TEXT = {"full": "every weight of toy-v1 moved, as real model versions are made",
+               "ffn": "only the FFN weights moved: the update rewrote knowledge, the paper's premise",
+               "attn": "only attention moved: the paper's premise reversed"}
+
+
+def headline(summary: dict, reference: dict | None = None) -> str:
+    """What a study prints at its end: per regime, each arm's transfer and its difference to plain training, beside
+    the published study's for the same arm (reference: published_study()), and one sentence."""
+    names = {key: a["name"] for key, a in summary["arms"].items()}
+    seeds = summary["arms"]["plain"]["seeds"]
+    w = max(map(len, names.values()))
+    this, pub = f"this run ({seeds} seeds)", f"published ({reference['seeds']} seeds)" if reference else ""
+    lines = ["transfer: accuracy on the update of the module trained on the old base, unchanged; Δ: its difference "
+             "to plain training, seed by seed (mean ± 95% t interval, Holm-adjusted p; * beyond noise; with under "
+             f"{MIN_SEEDS_FOR_INTERVAL} seeds, on how many seeds the arm is better)" +
+             (". Published: the study of docs/toy-study.md (docs/toy-study-results.json)." if reference else ".")]
+    for regime, s in summary["regimes"].items():
+        ref = reference["regimes"].get(regime) if reference else None
+        lines += ["", f"{regime} update" + (f": {REGIME_TEXT[regime]}" if regime in REGIME_TEXT else ""),
+                  f"  {'arm':<{w}}  {this + ': transfer, Δ':<42}" + (f"  {pub}: transfer, Δ" if ref else "")]
+        for key, name in names.items():
+            cells = []
+            for part in (s, ref):
+                a = part["arms"].get(key) if part else None
+                cells.append(f"{a['transfer'][0]:.2f}  {delta(a.get('itt'), 'better')}" if a else "-")
+            lines.append(f"  {name:<{w}}  {cells[0]:<42}" + (f"  {cells[1]}" if ref else ""))
+        lines.append("  " + (told(regime, s, ref, names) if ref else verdict(regime, s, names)))
+    return "\n".join(lines)
+
+
+def told(regime: str, s: dict, ref: dict, names: dict) -> str:
+    """One sentence per regime beside the published study: how plain training transfers, its largest gain over
+    plain, whether beyond noise, what the paper predicts, and whether this run's differences have the same signs."""
+    shared = [k for k in ref["arms"] if k in s["arms"] and "itt" in ref["arms"][k] and "itt" in s["arms"][k]]
+    if not shared:
+        return verdict(regime, s, names)
+    best = max(shared, key=lambda k: ref["arms"][k]["itt"]["mean"])
+    c = ref["arms"][best]["itt"]
+    noise = "beyond noise" if c.get("p_holm", 1) < 0.05 else "within noise"
+    same = sum((s["arms"][k]["itt"]["mean"] > 0) == (ref["arms"][k]["itt"]["mean"] > 0) for k in shared)
+    return (f"Published: plain LoRA answers {ref['arms']['plain']['transfer'][0]:.2f} of the test questions after this "
+            f"update; the best arm, {names[best]}, {c['mean']:+.2f} ± {c['ci95']:.2f}, is {noise}" +
+            (f" ({PREDICTION[regime]})" if regime in PREDICTION else "") +
+            f". This run: the same sign as published for {same} of {len(shared)} arms.")
+
+
+def drift_table(drift: dict) -> str:
+    """Per update, its drift averaged over layers (analysis.analyze_drift)."""
+    columns = (("attn_weight", "attn ΔW/W"), ("ffn_weight", "ffn ΔW/W"), ("attn_cos", "attn 1-cos"),
+               ("ffn_cos", "ffn 1-cos"))
+    lines = ["drift of each update, mean over layers (each block fed toy-v1's hidden states on the test questions)",
+             f"{'update':<20} " + " ".join(f"{title:>11}" for _, title in columns)]
+    for name, layers in drift.items():
+        means = [sum(layer[k] for layer in layers) / len(layers) for k, _ in columns]
+        lines.append(f"{name:<20} " + " ".join(f"{m:>11.3f}" for m in means))
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The published study
+
+PUBLISHED = Path(__file__).resolve().parent / "docs" / "toy-study-results.json"  # the study docs/toy-study.md reports
+
+
+def published_study(path: Path = PUBLISHED) -> dict | None:
+    """The published study's summary, computed from its rows as a run computes its own (so the numbers the docs
+    quote, this file and a run's reference cannot drift apart); None where the file is absent."""
+    if not path.exists():
+        return None
+    ref = read_json(path)
+    _, summary = summarize_study(ref["rows"], select_arms(ref["arms"]))
+    counts = sorted({a["seeds"] for a in summary["arms"].values()})
+    seeds = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"  # arms may have run on more seeds
+    return {**summary, "seeds": seeds, "commands": ref["commands"]}
+
+
+def publish(out: str | Path, commands: list[str], path: Path = PUBLISHED) -> None:
+    """Write the published study's file: every finished arm-seed's rows in the study directory `out` (its
+    seed<s>/<arm>/rows.json, from every command that ran there, --resume included) and those commands."""
+    order = {regime: i for i, regime in enumerate(toy.REGIMES)}
+    records = [read_json(f) for f in Path(out).glob("seed[0-9]*/*/rows.json")]
+    arms = [a["key"] for a in select_arms(list({r["key"]["arm"]["key"] for r in records}))]
+    keep = ("arm", "seed", "regime", "update_seed", "source", "transfer", "ffn_grad_norm", "loss_old", "loss_new")
+    rows = sorted(({k: row[k] for k in keep} for r in records for row in r["rows"]),
+                  key=lambda r: (r["seed"], arms.index(r["arm"]), order[r["regime"]], r["update_seed"]))
+    path.write_text(json.dumps({"commands": commands, "arms": arms, "rows": rows}, indent=0) + "\n")
+
+
+def markdown_table(summary: dict) -> str:
+    """The study's main table as docs/toy-study.md shows it: per arm, seeds, learned, source, and per regime transfer
+    (mean ± std) and the paired difference to plain (mean ± 95% half-width, Holm-adjusted p; bold where < 0.05)."""
+    regimes = list(summary["regimes"])
+    lines = ["| arm | seeds | learned | source | " + " | ".join(f"{r} update: transfer | Δ vs plain" for r in regimes)
+             + " |", "|---" * (4 + 2 * len(regimes)) + "|"]
+    for key, a in summary["arms"].items():
+        cells = [a["name"], str(a["seeds"]), f"{a['learned']}/{a['seeds']}" if a["learned"] is not None else "-",
+                 f"{a['source'][0]:.2f} ± {a['source'][1]:.2f}" if a["source"] else "(trained on it)"]
+        for regime in regimes:
+            s = summary["regimes"][regime]["arms"].get(key)
+            c = s.get("itt") if s else None
+            d = f"{c['mean']:+.2f} ± {c['ci95']:.2f} (p {c['p_holm']:.2f})" if c else ""
+            cells += [f"{s['transfer'][0]:.2f} ± {s['transfer'][1]:.2f}" if s else "-",
+                      f"**{d}**" if c and c["p_holm"] < 0.05 else d]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Charts, and what a run writes
+
+
 def chart(summary: dict, path: Path) -> bool:
     """One panel per regime: each arm's paired transfer gain over plain training (every seed) as a bar, its 95% t
     interval as a whisker; blue where the Holm-adjusted sign-flip p < 0.05, grey elsewhere. False (nothing written)
@@ -363,8 +386,9 @@ def dose_chart(summary: dict, arms: list[dict], path: Path) -> bool:
         cells = summary["regimes"][regime]["arms"]
         for i, (family, points) in enumerate(families.items()):
             doses = {rate for rate, _, dose in points if dose}
-            line = [(r, cells[k]["itt"]) for r, k, dose in points if (dose or r not in doses) and "itt" in cells.get(k, {})]
-            apart = [(r, cells[k]["itt"]) for r, k, dose in points if not dose and r in doses and "itt" in cells.get(k, {})]
+            drawn = [(r, cells[k]["itt"], dose) for r, k, dose in points if "itt" in cells.get(k, {})]
+            line = [(r, c) for r, c, dose in drawn if dose or r not in doses]
+            apart = [(r, c) for r, c, dose in drawn if not dose and r in doses]
             name = summary["arms"][points[0][1]]["name"].split(" (")[0]
             color = f"C{i}"
             if line:
@@ -382,18 +406,6 @@ def dose_chart(summary: dict, arms: list[dict], path: Path) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
-
-
-def drift_table(drift: dict) -> str:
-    """Per update, its drift averaged over layers (analysis.analyze_drift)."""
-    columns = (("attn_weight", "attn ΔW/W"), ("ffn_weight", "ffn ΔW/W"), ("attn_cos", "attn 1-cos"),
-               ("ffn_cos", "ffn 1-cos"))
-    lines = ["drift of each update, mean over layers (each block fed toy-v1's hidden states on the test questions)",
-             f"{'update':<20} " + " ".join(f"{title:>11}" for _, title in columns)]
-    for name, layers in drift.items():
-        means = [sum(layer[k] for layer in layers) / len(layers) for k, _ in columns]
-        lines.append(f"{name:<20} " + " ".join(f"{m:>11.3f}" for m in means))
-    return "\n".join(lines)
 
 
 def finish(out: Path, results: dict, report: str, results_name: str = "results.json",

@@ -249,7 +249,8 @@ def run_toy_study(args) -> dict:
 
         if args.jobs > 1 and len(jobs) > 1:
             context = multiprocessing.get_context("spawn")  # a fresh interpreter: no OpenMP state forked mid-use
-            with context.Pool(min(args.jobs, len(jobs)), _start_worker, (old, recipe, args.quick, args.device)) as pool, \
+            start = (old, recipe, args.quick, args.device)
+            with context.Pool(min(args.jobs, len(jobs)), _start_worker, start) as pool, \
                     tqdm(total=len(jobs), desc=f"arm-seeds, {args.jobs} side by side", unit="arm-seed") as bar:
                 for job, (rows, seconds) in zip(jobs, pool.imap(_run_job, jobs)):  # in order: as one at a time
                     report(job, rows, seconds)

@@ -384,8 +384,10 @@ def test_dose_chart_draws_one_line_per_family(tmp_path, monkeypatch):
         def subplots(self, *a, **k):
             fig, axes = real.subplots(*a, **k)
             for ax in axes.flat:
-                original = ax.errorbar
-                ax.errorbar = lambda x, y, *a, _o=original, **k: (drawn.append((list(x), k.get("mfc"))), _o(x, y, *a, **k))[1]
+                def errorbar(x, y, *a, _draw=ax.errorbar, **k):
+                    drawn.append((list(x), k.get("mfc")))
+                    return _draw(x, y, *a, **k)
+                ax.errorbar = errorbar
             return fig, axes
 
     monkeypatch.setattr(report, "pyplot", lambda: Spy())

@@ -312,7 +312,8 @@ def test_the_default_prints_no_interval_wider_than_1_and_the_published_study_bes
     assert widths and max(widths) <= 1
     reference = report.published_study()
     assert f"published ({reference['seeds']} seeds)" in printed
-    blocks = dict(re.findall(r"\n(\w+) update: [^\n]*\n(.*?)\n\n", printed + "\n\n", flags=re.S))
+    chunks = [c.strip("\n").split("\n", 1) for c in printed.split("\n\n")]
+    blocks = {head.split(" update:")[0]: body for head, *body in chunks if " update: " in head for body in body}
     assert set(blocks) == {"full", "ffn", "attn"}
     for regime, block in blocks.items():
         lines = {line.split("  ")[1].strip(): line for line in block.splitlines()[1:-1]}

@@ -234,7 +234,7 @@ def headline(summary: dict, reference: dict | None = None) -> str:
     """What a study prints at its end: per regime, each arm's transfer and its difference to plain training, beside
     the published study's for the same arm (reference: published_study()), and one sentence."""
     names = {key: a["name"] for key, a in summary["arms"].items()}
-    seeds = summary["arms"]["plain"]["seeds"]
+    seeds = max(a["seeds"] for a in summary["arms"].values())  # (real bases' --arms need not name plain)
     w = max(map(len, names.values()))
     this, pub = f"this run ({seeds} seeds)", f"published ({reference['seeds']} seeds)" if reference else ""
     lines = ["transfer: accuracy on the update of the module trained on the old base, unchanged; Δ: its difference "

@@ -154,7 +154,7 @@ def arm_key(arm: dict, recipe: dict, updates: list[tuple]) -> dict:
     return json.loads(json.dumps(key))  # as read back from rows.json (tuples as lists)
 
 
-_WORKER: dict = {}  # a side-by-side worker's data, built once per process (toy_data)
+_WORKER: dict = {}  # the toy data an arm-seed job reads (toy_data), built once per process
 
 
 def default_jobs() -> int:
@@ -172,7 +172,7 @@ def _start_worker(old: str, recipe: dict, quick: bool, device: str) -> None:
 
 
 def _run_job(job: tuple) -> tuple[list[dict], float]:
-    """One arm-seed in a side-by-side worker: its rows and its seconds."""
+    """One arm-seed (a side-by-side worker's job, or this process's): its rows and its seconds."""
     t0 = time.time()
     arm, seed, old, updates, run_dir, recipe, device = job
     tokenizer, dataset, test, test_batch = _WORKER["data"]
@@ -222,12 +222,12 @@ def run_toy_study(args) -> dict:
                 updates.append((regime, u, new))
         tokenizer, _, test, _ = data = toy_data(old, recipe, args.quick, args.device)
 
-        jobs, done = [], {}  # one job per arm-seed not finished yet
+        jobs, done, keys = [], {}, {}  # one job per arm-seed not finished yet
         for seed in range(args.seed, args.seed + args.seeds):
             for arm in arms:
                 on = updates[:1] if arm.get("train_on") == "new" else updates  # the upper bound: the first update
                 run_dir = out / f"seed{seed}" / arm["key"].replace("/", "-")  # both@0.2/0.1: both@0.2-0.1
-                key = arm_key(arm, recipe, on)
+                keys[seed, arm["key"]] = key = arm_key(arm, recipe, on)
                 finished = read_json(run_dir / "rows.json") if (run_dir / "rows.json").exists() else None
                 if args.resume and finished and finished["key"] == key:
                     done[seed, arm["key"]] = finished["rows"]
@@ -240,7 +240,7 @@ def run_toy_study(args) -> dict:
         def report(job, rows, seconds):
             arm, seed, run_dir = job[0], job[1], job[4]
             tmp = run_dir / "rows.json.tmp"  # written whole, then renamed: a killed study leaves no half file
-            tmp.write_text(json.dumps({"key": arm_key(arm, recipe, job[3]), "rows": rows}, indent=1))
+            tmp.write_text(json.dumps({"key": keys[seed, arm["key"]], "rows": rows}, indent=1))
             os.replace(tmp, run_dir / "rows.json")
             done[seed, arm["key"]] = rows
             src = f"{rows[0]['source']:.2f}" if rows[0]["source"] is not None else "  - "
@@ -255,13 +255,10 @@ def run_toy_study(args) -> dict:
                 for job, (rows, seconds) in zip(jobs, pool.imap(_run_job, jobs)):  # in order: as one at a time
                     report(job, rows, seconds)
                     bar.update()
-        else:
+        else:  # one at a time, in this process: the same job as a worker's, on this process's data
+            _WORKER["data"] = data
             for job in jobs:
-                t0 = time.time()
-                arm, seed, old, on, run_dir, recipe, device = job
-                rows = toy_arm(arm, arm_settings(arm), seed, old, on, data[1], test, data[3], tokenizer, run_dir,
-                               recipe, device)
-                report(job, rows, time.time() - t0)
+                report(job, *_run_job(job))
         rows = [row for seed in range(args.seed, args.seed + args.seeds) for arm in arms
                 for row in done[seed, arm["key"]]]
         prompts = torch.tensor([tokenizer.encode(e["question"]) for e in test])  # every toy question is 8 words long

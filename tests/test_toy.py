@@ -19,6 +19,7 @@ import train
 from data import gsm8k_response, tokenize_example
 from scoring import gold_answer, is_correct
 from bases import load_model, load_tokenizer
+from transpeft import ffn_gradient
 
 ALL = arms_lib.select_arms(["all"])  # the toy study's --arms all, the upper bound last
 QUICK = {"v1": {**toy.RECIPE["v1"], "steps": 20}, "v2": {**toy.RECIPE["v2"], "steps": 5}}
@@ -289,7 +290,9 @@ def test_toy_study_side_by_side_and_resumed_gives_the_same_rows(tmp_path, monkey
     (tmp_path / "part" / "seed1" / "drop@0.2" / "rows.json").unlink()  # as if killed before this arm-seed ended
     changed = tmp_path / "part" / "seed1" / "plain" / "rows.json"  # a recipe other than this one's: trained again
     record = json.loads(changed.read_text())
-    changed.write_text(json.dumps({**record, "key": {**record["key"], "recipe": {**record["key"]["recipe"], "lr": 1}}}))
+    stale = [{**r, "transfer": 9.0} for r in record["rows"]]  # what reusing it would put in the results
+    changed.write_text(json.dumps({"key": {**record["key"], "recipe": {**record["key"]["recipe"], "lr": 1}},
+                                   "rows": stale}))
     with pytest.raises(SystemExit, match="already holds a finished study.*--resume"):
         train.main([*quick, "--seeds", "3", "--out", str(tmp_path / "part")])
     train.main([*quick, "--seeds", "3", "--resume", "--out", str(tmp_path / "part")])
@@ -414,3 +417,34 @@ def test_the_power_command_reads_a_study_and_refuses_what_is_not_one(tmp_path, c
         with pytest.raises(SystemExit):
             stats.main([str(tmp_path / bad)])
         assert "is not a toy study's results.json" in capsys.readouterr().err
+
+
+def test_the_headline_of_arms_without_plain():
+    """Real bases' --arms need not name plain (e.g. transpeft,refit): the lines a run ends with still print."""
+    rows = [r for r in rows_for([(0.2, 0.5, 1.0), (0.4, 0.6, 1.0)]) if r["arm"] == "mask"]
+    _, summary = report.summarize_study(rows, arms_lib.select_arms(["mask"]))
+    assert "0.55" in report.headline(summary) and "this run (2 seeds)" in report.headline(summary)
+
+
+def test_the_bounds_gradient_norm_does_not_depend_on_the_thread_count():
+    """G (transpeft.ffn_gradient) of the toy study's 256-question batch is the same, bit for bit, with one thread and
+    with two, on six initialisations (a parallel sum of squares differs in its last bits on some): a study's arm-seeds
+    side by side (one thread each) give the rows of one at a time (two threads)."""
+    from model import ModelConfig, Transformer
+
+    threads = torch.get_num_threads()
+    try:
+        for seed in range(6):
+            torch.manual_seed(seed)
+            model = Transformer(ModelConfig.from_hf({**toy.TOY_CONFIG, "vocab_size": 300}))
+            with torch.no_grad():  # toy-v1's initialisation, so that the gradients are far from 0
+                for name, weight in model.named_parameters():
+                    weight.fill_(1.0) if name.endswith("norm.weight") else weight.normal_(0, 0.02)
+            ids = torch.randint(0, 300, (256, 48))
+            found = []
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                found.append(ffn_gradient(model, ids, ids))
+            assert found[0] == found[1], seed
+    finally:
+        torch.set_num_threads(threads)

@@ -2,8 +2,9 @@
 The study's arms: one way each of training the PEFT module, compared seed by seed with plain training. One schema
 for the toy study and for real bases (train.py --arms): an arm is a dict of its key, its name, the rates it sets
 (every intervention's, transpeft.INTERVENTIONS, and lora_dropout; every rate it does not set is 0), and optionally
-train_on="new" (the upper bound), rates_from_flags (the command line's rates) and on_request (run only when named).
-`<arm>@<rate>` is an arm at another rate: a dose.
+train_on="new" (the upper bound), rates_from_flags (the command line's rates), adaptive (each rate spread over the
+layers as their FFNs moved: adaptive_rates) and on_request (run only when named). `<arm>@<rate>` is an arm at another
+rate: a dose.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ def all_arms() -> list[dict]:
     flags = dict(key="transpeft", name="Trans-PEFT trained on old (the flags' rates)", rates_from_flags=True)
     return [dict(key="plain", name="plain {peft}"), {**flags, "on_request": True},
             *(arm for unit in INTERVENTIONS for arm in unit.arms),
+            dict(key="adaptive", name="adaptive masking + dropping, per layer (mean {rate})", p_intra=0.2,
+                 p_cross=0.1, adaptive=True, on_request=True),
             dict(key="lora_dropout", name="control B: LoRA dropout {rate}", lora_dropout=0.3),
             dict(key="refit", name="upper bound: {peft} trained on the update", train_on="new", on_request=True)]
 
@@ -65,6 +68,16 @@ def select_arms(wanted: list[str] | None, peft: str = "LoRA") -> list[dict]:
 
     return [named(a) for key, base in arms.items()
             for a in (base, *(dose(base, d) for d in doses if d.partition("@")[0] == key)) if chosen(a)]
+
+
+def adaptive_rates(rate: float, moved: list[float], most: float = 0.9) -> list[float]:
+    """The paper's open question (rates "adjusted to the degree of variation in each layer"): per layer l, the rate in
+    proportion to how much that layer's FFN moved in an update, p_l = p · m_l / mean(m), so that the rates average p,
+    as a uniform arm at p does (each capped at `most`; where the cap binds, the average is below p)."""
+    mean = sum(moved) / len(moved)
+    if not mean > 0:
+        raise ValueError("adaptive rates need an update that moved the FFN: every layer's drift is 0.")
+    return [min(most, rate * m / mean) for m in moved]
 
 
 def arm_settings(arm: dict, flags: argparse.Namespace | None = None) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -52,7 +53,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, config_only: bool = Fals
     """A local directory holding the checkpoint, downloading config, weights and tokenizer from the hub if needed
     (config.json alone with config_only)."""
     name = str(name_or_path)
-    if name in TOY_MODELS or name.startswith("toy-v2-"):  # toy-v2-u<seed>, toy-v2-<regime>-u<seed>: other updates
+    if re.fullmatch(r"toy\d*-v(1|2(-[\w-]+)?)", name):  # toy-v2-u<seed>, toy-v2-<regime>-u<seed>; toy8-v1: depth 8
         path = cache_dir() / name
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"The toy model {name} has not been built yet (looked in {path}): run `python "

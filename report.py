@@ -8,11 +8,12 @@ own numbers and from which docs/toy-study.md's tables are computed. The terms ar
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import toy
 from analysis import pyplot
-from arms import rate_keys, select_arms
+from arms import all_arms, rate_keys, select_arms
 from bases import read_json
 from stats import holm, mean_std, paired_interval, spearman
 
@@ -44,7 +45,8 @@ def summarize_study(rows: list[dict], arms: list[dict] | None = None, source_lab
     c = Δ(ffn update) − Δ(attn update), with its t interval and sign-flip p, Holm-adjusted over the arms (a family of
     its own): c > 0 for the FFN interventions, c < 0 for control A, if the paper's account is the one at work.
     Then the paper's bound: per arm the FFN-output gradient norm G on toy-v1 and the loss gap per regime, with
-    Spearman's rank correlation of the two over arms × seeds."""
+    Spearman's rank correlation of the two over arms × seeds. Then, where arms ran at several rates, the dose
+    response (dose_response)."""
     arms = arms or select_arms(["all"])
     names = {a["key"]: a["name"] for a in arms}
     present = [a["key"] for a in arms if any(r["arm"] == a["key"] for r in rows)]
@@ -102,6 +104,7 @@ def summarize_study(rows: list[dict], arms: list[dict] | None = None, source_lab
     for key, adj in zip(contrast, holm([c["p"] for c in contrast.values()])):
         contrast[key]["p_holm"] = adj
     summary["regime_contrast"] = contrast
+    summary["dose"] = dose_response(rows, arms)
     return format_study(summary, names, present, regimes, source_label), summary
 
 
@@ -124,6 +127,98 @@ def bound_summary(rows: list[dict], present: list[str]) -> dict:
         g, gap = zip(*points.values())
         out["spearman"], out["n"] = spearman(list(g), list(gap)), len(points)
     return out
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The dose response: arm families run at several rates
+
+
+def dose_families(arms: list[dict]) -> dict[str, list[tuple[float, str, bool]]]:
+    """The arms run at several rates, by family (an arm and its doses `<arm>@<rate>`): family key -> [(the first rate
+    the arm sets, so p_intra for masking + dropping; the arm's key; whether it is a dose)] in rate order. Only
+    families with a dose."""
+    families: dict = {}
+    for a in arms:
+        if rate_keys(a):
+            families.setdefault(a["key"].split("@")[0], []).append((a[rate_keys(a)[0]], a["key"], "@" in a["key"]))
+    return {k: sorted(v) for k, v in families.items() if any(dose for *_, dose in v)}
+
+
+def dose_line(points: list[tuple[float, str, bool]]) -> list[tuple[float, str]]:
+    """The (rate, arm) a family's dose response runs through: its doses, and its default arm where no dose shares its
+    first rate (both, 0.1/0.1, is not on the line of both@0.1/0.05, both@0.2/0.1, ...)."""
+    doses = {rate for rate, _, dose in points if dose}
+    return [(rate, key) for rate, key, dose in points if dose or rate not in doses]
+
+
+def family_name(key: str) -> str:
+    """An arm family's name without its rate ("control B: LoRA dropout {rate}" -> "control B: LoRA dropout")."""
+    template = next(a["name"] for a in all_arms() if a["key"] == key)
+    return re.sub(r"\s*(\((\w+ )?\{rate\}\)|\{rate\})", "", template).format(peft="LoRA")
+
+
+CONTROL_B = "lora_dropout"  # generic regularisation, the family every FFN intervention's dose response is held against
+
+
+def dose_response(rows: list[dict], arms: list[dict]) -> dict:
+    """Per arm family on at least two rates, with both the FFN-only and the attention-only update: how its regime
+    contrast changes from its lowest rate to its highest. Per seed, each regime's update seeds averaged,
+    s = [T(high) − T(low)](ffn update) − [T(high) − T(low)](attn update), which is the change of
+    Δ(ffn) − Δ(attn) (plain training cancels). The paper's account (docs/toy-study.md, written before the dose study
+    ran) expects s > 0 for the FFN interventions and not for control B, so each family's s minus control B's, seed by
+    seed, too. 95% t intervals and unadjusted sign-flip p: a secondary description, no claim."""
+    runs: dict = {}  # (arm, seed, regime) -> transfer per update seed
+    for r in rows:
+        runs.setdefault((r["arm"], r["seed"], r["regime"]), []).append(r["transfer"])
+    t = {k: sum(v) / len(v) for k, v in runs.items()}
+    changes = {}  # family -> (low arm, high arm, {seed: s})
+    for family, points in dose_families(arms).items():
+        line = dose_line(points)
+        (_, low), (_, high) = line[0], line[-1]
+        seeds = sorted({s for (a, s, _) in t if a == low})
+        s = {seed: t[high, seed, "ffn"] - t[low, seed, "ffn"] - (t[high, seed, "attn"] - t[low, seed, "attn"])
+             for seed in seeds if all((a, seed, g) in t for a in (low, high) for g in ("ffn", "attn"))}
+        if len(line) > 1 and len(s) > 1:
+            changes[family] = (low, high, s)
+    rates = {a["key"]: "/".join(str(a[k]) for k in rate_keys(a)) for a in arms}
+    out = {}
+    for family, (low, high, s) in changes.items():
+        out[family] = {"arms": [key for _, key, _ in dose_families(arms)[family]], "low": low, "high": high,
+                       "rates": [rates[low], rates[high]], "change": paired_interval(list(s.values()))}
+        if family != CONTROL_B and CONTROL_B in changes:
+            b = changes[CONTROL_B][2]
+            both = [seed for seed in s if seed in b]
+            if len(both) > 1:
+                out[family]["minus_control_b"] = paired_interval([s[seed] - b[seed] for seed in both])
+    return out
+
+
+def dose_table(summary: dict) -> str:
+    """The dose response as docs/toy-study.md shows it: per family and rate, the gain over plain per regime and the
+    regime contrast (mean ± 95% half-width); then per family the change of the regime contrast from its lowest rate
+    to its highest, and that minus control B's (mean ± 95% half-width, unadjusted sign-flip p, seeds)."""
+    regimes = list(summary["regimes"])
+
+    def cell(c):
+        return f"{c['mean']:+.2f} ± {c['ci95']:.2f}" if c else ""
+
+    lines = ["| arm | seeds | " + " | ".join(f"{r}: Δ vs plain" for r in regimes) + " | Δ(ffn) − Δ(attn) |",
+             "|---" * (3 + len(regimes)) + "|"]
+    for d in summary["dose"].values():
+        for key in d["arms"]:
+            gains = [cell(summary["regimes"][r]["arms"].get(key, {}).get("itt")) for r in regimes]
+            lines.append(f"| {summary['arms'][key]['name']} | {summary['arms'][key]['seeds']} | " + " | ".join(gains)
+                         + f" | {cell(summary['regime_contrast'].get(key))} |")
+
+    def test(c):
+        return f"{cell(c)} (p {c['p']:.2f}, {c['n']} seeds)" if c else ""
+
+    lines += ["", "| family | lowest → highest rate | change of Δ(ffn) − Δ(attn) | minus control B's change |",
+              "|---|---|---|---|"]
+    for family, d in summary["dose"].items():
+        lines.append(f"| {family_name(family)} | {d['rates'][0]} → {d['rates'][1]} | {test(d['change'])} | "
+                     f"{test(d.get('minus_control_b'))} |")
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -201,6 +296,10 @@ def format_study(summary: dict, names: dict, present: list[str], regimes: list[s
                 lines.append(f"{names[key]:<{w}}  {b[0]['grad_norm']:>8.4f}  {gaps}")
         lines.append(f"{'Spearman ρ(G, gap), arms × seeds':<{w}}  {'':>8}  " + "  ".join(
             f"{summary['regimes'][regime]['bound'].get('spearman', float('nan')):>+10.2f}" for regime in regimes))
+    if summary["dose"]:
+        lines += ["", "the dose response: gain over plain LoRA per rate (mean ± 95% t half-width) and the change of "
+                  "the regime contrast from each family's lowest rate to its highest, alone and minus control B's (the "
+                  "paper's account expects > 0 for the FFN interventions; unadjusted p)", dose_table(summary)]
     lines.append("")
     for regime in regimes:
         lines.append(verdict(regime, summary["regimes"][regime], names))
@@ -236,7 +335,8 @@ def headline(summary: dict, reference: dict | None = None) -> str:
     names = {key: a["name"] for key, a in summary["arms"].items()}
     seeds = max(a["seeds"] for a in summary["arms"].values())  # (real bases' --arms need not name plain)
     w = max(map(len, names.values()))
-    this, pub = f"this run ({seeds} seeds)", f"published ({reference['seeds']} seeds)" if reference else ""
+    this = f"this run ({seeds} seed{'s' if seeds > 1 else ''})"
+    pub = f"published ({reference['seeds']} seeds)" if reference else ""
     lines = ["transfer: accuracy on the update of the module trained on the old base, unchanged; Δ: its difference "
              "to plain training, seed by seed (mean ± 95% t interval, Holm-adjusted p; * beyond noise; with under "
              f"{MIN_SEEDS_FOR_INTERVAL} seeds, on how many seeds the arm is better)" +
@@ -306,11 +406,13 @@ def publish(out: str | Path, commands: list[str], path: Path = PUBLISHED) -> Non
     seed<s>/<arm>/rows.json, from every command that ran there, --resume included) and those commands."""
     order = {regime: i for i, regime in enumerate(toy.REGIMES)}
     records = [read_json(f) for f in Path(out).glob("seed[0-9]*/*/rows.json")]
-    arms = [a["key"] for a in select_arms(list({r["key"]["arm"]["key"] for r in records}))]
+    arms = [a["key"] for a in select_arms(sorted({r["key"]["arm"]["key"] for r in records}))]  # doses by rate
     keep = ("arm", "seed", "regime", "update_seed", "source", "transfer", "ffn_grad_norm", "loss_old", "loss_new")
     rows = sorted(({k: row[k] for k in keep} for r in records for row in r["rows"]),
                   key=lambda r: (r["seed"], arms.index(r["arm"]), order[r["regime"]], r["update_seed"]))
-    path.write_text(json.dumps({"commands": commands, "arms": arms, "rows": rows}, indent=0) + "\n")
+    lines = ",\n".join(json.dumps(row) for row in rows)  # one row per line: a later study's diff shows its rows
+    path.write_text(f'{{"commands": {json.dumps(commands, indent=1)},\n"arms": {json.dumps(arms)},\n'
+                    f'"rows": [\n{lines}\n]}}\n')
 
 
 def markdown_table(summary: dict) -> str:
@@ -329,6 +431,39 @@ def markdown_table(summary: dict) -> str:
             cells += [f"{s['transfer'][0]:.2f} ± {s['transfer'][1]:.2f}" if s else "-",
                       f"**{d}**" if c and c["p_holm"] < 0.05 else d]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def predicted_contrast(key: str) -> str:
+    """What the paper's account predicts for an arm's regime contrast: > 0 where it takes FFN knowledge away, < 0
+    where it masks attention (control A), nothing for generic regularisation (control B) or plain training."""
+    arm = next((a for a in select_arms([key])), {})
+    if arm.get("p_intra") or arm.get("p_cross"):
+        return "> 0"
+    return "< 0" if arm.get("p_attn") else "no prediction"
+
+
+def markdown_contrast(summary: dict) -> str:
+    """The regime contrast against plain as docs/toy-study.md shows it: per arm, seeds, Δ(ffn) − Δ(attn) (mean ± 95%
+    half-width, Holm-adjusted p) and what the paper's account predicts."""
+    lines = ["| arm | seeds | Δ(ffn) − Δ(attn) | the paper's account predicts |", "|---|---|---|---|"]
+    lines += [f"| {summary['arms'][key]['name']} | {c['n']} | {c['mean']:+.2f} ± {c['ci95']:.2f} (p {c['p_holm']:.2f}) "
+              f"| {predicted_contrast(key)} |" for key, c in summary["regime_contrast"].items()]
+    return "\n".join(lines)
+
+
+def markdown_bound(summary: dict) -> str:
+    """The paper's bound as docs/toy-study.md shows it: per arm G and the loss gap per regime, and ρ(G, gap)."""
+    regimes = list(summary["regimes"])
+    bounds = [summary["regimes"][r]["bound"] for r in regimes]
+    lines = ["| arm | G on toy-v1 | " + " | ".join(f"loss gap, {r}" for r in regimes) + " |",
+             "|---" * (2 + len(regimes)) + "|"]
+    for key, a in summary["arms"].items():
+        if key in bounds[0]["arms"]:
+            lines.append(f"| {a['name']} | {bounds[0]['arms'][key]['grad_norm']:.4f} | " +
+                         " | ".join(f"{b['arms'][key]['loss_gap']:.3f}" for b in bounds) + " |")
+    lines.append(f"| ρ(G, gap), all arms × seeds (n {bounds[0]['n']}) | | " +
+                 " | ".join(f"{b['spearman']:+.2f}" for b in bounds) + " |")
     return "\n".join(lines)
 
 
@@ -373,11 +508,7 @@ def dose_chart(summary: dict, arms: list[dict], path: Path) -> bool:
     p_intra for masking + dropping). A family's default arm whose first rate one of its doses shares is drawn apart
     (a hollow marker). False (nothing written) where matplotlib is not installed or no arm has doses."""
     plt = pyplot()
-    families: dict = {}  # base key -> [(rate, arm key, is a dose)]
-    for a in arms:
-        if rate_keys(a) and a["key"] != "plain":
-            families.setdefault(a["key"].split("@")[0], []).append((a[rate_keys(a)[0]], a["key"], "@" in a["key"]))
-    families = {k: sorted(v) for k, v in families.items() if any(dose for *_, dose in v)}
+    families = dose_families(arms)
     if plt is None or not families:
         return False
     regimes = list(summary["regimes"])
@@ -385,11 +516,10 @@ def dose_chart(summary: dict, arms: list[dict], path: Path) -> bool:
     for ax, regime in zip(axes[0], regimes):
         cells = summary["regimes"][regime]["arms"]
         for i, (family, points) in enumerate(families.items()):
-            doses = {rate for rate, _, dose in points if dose}
-            drawn = [(r, cells[k]["itt"], dose) for r, k, dose in points if "itt" in cells.get(k, {})]
-            line = [(r, c) for r, c, dose in drawn if dose or r not in doses]
-            apart = [(r, c) for r, c, dose in drawn if not dose and r in doses]
-            name = summary["arms"][points[0][1]]["name"].split(" (")[0]
+            on_line = dose_line(points)
+            line = [(r, cells[k]["itt"]) for r, k in on_line if "itt" in cells.get(k, {})]
+            apart = [(r, cells[k]["itt"]) for r, k, _ in points if (r, k) not in on_line and "itt" in cells.get(k, {})]
+            name = family_name(family)
             color = f"C{i}"
             if line:
                 ax.errorbar([r for r, _ in line], [c["mean"] for _, c in line], yerr=[c["ci95"] for _, c in line],

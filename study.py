@@ -45,7 +45,7 @@ from tqdm import tqdm
 import lora as lora_lib
 import toy
 from analysis import analyze_drift
-from arms import arm_settings, select_arms
+from arms import adaptive_rates, arm_settings, rate_keys, select_arms
 from bases import cache_dir, is_main_process, load_model, load_tokenizer, read_json
 from data import IGNORE_INDEX, collate, next_token_targets, tokenize_dataset
 from eval import evaluate
@@ -61,6 +61,29 @@ from transpeft import INTERVENTIONS, ffn_gradient
 # to copy the question's quantity comes late and suddenly; too high a rate or too few steps miss it.
 TOY_LORA = dict(r=8, alpha=16, dropout=0.05, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
                 lr=5e-3, steps=500, warmup_ratio=0.1, batch_size=16, max_len=128, max_new_tokens=24)
+
+
+def recipe_changes(text: str | None) -> dict:
+    """`--recipe lr=2e-3,steps=1000`: the settings of TOY_LORA a command changes (a recipe search runs the project's
+    own command), each checked: counts positive integers, lr and alpha positive, dropout and warmup_ratio in [0, 1)."""
+    changes = {}
+    for item in filter(None, (text or "").split(",")):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        kind = type(TOY_LORA.get(key))
+        if kind not in (int, float):
+            raise ValueError(f"--recipe {item}: a setting is key=value, the key one of "
+                             f"{', '.join(k for k, v in TOY_LORA.items() if type(v) in (int, float))}.")
+        try:
+            number = kind(value) if kind is float else int(value)
+        except ValueError:
+            raise ValueError(f"--recipe {item}: {key} takes {'an integer' if kind is int else 'a number'}.") from None
+        ok = 0 <= number < 1 if key in ("dropout", "warmup_ratio") else 0 < number < float("inf")
+        if not ok:
+            raise ValueError(f"--recipe {item}: {key} must be "
+                             f"{'in [0, 1)' if key in ('dropout', 'warmup_ratio') else 'positive and finite'}.")
+        changes[key] = number
+    return changes
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -97,6 +120,7 @@ def toy_arm(arm: dict, settings: dict, seed: int, old: str, updates: list[tuple]
     itself; the study passes it the first update only, as each costs a training."""
     ev = dict(max_new_tokens=recipe["max_new_tokens"], batch_size=len(test))
     ids, targets = test_batch
+    old_name = Path(old).name
     if arm.get("train_on") == "new":
         rows = []
         for regime, u, path in updates:
@@ -108,7 +132,8 @@ def toy_arm(arm: dict, settings: dict, seed: int, old: str, updates: list[tuple]
                          "final_loss": log[-1]["loss"], "source": None, "transfer": acc["accuracy"]})
         return rows
     model, log = toy_lora(arm, settings, seed, old, dataset, tokenizer, run_dir, recipe, device)
-    own = evaluate(model, tokenizer, test, out_jsonl=run_dir / "eval-toy-v1.jsonl", desc="eval on toy-v1", **ev)
+    own = evaluate(model, tokenizer, test, out_jsonl=run_dir / f"eval-{old_name}.jsonl", desc=f"eval on {old_name}",
+                   **ev)
     loss_old, grad = ffn_gradient(model, ids, targets)
     rows = []
     for regime, u, path in updates:
@@ -154,6 +179,21 @@ def arm_key(arm: dict, recipe: dict, updates: list[tuple]) -> dict:
     return json.loads(json.dumps(key))  # as read back from rows.json (tuples as lists)
 
 
+# The update whose FFN drift per layer sets the adaptive arm's rates (arms.adaptive_rates): one of toy-v1's full
+# updates that no study evaluates, so that the arm does not see the update it is tested on.
+ADAPTIVE_UPDATE = 99
+
+
+def adaptive_arm(arm: dict, old: str, base_recipe: dict, root: Path | None, layers: int) -> dict:
+    """The adaptive arm with its rates per layer: each rate spread over the layers as their FFN weights moved
+    (‖ΔW‖/‖W‖ of gate, up and down together, analysis.analyze_drift) from toy-v1 to its update ADAPTIVE_UPDATE.
+    Weights, not outputs, so that no test question enters the rates."""
+    _, held_out = toy.build_bases(ADAPTIVE_UPDATE, recipe=base_recipe, root=root, regime="full", layers=layers)
+    one_token = torch.zeros(1, 1, dtype=torch.long)  # the weight measure needs no inputs; analyze_drift wants a batch
+    moved = [layer["ffn_weight"] for layer in analyze_drift(load_model(old), load_model(held_out), one_token)]
+    return {**arm, **{k: adaptive_rates(arm[k], moved) for k in rate_keys(arm)}, "moved_by": Path(held_out).name}
+
+
 _WORKER: dict = {}  # the toy data an arm-seed job reads (toy_data), built once per process
 
 
@@ -196,6 +236,7 @@ def run_toy_study(args) -> dict:
         base_recipe = {"v1": {**toy.RECIPE["v1"], "steps": 30}, "v2": {**toy.RECIPE["v2"], "steps": 10}}
         root = cache_dir() / "quick"  # beside, not over, the real bases
         recipe.update(steps=6)
+    recipe.update(args.recipe)  # --recipe: a search's settings
     arms = select_arms(args.arms)
     if arms[0]["key"] != "plain":
         raise ValueError("The toy study compares every arm with plain LoRA: --arms must include plain.")
@@ -217,14 +258,22 @@ def run_toy_study(args) -> dict:
         updates = []  # (regime, update seed, directory)
         for regime in args.regimes:
             for u in args.update_seeds:
-                old, new = toy.build_bases(u, recipe=base_recipe, root=root, regime=regime)
+                old, new = toy.build_bases(u, recipe=base_recipe, root=root, regime=regime, layers=args.layers)
                 toy.task(toy.make_world(u))  # asserts that the task's answers hold on this update too
                 updates.append((regime, u, new))
         tokenizer, _, test, _ = data = toy_data(old, recipe, args.quick, args.device)
+        if ADAPTIVE_UPDATE in args.update_seeds and any(a.get("adaptive") for a in arms):
+            raise ValueError(f"--update-seeds {ADAPTIVE_UPDATE} is the update that sets the adaptive arm's rates: "
+                             "it cannot also be evaluated.")
+        trained = {a["key"]: adaptive_arm(a, old, base_recipe, root, args.layers) if a.get("adaptive") else a
+                   for a in arms}  # the arms as trained: the adaptive one's rates per layer
+        for a in (trained[a["key"]] for a in arms if a.get("adaptive")):
+            rates = "; ".join(f"{k} " + " ".join(f"{r:.3f}" for r in a[k]) for k in rate_keys(a))
+            print(f"{a['name']}: per layer {rates} (from {a['moved_by']})")
 
         jobs, done, keys = [], {}, {}  # one job per arm-seed not finished yet
         for seed in range(args.seed, args.seed + args.seeds):
-            for arm in arms:
+            for arm in (trained[a["key"]] for a in arms):
                 on = updates[:1] if arm.get("train_on") == "new" else updates  # the upper bound: the first update
                 run_dir = out / f"seed{seed}" / arm["key"].replace("/", "-")  # both@0.2/0.1: both@0.2-0.1
                 keys[seed, arm["key"]] = key = arm_key(arm, recipe, on)
@@ -263,11 +312,13 @@ def run_toy_study(args) -> dict:
                 for row in done[seed, arm["key"]]]
         prompts = torch.tensor([tokenizer.encode(e["question"]) for e in test])  # every toy question is 8 words long
         drift = {Path(new).name: analyze_drift(load_model(old), load_model(new), prompts) for _, _, new in updates}
-        report_text, summary = summarize_study(rows, arms)
+        report_text, summary = summarize_study(rows, arms, source_label=f"source ({Path(old).name})")
         results = {"recipe": recipe, "arms": arms, "seeds": list(range(args.seed, args.seed + args.seeds)),
                    "regimes": args.regimes, "update_seeds": args.update_seeds,
                    "rows": rows, "summary": summary, "drift": drift, "minutes": (time.time() - t_start) / 60}
-        finish(out, results, report_text + "\n\n" + drift_table(drift), reference=published_study())
+        published = args.layers == toy.DEPTH and not args.recipe  # the world and recipe the published study ran
+        finish(out, results, report_text + "\n\n" + drift_table(drift), reference=published_study() if published
+               else None)
     finally:
         release_lock(lock)
     return results
@@ -278,6 +329,9 @@ def run_arms(args, defaults: dict | None = None) -> dict:
     under <out>/<arm>-seed<s> (each an ordinary run: --resume continues it, a finished one is reused), summarised as
     the toy study is: seeds pair the arms (the same PEFT initialisation and data order)."""
     arms = select_arms(args.arms, peft={"lora": "LoRA", "dora": "DoRA"}.get(args.peft, "adapter"))
+    if any(a.get("adaptive") for a in arms):
+        raise ValueError("The adaptive arm takes its per-layer rates from an update of the toy world; on real bases "
+                         "give --p-intra/--p-cross one rate per layer (commas) with the transpeft arm instead.")
     out = Path(args.out) if args.out else default_out(args, kind="-arms")
     rows = []
     for seed in range(args.seed, args.seed + (args.seeds or 1)):

@@ -149,6 +149,21 @@ TOY_CONFIG = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden
                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu",
                   use_sliding_window=False, torch_dtype="float32")
+DEPTH = TOY_CONFIG["num_hidden_layers"]  # the default world's depth
+
+
+def toy_config(layers: int = DEPTH) -> dict:
+    """The toy model at a depth: every setting of TOY_CONFIG but the number of layers. Width is kept, so that at 8
+    layers one arm-seed costs about twice the 4-layer one (the layers are nearly all of the compute) and the
+    matrices a LoRA adapts are the same: depth is the one thing that changes."""
+    return {**TOY_CONFIG, "num_hidden_layers": layers}
+
+
+def world_prefix(layers: int = DEPTH) -> str:
+    """The bases' names at a depth: toy-v1, toy-v2, ... for the default world; toy8-v1, toy8-v2, ... at 8 layers."""
+    return "toy" if layers == DEPTH else f"toy{layers}"
+
+
 # How each base is made; a cached base built with other settings is rebuilt.
 RECIPE = {"v1": dict(steps=800, batch=32, seq=64, lr=2e-3, weight_decay=0.1, seed=0, corpus=2),
           "v2": dict(steps=200, batch=32, seq=64, lr=5e-4, weight_decay=0.1)}
@@ -164,7 +179,7 @@ def save_tokenizer(path: Path) -> None:
     tok.save(str(path / "tokenizer.json"))
 
 
-def save_checkpoint(model: Transformer, path: Path, recipe: dict) -> None:
+def save_checkpoint(model: Transformer, path: Path, recipe: dict, layers: int = DEPTH) -> None:
     """An ordinary HF checkpoint: config.json, model.safetensors (lm_head omitted: tied), tokenizer.json."""
     from safetensors.torch import save_file
 
@@ -172,7 +187,7 @@ def save_checkpoint(model: Transformer, path: Path, recipe: dict) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     vocab = vocabulary()
-    config = {**TOY_CONFIG, "vocab_size": len(vocab), "bos_token_id": None, "eos_token_id": vocab.index(EOS)}
+    config = {**toy_config(layers), "vocab_size": len(vocab), "bos_token_id": None, "eos_token_id": vocab.index(EOS)}
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
@@ -227,10 +242,11 @@ REGIMES = {"full": lambda name: True,
            "attn": lambda name: ".self_attn." in name}  # q, k, v (and their biases), o projections
 
 
-def update_name(update_seed: int = 0, regime: str = "full") -> str:
+def update_name(update_seed: int = 0, regime: str = "full", layers: int = DEPTH) -> str:
+    prefix = world_prefix(layers)
     if regime == "full":
-        return "toy-v2" if update_seed == 0 else f"toy-v2-u{update_seed}"
-    return f"toy-v2-{regime}-u{update_seed}"
+        return f"{prefix}-v2" if update_seed == 0 else f"{prefix}-v2-u{update_seed}"
+    return f"{prefix}-v2-{regime}-u{update_seed}"
 
 
 def _is_built(path: Path, recipe: dict) -> bool:
@@ -238,20 +254,21 @@ def _is_built(path: Path, recipe: dict) -> bool:
 
 
 def build_bases(update_seed: int = 0, force: bool = False, recipe: dict = RECIPE, root: Path | None = None,
-                regime: str = "full") -> tuple[str, str]:
+                regime: str = "full", layers: int = DEPTH) -> tuple[str, str]:
     """toy-v1 and its update (regime: which weights it trains, REGIMES), built unless cached; returns their
     directories (under root, default the cache directory, where the aliases toy-v1, toy-v2, toy-v2-u<seed>,
-    toy-v2-<regime>-u<seed> find them). About 2 minutes for toy-v1 on 2 cores, 30 s per update."""
+    toy-v2-<regime>-u<seed> find them; at another depth toy<layers>-v1, ...). About 2 minutes for toy-v1 on 2
+    cores, 30 s per update (at 8 layers about twice)."""
     if regime not in REGIMES:
         raise ValueError(f"Unknown update regime {regime!r}: choose one of {', '.join(REGIMES)}.")
     world = make_world(update_seed)
     root = root or cache_dir()
-    v1_path = root / "toy-v1"
-    v1_recipe = {**recipe["v1"], "config": TOY_CONFIG, "vocab": len(vocabulary())}
+    v1_path = root / f"{world_prefix(layers)}-v1"
+    v1_recipe = {**recipe["v1"], "config": toy_config(layers), "vocab": len(vocabulary())}
     if force or not _is_built(v1_path, v1_recipe):
         t0 = time.time()
         torch.manual_seed(v1_recipe["seed"])
-        cfg = ModelConfig.from_hf({**TOY_CONFIG, "vocab_size": len(vocabulary())})
+        cfg = ModelConfig.from_hf({**toy_config(layers), "vocab_size": len(vocabulary())})
         model = Transformer(cfg)
         with torch.no_grad():  # GPT-2-style init: N(0, 0.02) everywhere, norms at 1, biases at 0
             for name, p in model.named_parameters():
@@ -263,11 +280,11 @@ def build_bases(update_seed: int = 0, force: bool = False, recipe: dict = RECIPE
                     p.normal_(0, 0.02)
         r = recipe["v1"]
         loss = pretrain(model, line_stream(r["seed"], world["prices_v1"]), r["steps"], r["batch"], r["seq"], r["lr"],
-                        r["weight_decay"], "pretrain toy-v1")
-        save_checkpoint(model, v1_path, v1_recipe)
-        print(f"built toy-v1 in {time.time() - t0:.0f}s (final loss {loss:.3f}) at {v1_path}")
+                        r["weight_decay"], f"pretrain {v1_path.name}")
+        save_checkpoint(model, v1_path, v1_recipe, layers)
+        print(f"built {v1_path.name} in {time.time() - t0:.0f}s (final loss {loss:.3f}) at {v1_path}")
 
-    name = update_name(update_seed, regime)
+    name = update_name(update_seed, regime, layers)
     v2_path = root / name
     v2_recipe = {**recipe["v2"], "update_seed": update_seed, "regime": regime, "from": v1_recipe}
     if force or not _is_built(v2_path, v2_recipe):
@@ -279,7 +296,7 @@ def build_bases(update_seed: int = 0, force: bool = False, recipe: dict = RECIPE
         r = recipe["v2"]
         loss = pretrain(model, line_stream(100 + update_seed, world["prices_v2"], world["weights"]), r["steps"],
                         r["batch"], r["seq"], r["lr"], r["weight_decay"], f"update {name}")
-        save_checkpoint(model, v2_path, v2_recipe)
+        save_checkpoint(model, v2_path, v2_recipe, layers)
         print(f"built {name} in {time.time() - t0:.0f}s (final loss {loss:.3f}) at {v2_path}")
     return str(v1_path), str(v2_path)
 
@@ -298,10 +315,10 @@ def price_recall(name: str, prices: dict, entities) -> float:
     return sum(tok.decode([g]) == str(prices[f"e{i}"]) for g, i in zip(guesses, entities)) / len(prompts)
 
 
-def describe(update_seed: int = 0, regime: str = "full") -> None:
+def describe(update_seed: int = 0, regime: str = "full", layers: int = DEPTH) -> None:
     """Print what the two bases know: the facts the task needs, the facts the update changed, and the new ones."""
     world = make_world(update_seed)
-    v1, v2 = (Path(p).name for p in build_bases(update_seed, regime=regime))
+    v1, v2 = (Path(p).name for p in build_bases(update_seed, regime=regime, layers=layers))
     changed = [i for i in VOLATILE if world["prices_v1"][f"e{i}"] != world["prices_v2"][f"e{i}"]]
     rows = [("stable prices (the task's)", list(STABLE), "prices_v1"),
             ("re-priced by the update, old price", changed, "prices_v1"),
@@ -318,8 +335,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Build (or find in the cache) the toy world's two base models.")
     parser.add_argument("--update-seed", type=int, default=0, help="which update of toy-v1 to build (0 = toy-v2)")
     parser.add_argument("--regime", choices=list(REGIMES), default="full", help="which weights the update trains")
+    parser.add_argument("--layers", type=int, default=DEPTH, choices=range(1, 33), metavar="N",
+                        help=f"the world's depth (default {DEPTH}; 1 to 32)")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     args = parser.parse_args()
     if args.force:
-        build_bases(args.update_seed, force=True, regime=args.regime)
-    describe(args.update_seed, args.regime)
+        build_bases(args.update_seed, force=True, regime=args.regime, layers=args.layers)
+    describe(args.update_seed, args.regime, args.layers)

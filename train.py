@@ -40,7 +40,7 @@ from loop import Diverged, StopRequested, init_distributed
 from rundir import interrupted
 from scoring import SCORERS
 from tasks import TASKS
-from toy import REGIMES
+from toy import DEPTH, REGIMES
 from transpeft import INTERVENTIONS, per_layer
 
 
@@ -117,6 +117,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     toy_flags.add_argument("--update-seeds", default="0", help="updates of toy-v1 per regime (0 = toy-v2), commas")
     toy_flags.add_argument("--regimes", default="full,ffn,attn", help="which weights the updates train (toy.REGIMES): "
                            "full = all, ffn = FFN only, attn = attention only")
+    toy_flags.add_argument("--layers", type=int, default=DEPTH, help=f"toy study: the toy world's depth (default "
+                           f"{DEPTH}; its bases are cached under their own names, toy8-v1 at 8 layers)")
+    toy_flags.add_argument("--recipe", help="toy study: settings of its LoRA recipe to change, key=value with commas "
+                           "(e.g. lr=2e-3,steps=1000; the keys of study.TOY_LORA)")
     toy_flags.add_argument("--quick", action="store_true",
                            help="a seconds-long smoke run (tiny bases, few steps): numbers meaningless")
     args = p.parse_args(argv)
@@ -173,6 +177,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--jobs trains the toy study's arm-seeds side by side; with --old/--new use torchrun for processes")
     if args.jobs is None:
         args.jobs = study.default_jobs() if args.old is None else 1
+    if args.old is not None and (args.recipe or args.layers != DEPTH):
+        p.error("--layers and --recipe set the toy study's world and recipe; with --old/--new give --lr, "
+                "--max-steps, ... instead")
+    if not 1 <= args.layers <= 32:
+        p.error(f"--layers must be in [1, 32], got {args.layers}")
+    try:
+        args.recipe = study.recipe_changes(args.recipe)
+    except ValueError as e:
+        p.error(str(e))
     if args.jobs < 1:
         p.error("--jobs must be positive")
     if not (0 <= args.seed and args.seed + (args.seeds or 1) - 1 <= MAX_SEED):

@@ -14,6 +14,7 @@ import arms as arms_lib
 import report
 import rundir
 import stats
+import study
 import toy
 import train
 from data import gsm8k_response, tokenize_example
@@ -70,6 +71,85 @@ def test_an_update_regime_changes_its_parts_only_byte_for_byte(tmp_path, regime,
             assert not torch.equal(before[name], after[name]), name  # every projection of the regime moved
         else:
             assert torch.equal(before[name], after[name]), name  # norms, embeddings and the other block: unchanged
+
+
+def test_a_deeper_world_is_built_under_its_own_names_beside_the_default(tmp_path, monkeypatch):
+    """--layers N: the same world at another depth, its bases under toy<N>-..., found by their aliases; the default
+    world keeps its names and is not rebuilt by the other."""
+    monkeypatch.setenv("TRANSPEFT_CACHE", str(tmp_path))
+    four = toy.build_bases(update_seed=0, recipe=QUICK)
+    stamp = (Path(four[0]) / "model.safetensors").stat().st_mtime_ns
+    v1, v2 = toy.build_bases(update_seed=1, recipe=QUICK, regime="ffn", layers=6)
+    assert [Path(p).name for p in four] == ["toy-v1", "toy-v2"] and toy.update_name(2, "attn") == "toy-v2-attn-u2"
+    assert (Path(v1).name, Path(v2).name) == ("toy6-v1", "toy6-v2-ffn-u1")
+    for name, layers in (("toy6-v1", 6), ("toy6-v2-ffn-u1", 6), ("toy-v1", 4)):
+        assert json.loads((tmp_path / name / "config.json").read_text())["num_hidden_layers"] == layers
+        assert len(load_model(name).model.layers) == layers  # the alias resolves to the cache
+    toy.build_bases(update_seed=0, recipe=QUICK)
+    assert (Path(four[0]) / "model.safetensors").stat().st_mtime_ns == stamp  # still the cached one
+
+
+def test_the_recipe_and_depth_flags_are_checked_where_they_are_parsed(capsys):
+    assert train.parse_args(["--recipe", "lr=2e-3,steps=1000"]).recipe == {"lr": 2e-3, "steps": 1000}
+    assert train.parse_args([]).recipe == {} and train.parse_args([]).layers == toy.DEPTH
+    for argv, phrase in ((["--recipe", "lr=0"], "lr must be positive"), (["--recipe", "steps=1.5"], "an integer"),
+                         (["--recipe", "dropout=1"], "in [0, 1)"), (["--recipe", "targets=q"], "key=value"),
+                         (["--recipe", "speed=2"], "key=value"), (["--layers", "0"], "--layers must be in"),
+                         (["--old", "a", "--new", "b", "--layers", "8"], "toy study's world")):
+        with pytest.raises(SystemExit):
+            train.parse_args(argv)
+        assert phrase in capsys.readouterr().err
+
+
+def test_adaptive_rates_follow_the_layers_drift_and_keep_the_mean():
+    assert arms_lib.adaptive_rates(0.2, [1.0, 3.0]) == pytest.approx([0.1, 0.3])
+    rates = arms_lib.adaptive_rates(0.1, [0.2, 0.1, 0.4, 0.3])
+    assert sum(rates) / 4 == pytest.approx(0.1) and rates == pytest.approx([0.08, 0.04, 0.16, 0.12])
+    assert arms_lib.adaptive_rates(0.5, [0.0, 1.0]) == [0.0, 0.9]  # capped: the mean is then below the rate
+    with pytest.raises(ValueError, match="moved the FFN"):
+        arms_lib.adaptive_rates(0.1, [0.0, 0.0])
+
+
+@pytest.mark.slow
+def test_the_adaptive_arm_takes_its_rates_from_an_update_no_study_evaluates(tmp_path, monkeypatch, capsys):
+    """The adaptive arm trains with p_l = p · m_l / mean(m), m_l = ‖ΔW‖/‖W‖ of layer l's gate, up and down together
+    from toy-v1 to the held-out update (computed here from the two checkpoints' files), which is not evaluated."""
+    monkeypatch.setenv("TRANSPEFT_CACHE", str(tmp_path / "cache"))
+    train.main(["--quick", "--arms", "plain,adaptive", "--seeds", "1", "--regimes", "ffn", "--jobs", "1",
+                "--out", str(tmp_path / "study")])
+    v1 = load_file(tmp_path / "cache" / "quick" / "toy-v1" / "model.safetensors")
+    held = load_file(tmp_path / "cache" / "quick" / f"toy-v2-u{study.ADAPTIVE_UPDATE}" / "model.safetensors")
+    moved = []
+    for i in range(toy.DEPTH):
+        names = [f"model.layers.{i}.mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+        moved.append((sum((held[n] - v1[n]).pow(2).sum() for n in names) / sum(v1[n].pow(2).sum() for n in names))
+                     .sqrt().item())
+    key = json.loads((tmp_path / "study" / "seed0" / "adaptive" / "rows.json").read_text())["key"]["arm"]
+    mean = sum(moved) / len(moved)
+    assert key["p_intra"] == pytest.approx([0.2 * m / mean for m in moved], rel=1e-5)
+    assert key["p_cross"] == pytest.approx([0.1 * m / mean for m in moved], rel=1e-5)
+    assert max(moved) > 1.02 * min(moved)  # the layers moved unevenly: the rates do differ
+    results = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert set(results["drift"]) == {"toy-v2-ffn-u0"} and "per layer p_intra" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="sets the adaptive arm's rates"):
+        train.main(["--quick", "--arms", "plain,adaptive", "--update-seeds", str(study.ADAPTIVE_UPDATE),
+                    "--out", str(tmp_path / "bad")])
+
+
+@pytest.mark.slow
+def test_a_study_at_another_depth_and_recipe(tmp_path, monkeypatch, capsys):
+    """--layers 2 --recipe steps=3: trained at that depth with that recipe (results and each arm-seed's resume key say
+    so), and no published reference beside it (the published study ran the default world and recipe)."""
+    monkeypatch.setenv("TRANSPEFT_CACHE", str(tmp_path / "cache"))
+    train.main(["--quick", "--layers", "2", "--recipe", "steps=3", "--seeds", "1", "--arms", "plain,drop",
+                "--regimes", "ffn,attn", "--jobs", "1", "--out", str(tmp_path / "deep")])
+    printed = capsys.readouterr().out
+    results = json.loads((tmp_path / "deep" / "results.json").read_text())
+    assert results["recipe"]["steps"] == 3 and set(results["drift"]) == {"toy2-v2-ffn-u0", "toy2-v2-attn-u0"}
+    key = json.loads((tmp_path / "deep" / "seed0" / "drop" / "rows.json").read_text())["key"]
+    assert key["recipe"]["steps"] == 3 and key["bases"][0]["from"]["config"]["num_hidden_layers"] == 2
+    assert (tmp_path / "deep" / "seed0" / "drop" / "eval-toy2-v1.jsonl").exists()
+    assert "published (" not in printed and "source (toy2-v1)" in (tmp_path / "deep" / "report.txt").read_text()
 
 
 @pytest.mark.slow
@@ -242,7 +322,7 @@ def test_the_arms_the_docs_name():
     # which at the default flags repeats "drop")
     assert [a["key"] for a in arms_lib.select_arms(None)] == ["plain", "drop", "both", "attn_mask", "lora_dropout"]
     assert [a["key"] for a in arms_lib.select_arms(["all"])] == ["plain", "mask", "drop", "both", "attn_mask",
-                                                              "lora_dropout", "refit"]
+                                                              "adaptive", "lora_dropout", "refit"]
 
 
 def test_an_arm_at_another_rate():
@@ -333,10 +413,37 @@ def test_the_default_prints_no_interval_wider_than_1_and_the_published_study_bes
 
 
 def test_the_docs_quote_the_published_study_as_its_file_gives_it():
-    """docs/toy-study.md's results table is the published file's rows summarised by the code a run uses (so the
-    docs, the file and a default run's reference cannot drift apart)."""
+    """docs/toy-study.md's tables (results, regime contrast, bound, dose response) are the published file's rows
+    summarised by the code a run uses (so the docs, the file and a default run's reference cannot drift apart)."""
     docs = (Path(__file__).parent.parent / "docs" / "toy-study.md").read_text()
-    assert report.markdown_table(report.published_study()) in docs
+    published = report.published_study()
+    assert report.markdown_table(published) in docs
+    for table in (report.markdown_contrast, report.markdown_bound, report.dose_table):
+        assert table(published) in docs, table.__name__
+
+
+def test_publish_gathers_every_arm_seed_of_a_study_directory(tmp_path):
+    """report.publish: the rows.json of every arm-seed (from every command run there), in seed, arm and regime order,
+    one row per line, read back by published_study as the same rows."""
+    def row(arm, seed, regime, u):
+        return {"arm": arm, "seed": seed, "regime": regime, "update_seed": u, "source": 1.0, "transfer": 0.5,
+                "ffn_grad_norm": 0.1, "loss_old": 1.0, "loss_new": 1.5, "final_loss": 0.3}
+
+    rows = {("drop", 1): [row("drop", 1, "attn", 0), row("drop", 1, "ffn", 1), row("drop", 1, "ffn", 0)],
+            ("plain", 1): [row("plain", 1, "ffn", 0)], ("plain", 0): [row("plain", 0, "attn", 0)]}
+    for (arm, seed), rs in rows.items():
+        (tmp_path / "study" / f"seed{seed}" / arm).mkdir(parents=True)
+        (tmp_path / "study" / f"seed{seed}" / arm / "rows.json").write_text(json.dumps({"key": {"arm": {"key": arm}},
+                                                                                       "rows": rs}))
+    report.publish(tmp_path / "study", ["python train.py ..."], tmp_path / "published.json")
+    text = (tmp_path / "published.json").read_text()
+    back = json.loads(text)
+    assert back["commands"] == ["python train.py ..."] and back["arms"] == ["plain", "drop"]
+    assert [(r["seed"], r["arm"], r["regime"], r["update_seed"]) for r in back["rows"]] == [
+        (0, "plain", "attn", 0), (1, "plain", "ffn", 0), (1, "drop", "ffn", 0), (1, "drop", "ffn", 1),
+        (1, "drop", "attn", 0)]
+    assert "final_loss" not in back["rows"][0] and text.count("\n") == 6 + len(back["rows"])
+    assert list(report.published_study(tmp_path / "published.json")["arms"]) == ["plain", "drop"]
 
 
 def test_variance_components_recover_what_built_the_table():
@@ -364,6 +471,43 @@ def test_variance_components_recover_what_built_the_table():
     assert expected == pytest.approx(2.262 * ((seed + resid / 2) / 10) ** 0.5)
     assert studies.mean((1, 2)).abs().quantile(0.95).item() == pytest.approx(expected / 2.262 * 1.96, rel=0.08)
     assert stats.seeds_needed({"seed": seed, "resid": resid}, 2, expected) == 10
+
+
+def test_dose_response_is_the_change_of_the_regime_contrast_from_the_lowest_rate_to_the_highest():
+    """Built so the answer is known: transfer = 0.3 + rate · (k[family][regime] + 0.1 · seed under the FFN-only
+    update), the same on both update seeds, plain 0.3. A family's regime contrast at rate r is then
+    r · (k_ffn − k_attn + 0.1 · seed), so per seed its change from the lowest rate to the highest is
+    (high − low) · (k_ffn − k_attn + 0.1 · seed): over seeds 0-3 the mean is (high − low) · (k_ffn − k_attn + 0.15)
+    and the spread (high − low) · 0.1 · std(0..3). Masking + dropping's default (0.1/0.1) is off its line: the line
+    starts at both@0.1/0.05."""
+    k = {"both": {"ffn": 0.4, "attn": 0.1}, "lora_dropout": {"ffn": 0.2, "attn": 0.3}, "plain": {"ffn": 0, "attn": 0}}
+    arms = arms_lib.select_arms(["plain", "both", "both@0.1/0.05", "both@0.3/0.15", "lora_dropout@0.1",
+                                 "lora_dropout", "lora_dropout@0.5", "drop"])
+    rows = []
+    for arm in arms:
+        family = arm["key"].split("@")[0]
+        rate = arm[arms_lib.rate_keys(arm)[0]] if family != "plain" else 0.0
+        for seed in range(4):
+            for regime in ("full", "ffn", "attn"):
+                for u in (0, 1):
+                    slope = k.get(family, {"ffn": 0.5, "attn": 0.5}).get(regime, 0) + 0.1 * seed * (regime == "ffn")
+                    rows.append({"arm": arm["key"], "seed": seed, "regime": regime, "update_seed": u, "source": 1.0,
+                                 "transfer": 0.3 + rate * slope + (0.9 if arm["key"] == "both" else 0)})
+    _, summary = report.summarize_study(rows, arms)
+    assert set(summary["dose"]) == {"both", "lora_dropout"}  # drop ran at one rate: no dose response
+    d, b = summary["dose"]["both"], summary["dose"]["lora_dropout"]
+    assert (d["low"], d["high"], d["rates"]) == ("both@0.1/0.05", "both@0.3/0.15", ["0.1/0.05", "0.3/0.15"])
+    assert d["arms"] == ["both", "both@0.1/0.05", "both@0.3/0.15"]
+    spread = stats.t975(3) * 0.1 * torch.tensor([0.0, 1, 2, 3]).std().item() / 2
+    assert d["change"]["mean"] == pytest.approx(0.2 * (0.3 + 0.15))
+    assert d["change"]["ci95"] == pytest.approx(0.2 * spread)
+    assert b["change"]["mean"] == pytest.approx(0.4 * (-0.1 + 0.15)) and "minus_control_b" not in b
+    # per seed: 0.2 · (0.3 + 0.1 s) − 0.4 · (−0.1 + 0.1 s) = 0.1 − 0.02 s
+    assert d["minus_control_b"]["mean"] == pytest.approx(0.1 - 0.02 * 1.5)
+    assert d["minus_control_b"]["ci95"] == pytest.approx(0.2 * spread)
+    table = report.dose_table(summary)
+    assert "| Trans-PEFT masking + dropping | 0.1/0.05 → 0.3/0.15 | +0.09 ± " in table
+    assert "| control B: LoRA dropout | 0.1 → 0.5 | +0.02 ± " in table
 
 
 def test_dose_chart_draws_one_line_per_family(tmp_path, monkeypatch):

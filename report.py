@@ -205,7 +205,7 @@ def dose_table(summary: dict) -> str:
     lines = ["| arm | seeds | " + " | ".join(f"{r}: Δ vs plain" for r in regimes) + " | Δ(ffn) − Δ(attn) |",
              "|---" * (3 + len(regimes)) + "|"]
     for d in summary["dose"].values():
-        for key in d["arms"]:
+        for key in (k for k in d["arms"] if k in summary["arms"]):  # (an arm named but not run: no row)
             gains = [cell(summary["regimes"][r]["arms"].get(key, {}).get("itt")) for r in regimes]
             lines.append(f"| {summary['arms'][key]['name']} | {summary['arms'][key]['seeds']} | " + " | ".join(gains)
                          + f" | {cell(summary['regime_contrast'].get(key))} |")

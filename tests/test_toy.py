@@ -424,7 +424,7 @@ def test_the_docs_quote_the_published_study_as_its_file_gives_it():
 
 def test_publish_gathers_every_arm_seed_of_a_study_directory(tmp_path):
     """report.publish: the rows.json of every arm-seed (from every command run there), in seed, arm and regime order,
-    one row per line, read back by published_study as the same rows."""
+    one row per line, and read back by published_study."""
     def row(arm, seed, regime, u):
         return {"arm": arm, "seed": seed, "regime": regime, "update_seed": u, "source": 1.0, "transfer": 0.5,
                 "ffn_grad_norm": 0.1, "loss_old": 1.0, "loss_new": 1.5, "final_loss": 0.3}

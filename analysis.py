@@ -47,6 +47,22 @@ def _weight(module: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
+def weight_drift(old: nn.Module, new: nn.Module) -> list[dict]:
+    """Per layer, ‖W_new − W_old‖_F / ‖W_old‖_F over each block's projections together: {"attn_weight", "ffn_weight"}
+    (q,k,v,o; gate,up,down). Weights only: no inputs."""
+    rows = []
+    for lo, ln in zip(old.model.layers, new.model.layers):
+        row = {}
+        for block, part, projs in (("attn", "self_attn", ATTN), ("ffn", "mlp", FFN)):
+            mo, mn = getattr(lo, part), getattr(ln, part)
+            diff = sum((_weight(getattr(mn, p)).float() - _weight(getattr(mo, p)).float()).pow(2).sum() for p in projs)
+            ref = sum(_weight(getattr(mo, p)).float().pow(2).sum() for p in projs)
+            row[f"{block}_weight"] = (diff / ref).sqrt().item()
+        rows.append(row)
+    return rows
+
+
+@torch.no_grad()
 def analyze_drift(old: nn.Module, new: nn.Module, batches: torch.Tensor | Sequence[torch.Tensor]) -> list[dict]:
     """Per layer, how much the update changed attention and FFN, as weights and as outputs on input batches
     (token ids, (B, T) each; one tensor is one batch).
@@ -62,14 +78,8 @@ def analyze_drift(old: nn.Module, new: nn.Module, batches: torch.Tensor | Sequen
     check_same_architecture(old.config, new.config, getattr(old, "name_or_path", "the old model"),
                             getattr(new, "name_or_path", "the new model"))
     batches = [batches] if isinstance(batches, torch.Tensor) else list(batches)
-    rows = [{"layer": i} for i in range(len(old.model.layers))]
-    for i, (lo, ln) in enumerate(zip(old.model.layers, new.model.layers)):
-        for block, part, projs in (("attn", "self_attn", ATTN), ("ffn", "mlp", FFN)):
-            mo, mn = getattr(lo, part), getattr(ln, part)
-            diff = sum((_weight(getattr(mn, p)).float() - _weight(getattr(mo, p)).float()).pow(2).sum() for p in projs)
-            ref = sum(_weight(getattr(mo, p)).float().pow(2).sum() for p in projs)
-            rows[i][f"{block}_weight"] = (diff / ref).sqrt().item()
-            rows[i][f"{block}_cos"] = rows[i][f"{block}_norm"] = 0.0
+    rows = [{"layer": i, **w, "attn_cos": 0.0, "attn_norm": 0.0, "ffn_cos": 0.0, "ffn_norm": 0.0}
+            for i, w in enumerate(weight_drift(old, new))]
 
     captured = {}
 

@@ -171,7 +171,7 @@ def dose_response(rows: list[dict], arms: list[dict]) -> dict:
     for r in rows:
         runs.setdefault((r["arm"], r["seed"], r["regime"]), []).append(r["transfer"])
     t = {k: sum(v) / len(v) for k, v in runs.items()}
-    changes = {}  # family -> (low arm, high arm, {seed: s})
+    changes = {}  # family -> (its points, low arm, high arm, {seed: s})
     for family, points in dose_families(arms).items():
         line = dose_line(points)
         (_, low), (_, high) = line[0], line[-1]
@@ -179,14 +179,14 @@ def dose_response(rows: list[dict], arms: list[dict]) -> dict:
         s = {seed: t[high, seed, "ffn"] - t[low, seed, "ffn"] - (t[high, seed, "attn"] - t[low, seed, "attn"])
              for seed in seeds if all((a, seed, g) in t for a in (low, high) for g in ("ffn", "attn"))}
         if len(line) > 1 and len(s) > 1:
-            changes[family] = (low, high, s)
+            changes[family] = (points, low, high, s)
     rates = {a["key"]: "/".join(str(a[k]) for k in rate_keys(a)) for a in arms}
     out = {}
-    for family, (low, high, s) in changes.items():
-        out[family] = {"arms": [key for _, key, _ in dose_families(arms)[family]], "low": low, "high": high,
+    for family, (points, low, high, s) in changes.items():
+        out[family] = {"arms": [key for _, key, _ in points], "low": low, "high": high,
                        "rates": [rates[low], rates[high]], "change": paired_interval(list(s.values()))}
         if family != CONTROL_B and CONTROL_B in changes:
-            b = changes[CONTROL_B][2]
+            b = changes[CONTROL_B][3]
             both = [seed for seed in s if seed in b]
             if len(both) > 1:
                 out[family]["minus_control_b"] = paired_interval([s[seed] - b[seed] for seed in both])

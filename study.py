@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import lora as lora_lib
 import toy
-from analysis import analyze_drift
+from analysis import analyze_drift, weight_drift
 from arms import adaptive_rates, arm_settings, rate_keys, select_arms
 from bases import cache_dir, is_main_process, load_model, load_tokenizer, read_json
 from data import IGNORE_INDEX, collate, next_token_targets, tokenize_dataset
@@ -186,11 +186,10 @@ ADAPTIVE_UPDATE = 99
 
 def adaptive_arm(arm: dict, old: str, base_recipe: dict, root: Path | None, layers: int) -> dict:
     """The adaptive arm with its rates per layer: each rate spread over the layers as their FFN weights moved
-    (‖ΔW‖/‖W‖ of gate, up and down together, analysis.analyze_drift) from toy-v1 to its update ADAPTIVE_UPDATE.
+    (‖ΔW‖/‖W‖ of gate, up and down together, analysis.weight_drift) from toy-v1 to its update ADAPTIVE_UPDATE.
     Weights, not outputs, so that no test question enters the rates."""
     _, held_out = toy.build_bases(ADAPTIVE_UPDATE, recipe=base_recipe, root=root, regime="full", layers=layers)
-    one_token = torch.zeros(1, 1, dtype=torch.long)  # the weight measure needs no inputs; analyze_drift wants a batch
-    moved = [layer["ffn_weight"] for layer in analyze_drift(load_model(old), load_model(held_out), one_token)]
+    moved = [layer["ffn_weight"] for layer in weight_drift(load_model(old), load_model(held_out))]
     return {**arm, **{k: adaptive_rates(arm[k], moved) for k in rate_keys(arm)}, "moved_by": Path(held_out).name}
 
 
@@ -267,9 +266,9 @@ def run_toy_study(args) -> dict:
                              "it cannot also be evaluated.")
         trained = {a["key"]: adaptive_arm(a, old, base_recipe, root, args.layers) if a.get("adaptive") else a
                    for a in arms}  # the arms as trained: the adaptive one's rates per layer
-        for a in (trained[a["key"]] for a in arms if a.get("adaptive")):
-            rates = "; ".join(f"{k} " + " ".join(f"{r:.3f}" for r in a[k]) for k in rate_keys(a))
-            print(f"{a['name']}: per layer {rates} (from {a['moved_by']})")
+        for arm in (a for a in trained.values() if a.get("adaptive")):
+            rates = "; ".join(f"{k} " + " ".join(f"{r:.3f}" for r in arm[k]) for k in rate_keys(arm))
+            print(f"{arm['name']}: per layer {rates} (from {arm['moved_by']})")
 
         jobs, done, keys = [], {}, {}  # one job per arm-seed not finished yet
         for seed in range(args.seed, args.seed + args.seeds):

@@ -150,6 +150,7 @@ TOY_CONFIG = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden
                   rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu",
                   use_sliding_window=False, torch_dtype="float32")
 DEPTH = TOY_CONFIG["num_hidden_layers"]  # the default world's depth
+MAX_DEPTH = 32  # --layers' bound: deeper toys would take hours per arm-seed on a CPU
 
 
 def toy_config(layers: int = DEPTH) -> dict:
@@ -179,7 +180,7 @@ def save_tokenizer(path: Path) -> None:
     tok.save(str(path / "tokenizer.json"))
 
 
-def save_checkpoint(model: Transformer, path: Path, recipe: dict, layers: int = DEPTH) -> None:
+def save_checkpoint(model: Transformer, path: Path, recipe: dict) -> None:
     """An ordinary HF checkpoint: config.json, model.safetensors (lm_head omitted: tied), tokenizer.json."""
     from safetensors.torch import save_file
 
@@ -187,7 +188,7 @@ def save_checkpoint(model: Transformer, path: Path, recipe: dict, layers: int = 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     vocab = vocabulary()
-    config = {**toy_config(layers), "vocab_size": len(vocab), "bos_token_id": None, "eos_token_id": vocab.index(EOS)}
+    config = {**toy_config(len(model.model.layers)), "vocab_size": len(vocab), "bos_token_id": None, "eos_token_id": vocab.index(EOS)}
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
@@ -281,7 +282,7 @@ def build_bases(update_seed: int = 0, force: bool = False, recipe: dict = RECIPE
         r = recipe["v1"]
         loss = pretrain(model, line_stream(r["seed"], world["prices_v1"]), r["steps"], r["batch"], r["seq"], r["lr"],
                         r["weight_decay"], f"pretrain {v1_path.name}")
-        save_checkpoint(model, v1_path, v1_recipe, layers)
+        save_checkpoint(model, v1_path, v1_recipe)
         print(f"built {v1_path.name} in {time.time() - t0:.0f}s (final loss {loss:.3f}) at {v1_path}")
 
     name = update_name(update_seed, regime, layers)
@@ -296,7 +297,7 @@ def build_bases(update_seed: int = 0, force: bool = False, recipe: dict = RECIPE
         r = recipe["v2"]
         loss = pretrain(model, line_stream(100 + update_seed, world["prices_v2"], world["weights"]), r["steps"],
                         r["batch"], r["seq"], r["lr"], r["weight_decay"], f"update {name}")
-        save_checkpoint(model, v2_path, v2_recipe, layers)
+        save_checkpoint(model, v2_path, v2_recipe)
         print(f"built {name} in {time.time() - t0:.0f}s (final loss {loss:.3f}) at {v2_path}")
     return str(v1_path), str(v2_path)
 
@@ -335,8 +336,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Build (or find in the cache) the toy world's two base models.")
     parser.add_argument("--update-seed", type=int, default=0, help="which update of toy-v1 to build (0 = toy-v2)")
     parser.add_argument("--regime", choices=list(REGIMES), default="full", help="which weights the update trains")
-    parser.add_argument("--layers", type=int, default=DEPTH, choices=range(1, 33), metavar="N",
-                        help=f"the world's depth (default {DEPTH}; 1 to 32)")
+    parser.add_argument("--layers", type=int, default=DEPTH, choices=range(1, MAX_DEPTH + 1), metavar="N",
+                        help=f"the world's depth (default {DEPTH}; 1 to {MAX_DEPTH})")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     args = parser.parse_args()
     if args.force:

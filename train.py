@@ -40,7 +40,7 @@ from loop import Diverged, StopRequested, init_distributed
 from rundir import interrupted
 from scoring import SCORERS
 from tasks import TASKS
-from toy import DEPTH, REGIMES
+from toy import DEPTH, MAX_DEPTH, REGIMES
 from transpeft import INTERVENTIONS, per_layer
 
 
@@ -180,8 +180,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.old is not None and (args.recipe or args.layers != DEPTH):
         p.error("--layers and --recipe set the toy study's world and recipe; with --old/--new give --lr, "
                 "--max-steps, ... instead")
-    if not 1 <= args.layers <= 32:
-        p.error(f"--layers must be in [1, 32], got {args.layers}")
+    if not 1 <= args.layers <= MAX_DEPTH:
+        p.error(f"--layers must be in [1, {MAX_DEPTH}], got {args.layers}")
     try:
         args.recipe = study.recipe_changes(args.recipe)
     except ValueError as e:

@@ -430,7 +430,8 @@ def test_publish_gathers_every_arm_seed_of_a_study_directory(tmp_path):
                 "ffn_grad_norm": 0.1, "loss_old": 1.0, "loss_new": 1.5, "final_loss": 0.3}
 
     rows = {("drop", 1): [row("drop", 1, "attn", 0), row("drop", 1, "ffn", 1), row("drop", 1, "ffn", 0)],
-            ("plain", 1): [row("plain", 1, "ffn", 0)], ("plain", 0): [row("plain", 0, "attn", 0)]}
+            ("plain", 1): [row("plain", 1, "ffn", 0)], ("plain", 0): [row("plain", 0, "attn", 0)],
+            **{(f"drop@{r}", 0): [row(f"drop@{r}", 0, "ffn", 0)] for r in (0.3, 0.05, 0.15, 0.2, 0.01)}}
     for (arm, seed), rs in rows.items():
         (tmp_path / "study" / f"seed{seed}" / arm).mkdir(parents=True)
         (tmp_path / "study" / f"seed{seed}" / arm / "rows.json").write_text(json.dumps({"key": {"arm": {"key": arm}},
@@ -438,12 +439,13 @@ def test_publish_gathers_every_arm_seed_of_a_study_directory(tmp_path):
     report.publish(tmp_path / "study", ["python train.py ..."], tmp_path / "published.json")
     text = (tmp_path / "published.json").read_text()
     back = json.loads(text)
-    assert back["commands"] == ["python train.py ..."] and back["arms"] == ["plain", "drop"]
+    doses = ["drop@0.01", "drop@0.05", "drop@0.15", "drop@0.2", "drop@0.3"]  # a family's doses in rate order
+    assert back["commands"] == ["python train.py ..."] and back["arms"] == ["plain", "drop", *doses]
     assert [(r["seed"], r["arm"], r["regime"], r["update_seed"]) for r in back["rows"]] == [
-        (0, "plain", "attn", 0), (1, "plain", "ffn", 0), (1, "drop", "ffn", 0), (1, "drop", "ffn", 1),
-        (1, "drop", "attn", 0)]
+        (0, "plain", "attn", 0), *((0, d, "ffn", 0) for d in doses), (1, "plain", "ffn", 0), (1, "drop", "ffn", 0),
+        (1, "drop", "ffn", 1), (1, "drop", "attn", 0)]
     assert "final_loss" not in back["rows"][0] and text.count("\n") == 6 + len(back["rows"])
-    assert list(report.published_study(tmp_path / "published.json")["arms"]) == ["plain", "drop"]
+    assert list(report.published_study(tmp_path / "published.json")["arms"]) == ["plain", "drop", *doses]
 
 
 def test_variance_components_recover_what_built_the_table():

@@ -31,9 +31,13 @@ def rate_keys(arm: dict) -> list[str]:  # the rates an arm sets: interventions' 
     return [k for k in (*(unit.name for unit in INTERVENTIONS), "lora_dropout") if k in arm]
 
 
-def select_arms(wanted: list[str] | None, peft: str = "LoRA") -> list[dict]:
-    """The arms named, in all_arms order, names filled in. None: every arm not run on request; "all": every arm with
-    settings of its own (not "transpeft", which at the default flags is "drop"). "<key>@<rate>" (drop@0.05,
+PEFT_NAMES = {"lora": "LoRA", "dora": "DoRA", "adapter": "adapter"}  # train.py --peft, as an arm's name says it
+
+
+def select_arms(wanted: list[str] | None, peft: str = "lora") -> list[dict]:
+    """The arms named, in all_arms order, names filled in, for a PEFT kind (--peft). None: every arm not run on
+    request; "all": every arm with settings of its own (not "transpeft", which at the default flags is "drop").
+    Control B raises LoRA's dropout: with a bottleneck adapter, which has none, it is left out, and refused if named. "<key>@<rate>" (drop@0.05,
     both@0.2, lora_dropout@0.5) is that arm with every rate it sets at <rate>: a dose, placed after its arm;
     "<key>@<rate>/<rate>" gives an arm that sets two rates one each, in rate_keys order (both@0.2/0.1: p_intra 0.2,
     p_cross 0.1)."""
@@ -49,6 +53,11 @@ def select_arms(wanted: list[str] | None, peft: str = "LoRA") -> list[dict]:
     if wanted and (unknown := set(wanted) - set(arms) - {"all"} - set(doses)):
         raise ValueError(f"Unknown arm(s) {', '.join(sorted(unknown))}: choose from {', '.join(arms)}, or all, or "
                          "<arm>@<rate>.")
+    if peft == "adapter":
+        if any(w.partition("@")[0] == "lora_dropout" for w in wanted or []):
+            raise ValueError("--arms lora_dropout (control B) raises LoRA's dropout, and a bottleneck adapter has "
+                             "none: leave it out with --peft adapter.")
+        arms = {key: a for key, a in arms.items() if "lora_dropout" not in a}
 
     def dose(base, spec):  # every rate the arm sets, at the spec's (one, or one each)
         values = [float(v) for v in spec.split("@")[1].split("/")]
@@ -64,7 +73,7 @@ def select_arms(wanted: list[str] | None, peft: str = "LoRA") -> list[dict]:
     def named(a):  # "{rate}": the arm's rate(s); a dose of an arm whose name has none gets it appended
         rates = list(dict.fromkeys(a[k] for k in rate_keys(a)))  # one rate where they are equal
         name = a["name"] + (" ({rate})" if "@" in a["key"] and "{rate}" not in a["name"] else "")
-        return {**a, "name": name.format(peft=peft, rate="/".join(map(str, rates)))}
+        return {**a, "name": name.format(peft=PEFT_NAMES[peft], rate="/".join(map(str, rates)))}
 
     return [named(a) for key, base in arms.items()
             for a in (base, *(dose(base, d) for d in doses if d.partition("@")[0] == key)) if chosen(a)]

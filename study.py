@@ -42,17 +42,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import adapter as adapter_lib
 import lora as lora_lib
 import toy
 from analysis import analyze_drift, weight_drift
 from arms import adaptive_rates, arm_settings, rate_keys, select_arms
 from bases import cache_dir, is_main_process, load_model, load_tokenizer, read_json
 from data import IGNORE_INDEX, collate, next_token_targets, tokenize_dataset
-from eval import evaluate
+from eval import attach_peft, evaluate
 from experiment import run_experiment
 from loop import TrainSettings, interventions, train
 from report import drift_table, finish, published_study, summarize_study
-from rundir import acquire_lock, default_out, release_lock, remove, run_outputs
+from rundir import acquire_lock, default_out, release_lock, remove, run_outputs, save_peft
 from transpeft import INTERVENTIONS, ffn_gradient
 
 # The toy's LoRA recipe. Chosen on pilot seeds 100-111, which no reported study uses, for plain LoRA to learn the
@@ -61,27 +62,44 @@ from transpeft import INTERVENTIONS, ffn_gradient
 # to copy the question's quantity comes late and suddenly; too high a rate or too few steps miss it.
 TOY_LORA = dict(r=8, alpha=16, dropout=0.05, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
                 lr=5e-3, steps=500, warmup_ratio=0.1, batch_size=16, max_len=128, max_new_tokens=24)
+# The toy's bottleneck Adapter (--peft adapter): the official placement and size (series, bottleneck 8, ReLU; see
+# adapter.py), its rate chosen on pilot seeds as LoRA's was (docs/toy-study.md). DoRA takes LoRA's recipe unchanged.
+TOY_ADAPTER = dict(peft="adapter", bottleneck=8, lr=5e-3, steps=500, warmup_ratio=0.1, batch_size=16, max_len=128,
+                   max_new_tokens=24)
+# Settings a --recipe may add, at the value the recipes above have without them (kept out of them so that the
+# default recipe, and the studies --resume continues, stay as they were).
+RECIPE_EXTRAS = dict(weight_decay=0.0)  # AdamW's decoupled decay of the module's weights
 
 
-def recipe_changes(text: str | None) -> dict:
-    """`--recipe lr=2e-3,steps=1000`: the settings of TOY_LORA a command changes (a recipe search runs the project's
-    own command), each checked: counts positive integers, lr and alpha positive, dropout and warmup_ratio in [0, 1)."""
-    changes = {}
+def toy_recipe(peft: str = "lora") -> dict:
+    """The toy's recipe for a PEFT kind (train.py --peft): LoRA's, DoRA on LoRA's, or the Adapter's."""
+    return {"lora": TOY_LORA, "dora": {**TOY_LORA, "peft": "dora"}, "adapter": TOY_ADAPTER}[peft]
+
+
+def recipe_changes(text: str | None, recipe: dict = TOY_LORA) -> dict:
+    """`--recipe lr=2e-3,steps=1000`: the settings of the toy's recipe a command changes (a recipe search runs the
+    project's own command), each checked: counts positive integers, lr and alpha positive, dropout and warmup_ratio in
+    [0, 1), weight_decay at least 0."""
+    changes, settings = {}, {**recipe, **RECIPE_EXTRAS}
     for item in filter(None, (text or "").split(",")):
         key, _, value = item.partition("=")
         key = key.strip()
-        kind = type(TOY_LORA.get(key))
+        kind = type(settings.get(key))
         if kind not in (int, float):
             raise ValueError(f"--recipe {item}: a setting is key=value, the key one of "
-                             f"{', '.join(k for k, v in TOY_LORA.items() if type(v) in (int, float))}.")
+                             f"{', '.join(k for k, v in settings.items() if type(v) in (int, float))}.")
         try:
             number = kind(value) if kind is float else int(value)
         except ValueError:
             raise ValueError(f"--recipe {item}: {key} takes {'an integer' if kind is int else 'a number'}.") from None
-        ok = 0 <= number < 1 if key in ("dropout", "warmup_ratio") else 0 < number < float("inf")
+        if key in ("dropout", "warmup_ratio"):
+            ok, bound = 0 <= number < 1, "in [0, 1)"
+        elif key == "weight_decay":
+            ok, bound = 0 <= number < float("inf"), "at least 0 and finite"
+        else:
+            ok, bound = 0 < number < float("inf"), "positive and finite"
         if not ok:
-            raise ValueError(f"--recipe {item}: {key} must be "
-                             f"{'in [0, 1)' if key in ('dropout', 'warmup_ratio') else 'positive and finite'}.")
+            raise ValueError(f"--recipe {item}: {key} must be {bound}.")
         changes[key] = number
     return changes
 
@@ -90,25 +108,31 @@ def recipe_changes(text: str | None) -> dict:
 # One arm of the toy study
 
 
-def toy_lora(arm: dict, settings: dict, seed: int, base: str, dataset, tokenizer, run_dir: Path, recipe: dict,
-             device="cpu"):
-    """One arm's LoRA for one seed, trained on base and saved to run_dir/adapter; returns (model, log).
+def toy_module(arm: dict, settings: dict, seed: int, base: str, dataset, tokenizer, run_dir: Path, recipe: dict,
+               device="cpu"):
+    """One arm's PEFT module (the recipe's kind: LoRA, DoRA or Adapter) for one seed, trained on base and saved to
+    run_dir/adapter; returns (model, log).
 
-    Pairing: every arm of a seed starts from the same LoRA initialisation (torch.manual_seed(seed) right before
-    add_lora) and sees the same data order (train() draws it from the seed); the Trans-PEFT drops from a generator
+    Pairing: every arm of a seed starts from the same module initialisation (torch.manual_seed(seed) right before it
+    is added) and sees the same data order (train() draws it from the seed); the Trans-PEFT drops from a generator
     seeded with the seed. Only the arm's own intervention differs."""
     s = TrainSettings(lr=recipe["lr"], batch_size=recipe["batch_size"], micro_batch_size=recipe["batch_size"],
-                      max_steps=recipe["steps"], warmup_ratio=recipe["warmup_ratio"], seed=seed, save_every=10**9)
+                      max_steps=recipe["steps"], warmup_ratio=recipe["warmup_ratio"], seed=seed, save_every=10**9,
+                      weight_decay=recipe.get("weight_decay", RECIPE_EXTRAS["weight_decay"]))
     torch.manual_seed(seed)
     model = load_model(base, device=device)
-    lora_lib.add_lora(model, r=recipe["r"], alpha=recipe["alpha"],
-                      dropout=settings.get("lora_dropout", recipe["dropout"]), targets=list(recipe["targets"]),
-                      verbose=False)
+    if recipe.get("peft") == "adapter":
+        adapter_lib.add_adapter(model, bottleneck=recipe["bottleneck"], verbose=False)
+    else:
+        variant = lora_lib.DoRALinear if recipe.get("peft") == "dora" else lora_lib.LoRALinear
+        lora_lib.add_lora(model, r=recipe["r"], alpha=recipe["alpha"],
+                          dropout=settings.get("lora_dropout", recipe["dropout"]), targets=list(recipe["targets"]),
+                          verbose=False, variant=variant)
     rates = {unit.name: settings[unit.name] for unit in INTERVENTIONS}
     with interventions(model, **rates, seed=seed):
         log = train(model, dataset, s, run_dir, tokenizer.pad_token_id,
                     desc=f"seed {seed} {arm['key']} on {Path(base).name}")
-    lora_lib.save_lora(model, run_dir / "adapter", base_model_name_or_path=base)
+    save_peft(model, run_dir / "adapter", base)
     return model, log
 
 
@@ -124,20 +148,20 @@ def toy_arm(arm: dict, settings: dict, seed: int, old: str, updates: list[tuple]
     if arm.get("train_on") == "new":
         rows = []
         for regime, u, path in updates:
-            model, log = toy_lora(arm, settings, seed, path, dataset, tokenizer, run_dir / Path(path).name, recipe,
+            model, log = toy_module(arm, settings, seed, path, dataset, tokenizer, run_dir / Path(path).name, recipe,
                                   device)
             acc = evaluate(model, tokenizer, test, out_jsonl=run_dir / Path(path).name / "eval.jsonl",
                            desc=f"eval on {Path(path).name}", **ev)
             rows.append({"arm": arm["key"], "seed": seed, "regime": regime, "update_seed": u,
                          "final_loss": log[-1]["loss"], "source": None, "transfer": acc["accuracy"]})
         return rows
-    model, log = toy_lora(arm, settings, seed, old, dataset, tokenizer, run_dir, recipe, device)
+    model, log = toy_module(arm, settings, seed, old, dataset, tokenizer, run_dir, recipe, device)
     own = evaluate(model, tokenizer, test, out_jsonl=run_dir / f"eval-{old_name}.jsonl", desc=f"eval on {old_name}",
                    **ev)
     loss_old, grad = ffn_gradient(model, ids, targets)
     rows = []
     for regime, u, path in updates:
-        moved = lora_lib.load_lora(load_model(path, device=device), run_dir / "adapter")
+        moved = attach_peft(load_model(path, device=device), run_dir / "adapter")
         name = Path(path).name
         on_new = evaluate(moved, tokenizer, test, out_jsonl=run_dir / f"eval-{name}.jsonl", desc=f"eval on {name}",
                           **ev)
@@ -230,13 +254,13 @@ def run_toy_study(args) -> dict:
     2-core CPU the toy's matrices (128 wide) gain little from a second thread. One thread or two give the same rows
     (tests/test_toy.py)."""
     t_start = time.time()
-    recipe, base_recipe, root = dict(TOY_LORA), toy.RECIPE, None
+    recipe, base_recipe, root = dict(toy_recipe(args.peft)), toy.RECIPE, None
     if args.quick:  # a smoke test of the whole path, for CI: tiny bases, a few steps; the numbers mean nothing
         base_recipe = {"v1": {**toy.RECIPE["v1"], "steps": 30}, "v2": {**toy.RECIPE["v2"], "steps": 10}}
         root = cache_dir() / "quick"  # beside, not over, the real bases
         recipe.update(steps=6)
     recipe.update(args.recipe)  # --recipe: a search's settings
-    arms = select_arms(args.arms)
+    arms = select_arms(args.arms, args.peft)
     if arms[0]["key"] != "plain":
         raise ValueError("The toy study compares every arm with plain LoRA: --arms must include plain.")
     out = toy_out(args)
@@ -315,7 +339,8 @@ def run_toy_study(args) -> dict:
         results = {"recipe": recipe, "arms": arms, "seeds": list(range(args.seed, args.seed + args.seeds)),
                    "regimes": args.regimes, "update_seeds": args.update_seeds,
                    "rows": rows, "summary": summary, "drift": drift, "minutes": (time.time() - t_start) / 60}
-        published = args.layers == toy.DEPTH and not args.recipe  # the world and recipe the published study ran
+        # the world, module and recipe the published study ran
+        published = args.layers == toy.DEPTH and args.peft == "lora" and not args.recipe
         finish(out, results, report_text + "\n\n" + drift_table(drift), reference=published_study() if published
                else None)
     finally:
@@ -327,7 +352,7 @@ def run_arms(args, defaults: dict | None = None) -> dict:
     """python train.py --old A --new B --arms plain,transpeft,refit: the paper's comparison, one run per arm and seed
     under <out>/<arm>-seed<s> (each an ordinary run: --resume continues it, a finished one is reused), summarised as
     the toy study is: seeds pair the arms (the same PEFT initialisation and data order)."""
-    arms = select_arms(args.arms, peft={"lora": "LoRA", "dora": "DoRA"}.get(args.peft, "adapter"))
+    arms = select_arms(args.arms, args.peft)
     if any(a.get("adaptive") for a in arms):
         raise ValueError("The adaptive arm takes its per-layer rates from an update of the toy world; on real bases "
                          "give --p-intra/--p-cross one rate per layer (commas) with the transpeft arm instead.")

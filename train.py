@@ -109,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer for training (the first step compiles), and the decoding "
                    "step of single-process evaluations (its first batch compiles; on CUDA replayed as a CUDA graph)")
-    toy_flags = p.add_argument_group("the toy study (no --old/--new); its recipe is study.TOY_LORA")
+    toy_flags = p.add_argument_group("the toy study (no --old/--new); its recipe is study.toy_recipe(--peft)")
     toy_flags.add_argument("--seeds", type=int, help="paired seeds per arm, from --seed (toy study: default 2, from "
                            "seed 0; with --arms: default 1)")
     toy_flags.add_argument("--jobs", type=int, help="toy study: arm-seeds trained side by side, one process and one "
@@ -120,7 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     toy_flags.add_argument("--layers", type=int, default=DEPTH, help=f"toy study: the toy world's depth (default "
                            f"{DEPTH}; its bases are cached under their own names, toy8-v1 at 8 layers)")
     toy_flags.add_argument("--recipe", help="toy study: settings of its LoRA recipe to change, key=value with commas "
-                           "(e.g. lr=2e-3,steps=1000; the keys of study.TOY_LORA)")
+                           "(e.g. lr=2e-3,steps=1000; the keys of study.toy_recipe(--peft), and weight_decay)")
     toy_flags.add_argument("--quick", action="store_true",
                            help="a seconds-long smoke run (tiny bases, few steps): numbers meaningless")
     args = p.parse_args(argv)
@@ -183,7 +183,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not 1 <= args.layers <= MAX_DEPTH:
         p.error(f"--layers must be in [1, {MAX_DEPTH}], got {args.layers}")
     try:
-        args.recipe = study.recipe_changes(args.recipe)
+        args.recipe = study.recipe_changes(args.recipe, study.toy_recipe(args.peft))
     except ValueError as e:
         p.error(str(e))
     if args.jobs < 1:

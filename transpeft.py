@@ -335,7 +335,9 @@ def ffn_gradient(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tenso
         deltas.append(delta)
         return output + delta
 
-    handles = [layer.mlp.register_forward_hook(perturb) for layer in model.model.layers]
+    # prepend: before a bottleneck adapter's hook on the same FFN (adapter.py), so that y_l is the FFN's own output,
+    # the one an update moves, and the adapter part of the path after it
+    handles = [layer.mlp.register_forward_hook(perturb, prepend=True) for layer in model.model.layers]
     was_training = model.training
     model.eval()
     try:

@@ -74,8 +74,9 @@ def test_an_update_regime_changes_its_parts_only_byte_for_byte(tmp_path, regime,
 
 
 def test_a_deeper_world_is_built_under_its_own_names_beside_the_default(tmp_path, monkeypatch):
-    """--layers N: the same world at another depth, its bases under toy<N>-..., found by their aliases; the default
-    world keeps its names and is not rebuilt by the other."""
+    """--layers N: the same world at another depth, its bases under toy<N>-..., found by their aliases, toy-v1
+    pretrained in proportion to the depth beyond the default's (6 layers: 1.5 times the steps); the default world
+    keeps its names and recipe and is not rebuilt by the other."""
     monkeypatch.setenv("TRANSPEFT_CACHE", str(tmp_path))
     four = toy.build_bases(update_seed=0, recipe=QUICK)
     stamp = (Path(four[0]) / "model.safetensors").stat().st_mtime_ns
@@ -85,6 +86,8 @@ def test_a_deeper_world_is_built_under_its_own_names_beside_the_default(tmp_path
     for name, layers in (("toy6-v1", 6), ("toy6-v2-ffn-u1", 6), ("toy-v1", 4)):
         assert json.loads((tmp_path / name / "config.json").read_text())["num_hidden_layers"] == layers
         assert len(load_model(name).model.layers) == layers  # the alias resolves to the cache
+    steps = {name: json.loads((tmp_path / name / "toy_recipe.json").read_text())["steps"] for name in ("toy-v1", "toy6-v1")}
+    assert steps == {"toy-v1": QUICK["v1"]["steps"], "toy6-v1": 1.5 * QUICK["v1"]["steps"]}
     toy.build_bases(update_seed=0, recipe=QUICK)
     assert (Path(four[0]) / "model.safetensors").stat().st_mtime_ns == stamp  # still the cached one
 
@@ -150,6 +153,41 @@ def test_a_study_at_another_depth_and_recipe(tmp_path, monkeypatch, capsys):
     assert key["recipe"]["steps"] == 3 and key["bases"][0]["from"]["config"]["num_hidden_layers"] == 2
     assert (tmp_path / "deep" / "seed0" / "drop" / "eval-toy2-v1.jsonl").exists()
     assert "published (" not in printed and "source (toy2-v1)" in (tmp_path / "deep" / "report.txt").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("peft", ["adapter", "dora"])
+def test_a_toy_study_of_another_peft_kind(tmp_path, monkeypatch, peft):
+    """--peft adapter / dora: every arm trains that kind of module (saved in its own format), the module moved to the
+    update is the one trained (loaded back on toy-v1 it answers as the source evaluation did), and control B, LoRA's
+    dropout, is refused for an adapter, which has none."""
+    import eval as eval_lib
+
+    monkeypatch.setenv("TRANSPEFT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / peft
+    train.main(["--quick", "--peft", peft, "--seeds", "1", "--arms", "plain,both", "--regimes", "ffn", "--jobs", "1",
+                "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    assert results["recipe"] == json.loads(json.dumps({**study.toy_recipe(peft), "steps": 6}))
+    assert results["arms"][0]["name"] == f"plain {arms_lib.PEFT_NAMES[peft]}"
+    saved = out / "seed0" / "both" / "adapter"
+    if peft == "adapter":
+        assert json.loads((saved / "bottleneck_adapter.json").read_text())["bottleneck"] == 8
+        assert not (saved / "adapter_config.json").exists()
+    else:
+        assert json.loads((saved / "adapter_config.json").read_text())["use_dora"] is True
+    v1 = tmp_path / "cache" / "quick" / "toy-v1"
+    tokenizer, _, test, _ = study.toy_data(str(v1), results["recipe"], quick=True)
+    eval_lib.evaluate(eval_lib.attach_peft(load_model(v1), saved), tokenizer, test, max_new_tokens=24,
+                      batch_size=len(test), out_jsonl=tmp_path / "again.jsonl")
+    completions = [[json.loads(line)["completion"] for line in path.read_text().splitlines()]
+                   for path in (tmp_path / "again.jsonl", out / "seed0" / "both" / "eval-toy-v1.jsonl")]
+    assert completions[0] == completions[1]
+    if peft == "adapter":
+        for arms in ("plain,lora_dropout", "plain,lora_dropout@0.5"):
+            with pytest.raises(SystemExit, match="a bottleneck adapter has none"):
+                train.main(["--quick", "--peft", "adapter", "--arms", arms, "--out", str(tmp_path / "bad")])
+        assert "lora_dropout" not in [a["key"] for a in arms_lib.select_arms(None, "adapter")]
 
 
 @pytest.mark.slow
@@ -284,6 +322,13 @@ def test_the_study_bound_correlates_gradient_norms_with_loss_gaps():
     assert bound["arms"]["plain"]["loss_gap"] == pytest.approx(0.0275)
     g = [r["ffn_grad_norm"] for r in rows]
     assert bound["n"] == 8 and bound["spearman"] == pytest.approx(stats.spearman(g, [r["loss_new"] - 1 for r in rows]))
+    assert bound["n_learned"] == 8 and bound["spearman_learned"] == pytest.approx(bound["spearman"])
+    # the arm-seeds that did not learn the task (source below report.LEARNED) are left out of the second ρ only
+    for r in rows[:3]:
+        r["source"] = 0.5
+    bound = report.summarize_study(rows)[1]["regimes"]["ffn"]["bound"]
+    assert bound["n"] == 8 and bound["n_learned"] == 5
+    assert bound["spearman_learned"] == pytest.approx(stats.spearman(g[3:], [r["loss_new"] - 1 for r in rows[3:]]))
 
 
 def test_chart_draws_the_gains(tmp_path):

@@ -168,6 +168,27 @@ def test_ffn_gradient_is_the_gradient_at_the_ffn_outputs(hf_checkpoint):
     assert grad_norm == pytest.approx((loss_at(eps) - loss_at(-eps)) / (2 * eps), rel=2e-2)
 
 
+def test_ffn_gradient_with_an_adapter_is_taken_at_the_ffn_itself_before_the_adapter(hf_checkpoint):
+    """With a series bottleneck adapter on each FFN (adapter.py), y_l is still the FFN's own output, the one an update
+    moves: the reference perturbs down_proj's output, the FFN's last operation, with the adapter after it."""
+    from adapter import add_adapter
+
+    path, _ = hf_checkpoint("qwen2")
+    model = add_adapter(load_model(path), bottleneck=4, verbose=False)
+    with torch.no_grad():  # non-zero up projections: each adapter then changes what flows after the FFN
+        for n, p in model.named_parameters():
+            if ".up." in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.5)
+    ids, targets = torch.randint(0, 96, (2, 10)), torch.randint(0, 96, (2, 10))
+    _, grad_norm = ffn_gradient(model, ids, targets)
+    deltas = [torch.zeros(2, 10, 64, requires_grad=True) for _ in model.model.layers]
+    for layer, d in zip(model.model.layers, deltas):
+        layer.mlp.down_proj.register_forward_hook(lambda m, args, out, d=d: out + d)
+    ref = F.cross_entropy(model(ids).flatten(0, 1), targets.flatten())
+    norm = torch.sqrt(sum(g.pow(2).sum() for g in torch.autograd.grad(ref, deltas)))
+    assert grad_norm == pytest.approx(norm.item(), rel=1e-4)
+
+
 def test_dropping_skips_the_whole_ffn_and_its_lora_gets_no_gradient(hf_checkpoint):
     path, _ = hf_checkpoint("qwen2", num_hidden_layers=4)
     model = apply_transpeft(lora_model(path), p_intra=0.0, p_cross=0.5, seed=0).train()

@@ -37,10 +37,10 @@ PEFT_NAMES = {"lora": "LoRA", "dora": "DoRA", "adapter": "adapter"}  # train.py 
 def select_arms(wanted: list[str] | None, peft: str = "lora") -> list[dict]:
     """The arms named, in all_arms order, names filled in, for a PEFT kind (--peft). None: every arm not run on
     request; "all": every arm with settings of its own (not "transpeft", which at the default flags is "drop").
-    Control B raises LoRA's dropout: with a bottleneck adapter, which has none, it is left out, and refused if named. "<key>@<rate>" (drop@0.05,
-    both@0.2, lora_dropout@0.5) is that arm with every rate it sets at <rate>: a dose, placed after its arm;
-    "<key>@<rate>/<rate>" gives an arm that sets two rates one each, in rate_keys order (both@0.2/0.1: p_intra 0.2,
-    p_cross 0.1)."""
+    "<key>@<rate>" (drop@0.05, both@0.2, lora_dropout@0.5) is that arm with every rate it sets at <rate>: a dose,
+    placed after its arm; "<key>@<rate>/<rate>" gives an arm that sets two rates one each, in rate_keys order
+    (both@0.2/0.1: p_intra 0.2, p_cross 0.1). Control B raises LoRA's dropout: with a bottleneck adapter, which has
+    none, it is left out, and refused if named."""
     arms = {a["key"]: a for a in all_arms()}
     doses = [w for w in wanted or [] if "@" in w]
     for key, _, text in (d.partition("@") for d in doses):

@@ -63,7 +63,8 @@ from transpeft import INTERVENTIONS, ffn_gradient
 TOY_LORA = dict(r=8, alpha=16, dropout=0.05, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
                 lr=5e-3, steps=500, warmup_ratio=0.1, batch_size=16, max_len=128, max_new_tokens=24)
 # The toy's bottleneck Adapter (--peft adapter): the official placement and size (series, bottleneck 8, ReLU; see
-# adapter.py), its rate chosen on pilot seeds as LoRA's was (docs/toy-study.md). DoRA takes LoRA's recipe unchanged.
+# adapter.py) at LoRA's rate and steps. No setting tried so far learns the task (docs/toy-study.md, "Other PEFT
+# kinds": it never copies the question's entity). DoRA takes LoRA's recipe unchanged.
 TOY_ADAPTER = dict(peft="adapter", bottleneck=8, lr=5e-3, steps=500, warmup_ratio=0.1, batch_size=16, max_len=128,
                    max_new_tokens=24)
 # Settings a --recipe may add, at the value the recipes above have without them (kept out of them so that the
@@ -149,7 +150,7 @@ def toy_arm(arm: dict, settings: dict, seed: int, old: str, updates: list[tuple]
         rows = []
         for regime, u, path in updates:
             model, log = toy_module(arm, settings, seed, path, dataset, tokenizer, run_dir / Path(path).name, recipe,
-                                  device)
+                                    device)
             acc = evaluate(model, tokenizer, test, out_jsonl=run_dir / Path(path).name / "eval.jsonl",
                            desc=f"eval on {Path(path).name}", **ev)
             rows.append({"arm": arm["key"], "seed": seed, "regime": regime, "update_seed": u,

@@ -95,13 +95,46 @@ def test_a_deeper_world_is_built_under_its_own_names_beside_the_default(tmp_path
 def test_the_recipe_and_depth_flags_are_checked_where_they_are_parsed(capsys):
     assert train.parse_args(["--recipe", "lr=2e-3,steps=1000"]).recipe == {"lr": 2e-3, "steps": 1000}
     assert train.parse_args([]).recipe == {} and train.parse_args([]).layers == toy.DEPTH
+    assert train.parse_args(["--recipe", "weight_decay=0.1"]).recipe == {"weight_decay": 0.1}
+    assert train.parse_args(["--peft", "adapter", "--recipe", "bottleneck=16,lr=1e-2"]).recipe == {"bottleneck": 16,
+                                                                                                    "lr": 1e-2}
     for argv, phrase in ((["--recipe", "lr=0"], "lr must be positive"), (["--recipe", "steps=1.5"], "an integer"),
                          (["--recipe", "dropout=1"], "in [0, 1)"), (["--recipe", "targets=q"], "key=value"),
                          (["--recipe", "speed=2"], "key=value"), (["--layers", "0"], "--layers must be in"),
-                         (["--old", "a", "--new", "b", "--layers", "8"], "toy study's world")):
+                         (["--old", "a", "--new", "b", "--layers", "8"], "toy study's world"),
+                         (["--recipe", "weight_decay=-1"], "at least 0"),
+                         (["--peft", "adapter", "--recipe", "r=16"], "bottleneck"),  # an adapter has no rank
+                         (["--recipe", "bottleneck=16"], "key=value")):
         with pytest.raises(SystemExit):
             train.parse_args(argv)
         assert phrase in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("peft", ["lora", "dora", "adapter"])
+def test_each_peft_kind_is_trained_with_the_recipe_it_was_given(hf_checkpoint, tmp_path, monkeypatch, peft):
+    """study.toy_module: the module of the recipe's kind, the optimiser's settings from the recipe (weight_decay, a
+    --recipe extra, included), control B's dropout on a LoRA; the training itself is replaced by a recorder."""
+    path, _ = hf_checkpoint("qwen2")
+    seen = {}
+
+    def record(model, dataset, settings, run_dir, pad_id, desc):
+        seen["settings"], seen["model"] = settings, model
+        return [{"loss": 0.0}]
+
+    monkeypatch.setattr(study, "train", record)
+    recipe = {**study.toy_recipe(peft), "steps": 7, "lr": 3e-3, "weight_decay": 0.25}
+    study.toy_module({"key": "plain"}, {"p_intra": 0.0, "p_cross": 0.0, "p_attn": 0.0, "lora_dropout": 0.4}, 0,
+                     str(path), [], type("Tokenizer", (), {"pad_token_id": 0})(), tmp_path, recipe)
+    s = seen["settings"]
+    assert (s.max_steps, s.lr, s.weight_decay) == (7, 3e-3, 0.25)
+    kinds = {type(m).__name__ for m in seen["model"].modules()}
+    if peft == "adapter":
+        assert "Adapter" in kinds and "LoRALinear" not in kinds
+        assert (tmp_path / "adapter" / "bottleneck_adapter.json").exists()
+    else:
+        assert ("DoRALinear" in kinds) == (peft == "dora")
+        assert {m.dropout.p for m in seen["model"].modules() if hasattr(m, "lora_A")} == {0.4}
+        assert (tmp_path / "adapter" / "adapter_config.json").exists()
 
 
 def test_adaptive_rates_follow_the_layers_drift_and_keep_the_mean():

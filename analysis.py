@@ -55,7 +55,8 @@ def weight_drift(old: nn.Module, new: nn.Module) -> list[dict]:
         row = {}
         for block, part, projs in (("attn", "self_attn", ATTN), ("ffn", "mlp", FFN)):
             mo, mn = getattr(lo, part), getattr(ln, part)
-            diff = sum((_weight(getattr(mn, p)).float() - _weight(getattr(mo, p)).float()).pow(2).sum() for p in projs)
+            diff = sum((_weight(getattr(mn, p)).float() - _weight(getattr(mo, p)).float()).pow(2).sum()
+                       for p in projs)
             ref = sum(_weight(getattr(mo, p)).float().pow(2).sum() for p in projs)
             row[f"{block}_weight"] = (diff / ref).sqrt().item()
         rows.append(row)

@@ -128,7 +128,7 @@ def bound_summary(rows: list[dict], present: list[str], learned: float | None = 
     if len(points) > 2:
         g, gap = zip(*points.values())
         out["spearman"], out["n"] = spearman(list(g), list(gap)), len(points)
-    kept = [points[key] for key, (_, _, source) in gaps.items() if learned is not None and source >= learned]
+    kept = [points[key] for key, (_, _, source) in gaps.items() if source >= learned] if learned is not None else []
     if len(kept) > 2:
         g, gap = zip(*kept)
         out["spearman_learned"], out["n_learned"] = spearman(list(g), list(gap)), len(kept)

@@ -65,8 +65,8 @@ TOY_LORA = dict(r=8, alpha=16, dropout=0.05, targets=("q_proj", "k_proj", "v_pro
 # The toy's bottleneck Adapter (--peft adapter): the official placement and size (series, bottleneck 8, ReLU; see
 # adapter.py) at LoRA's rate and steps. No setting tried so far learns the task (docs/toy-study.md, "Other PEFT
 # kinds": it never copies the question's entity). DoRA takes LoRA's recipe unchanged.
-TOY_ADAPTER = dict(peft="adapter", bottleneck=8, lr=5e-3, steps=500, warmup_ratio=0.1, batch_size=16, max_len=128,
-                   max_new_tokens=24)
+TOY_ADAPTER = dict(peft="adapter", bottleneck=8, **{k: TOY_LORA[k] for k in ("lr", "steps", "warmup_ratio",
+                                                                            "batch_size", "max_len", "max_new_tokens")})
 # Settings a --recipe may add, at the value the recipes above have without them (kept out of them so that the
 # default recipe, and the studies --resume continues, stay as they were).
 RECIPE_EXTRAS = dict(weight_decay=0.0)  # AdamW's decoupled decay of the module's weights

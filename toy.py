@@ -199,7 +199,8 @@ def save_checkpoint(model: Transformer, path: Path, recipe: dict) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     vocab = vocabulary()
-    config = {**toy_config(len(model.model.layers)), "vocab_size": len(vocab), "bos_token_id": None, "eos_token_id": vocab.index(EOS)}
+    config = {**toy_config(len(model.model.layers)), "vocab_size": len(vocab), "bos_token_id": None,
+              "eos_token_id": vocab.index(EOS)}
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})

@@ -86,7 +86,8 @@ def test_a_deeper_world_is_built_under_its_own_names_beside_the_default(tmp_path
     for name, layers in (("toy6-v1", 6), ("toy6-v2-ffn-u1", 6), ("toy-v1", 4)):
         assert json.loads((tmp_path / name / "config.json").read_text())["num_hidden_layers"] == layers
         assert len(load_model(name).model.layers) == layers  # the alias resolves to the cache
-    steps = {name: json.loads((tmp_path / name / "toy_recipe.json").read_text())["steps"] for name in ("toy-v1", "toy6-v1")}
+    steps = {name: json.loads((tmp_path / name / "toy_recipe.json").read_text())["steps"]
+             for name in ("toy-v1", "toy6-v1")}
     assert steps == {"toy-v1": QUICK["v1"]["steps"], "toy6-v1": 1.5 * QUICK["v1"]["steps"]}
     toy.build_bases(update_seed=0, recipe=QUICK)
     assert (Path(four[0]) / "model.safetensors").stat().st_mtime_ns == stamp  # still the cached one

@@ -191,16 +191,17 @@ def test_a_study_at_another_depth_and_recipe(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("peft", ["adapter", "dora"])
-def test_a_toy_study_of_another_peft_kind(tmp_path, monkeypatch, peft):
+def test_a_toy_study_of_another_peft_kind(tmp_path, monkeypatch, capsys, peft):
     """--peft adapter / dora: every arm trains that kind of module (saved in its own format), the module moved to the
-    update is the one trained (loaded back on toy-v1 it answers as the source evaluation did), and control B, LoRA's
-    dropout, is refused for an adapter, which has none."""
+    update is the one trained (loaded back on toy-v1 it answers as the source evaluation did), no published reference
+    (a LoRA study's) is printed beside it, and control B, LoRA's dropout, is refused for an adapter, which has none."""
     import eval as eval_lib
 
     monkeypatch.setenv("TRANSPEFT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / peft
     train.main(["--quick", "--peft", peft, "--seeds", "1", "--arms", "plain,both", "--regimes", "ffn", "--jobs", "1",
                 "--out", str(out)])
+    assert "published (" not in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert results["recipe"] == json.loads(json.dumps({**study.toy_recipe(peft), "steps": 6}))
     assert results["arms"][0]["name"] == f"plain {arms_lib.PEFT_NAMES[peft]}"
